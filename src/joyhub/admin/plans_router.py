@@ -1,0 +1,7 @@
+"""Admin routes: plans (API.md §7)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

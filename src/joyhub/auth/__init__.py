@@ -1,0 +1,1 @@
+"""Identity: registration, login, sessions, password reset, and the principal dependencies."""

@@ -1,0 +1,156 @@
+"""Who is calling: the principal dependencies every protected route names in its signature.
+
+`CurrentUser` accepts an access token or an API key; `AccessTokenUser` refuses API keys (the
+credential-management endpoints); `AdminUser` requires the *current* role from the database.
+An access token is checked against its session on every request with one indexed query, so a
+revoked session (logout, password change, reuse, disabled account) stops it at once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import or_, select, update
+
+from joyhub.core.clock import utcnow
+from joyhub.core.context import user_id_var
+from joyhub.core.db import DbSession
+from joyhub.core.errors import Forbidden, InvalidToken, NotAuthenticated
+from joyhub.core.security import API_KEY_PREFIX, TokenError, decode_access_token, token_digest
+from joyhub.models import ApiKey, AuthSession, User
+
+API_KEY_TOUCH_INTERVAL = timedelta(minutes=1)
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="BearerAuth",
+    description="Access token (JWT) from /auth/login, or an API key (jfui_…)",
+)
+api_key_scheme = APIKeyHeader(
+    name="X-API-Key", auto_error=False, scheme_name="ApiKeyAuth", description="API key (jfui_…)"
+)
+
+
+@dataclass
+class Principal:
+    """The authenticated caller: the user row as it is now, and how they authenticated."""
+
+    user: User
+    session_id: uuid.UUID | None = None
+    api_key_id: uuid.UUID | None = None
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.user.id
+
+    @property
+    def via_api_key(self) -> bool:
+        return self.api_key_id is not None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.user.role == "admin"
+
+
+async def _from_access_token(session: DbSession, request: Request, token: str) -> Principal:
+    try:
+        claims = decode_access_token(token, request.app.state.settings.secret_key())
+    except TokenError:
+        raise InvalidToken() from None
+    row = (
+        await session.execute(
+            select(User)
+            .join(AuthSession, AuthSession.user_id == User.id)
+            .where(
+                AuthSession.id == claims.session_id,
+                AuthSession.revoked_at.is_(None),
+                User.id == claims.user_id,
+            )
+        )
+    ).scalar_one_or_none()
+    if row is None or not row.is_active:
+        raise InvalidToken()
+    return Principal(user=row, session_id=claims.session_id)
+
+
+async def _from_api_key(session: DbSession, key: str) -> Principal:
+    if not key.startswith(API_KEY_PREFIX) or len(key) > 200:
+        raise InvalidToken()
+    now = utcnow()
+    found = (
+        await session.execute(
+            select(ApiKey, User)
+            .join(User, User.id == ApiKey.user_id)
+            .where(ApiKey.key_hash == token_digest(key))
+        )
+    ).one_or_none()
+    if found is None:
+        raise InvalidToken()
+    api_key, user = found
+    if (
+        not api_key.is_active
+        or (api_key.expires_at is not None and api_key.expires_at <= now)
+        or not user.is_active
+    ):
+        raise InvalidToken()
+    if api_key.last_used_at is None or api_key.last_used_at < now - API_KEY_TOUCH_INTERVAL:
+        # at most one write a minute per key, not one per request
+        await session.execute(
+            update(ApiKey)
+            .where(
+                ApiKey.id == api_key.id,
+                or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - API_KEY_TOUCH_INTERVAL),
+            )
+            .values(last_used_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    return Principal(user=user, api_key_id=api_key.id)
+
+
+async def current_principal(
+    request: Request,
+    session: DbSession,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    x_api_key: Annotated[str | None, Depends(api_key_scheme)],
+) -> Principal:
+    """Authenticate the caller from `Authorization: Bearer …` or `X-API-Key`."""
+    if bearer is not None and bearer.credentials:
+        credential = bearer.credentials
+    elif x_api_key:
+        credential = x_api_key
+    else:
+        if request.headers.get("authorization"):
+            raise InvalidToken()
+        raise NotAuthenticated()
+    if credential.startswith(API_KEY_PREFIX):
+        principal = await _from_api_key(session, credential)
+    else:
+        principal = await _from_access_token(session, request, credential)
+    user_id_var.set(str(principal.user.id))
+    request.state.principal = principal
+    return principal
+
+
+async def access_token_principal(
+    principal: Annotated[Principal, Depends(current_principal)],
+) -> Principal:
+    """Credential-management endpoints: an API key may not manage credentials."""
+    if principal.via_api_key:
+        raise Forbidden("API keys cannot manage credentials; use an access token")
+    return principal
+
+
+async def require_admin(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+    if principal.user.role != "admin":
+        raise Forbidden("Administrator role required")
+    return principal
+
+
+CurrentUser = Annotated[Principal, Depends(current_principal)]
+AccessTokenUser = Annotated[Principal, Depends(access_token_principal)]
+AdminUser = Annotated[Principal, Depends(require_admin)]

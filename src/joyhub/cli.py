@@ -1,0 +1,136 @@
+"""The `joyhub` command (API.md §10): serve, migrate, create-admin, sweep.
+
+Configuration errors end the command with one line naming the variable and exit status 2 —
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from joyhub.core.config import ConfigError, Settings, get_settings
+from joyhub.core.logging import configure_logging
+
+log = logging.getLogger("joyhub.cli")
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        print(f"joyhub: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _resolve_database(settings: Settings) -> str:
+    """The database URL; starts the embedded server (held by this process) when unset."""
+    from joyhub.ops.lifecycle import database_url
+
+    url = database_url(settings)
+    # workers and the app read DATABASE_URL; the embedded server stays owned by this process
+    os.environ["DATABASE_URL"] = url
+    get_settings.cache_clear()
+    return url
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from joyhub.core.migrations import migrate
+
+    url = _resolve_database(settings)
+    migrate(url, args.revision)
+    log.info("migrated", extra={"revision": args.revision})
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _settings()
+    from joyhub.core.migrations import migrate
+
+    url = _resolve_database(settings)
+    migrate(url, "head")
+    if args.demo:
+        os.environ["JOYHUB_DEMO"] = "1"
+        os.environ.setdefault("JOYHUB_DEMO_BASE_URL", f"http://{args.host}:{args.port}")
+    uvicorn.run(
+        "joyhub.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers if args.workers > 1 else None,
+        log_config=None,
+        proxy_headers=True,
+        timeout_graceful_shutdown=args.graceful_timeout,
+        access_log=False,
+        server_header=False,
+    )
+    return 0
+
+
+def cmd_create_admin(args: argparse.Namespace) -> int:
+    settings = _settings()
+    password = args.password or getpass.getpass("Password for the admin: ")
+    from joyhub.auth.bootstrap import create_admin_cli
+
+    url = _resolve_database(settings)
+    return asyncio.run(create_admin_cli(url, settings, args.email, password, args.name))
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from joyhub.ops.sweeper import sweep_once_cli
+
+    url = _resolve_database(settings)
+    return asyncio.run(sweep_once_cli(url, settings))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="joyhub", description="Joyfull UI Hub")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="apply pending migrations, then serve")
+    serve.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--demo", action="store_true", help="also serve and register demo AI tools")
+    serve.add_argument("--graceful-timeout", type=int, default=30, help="seconds to drain on SIGTERM")
+    serve.set_defaults(func=cmd_serve)
+
+    mig = sub.add_parser("migrate", help="upgrade the database to head, or up/down to --revision")
+    mig.add_argument("--revision", default="head")
+    mig.set_defaults(func=cmd_migrate)
+
+    adm = sub.add_parser("create-admin", help="create an admin, or promote and reset an existing user")
+    adm.add_argument("--email", required=True)
+    adm.add_argument("--password", default=None, help="prompted when omitted")
+    adm.add_argument("--name", default="Administrator")
+    adm.set_defaults(func=cmd_create_admin)
+
+    sw = sub.add_parser("sweep", help="one pass of the periodic rollover/cleanup job")
+    sw.set_defaults(func=cmd_sweep)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"joyhub: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Settings: one pydantic-settings class, validated once at start-up (API.md §9).
+
+A bad value must stop start-up with one line naming the variable, so `load_settings` turns
+pydantic's ValidationError into `ConfigError` whose message is that line.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_SECRET_BYTES = 32
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; the message is one line for the operator."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    environment: Literal["development", "test", "production"] = "development"
+    database_url: str | None = None
+    data_dir: Path = Path("./var")
+    jwt_secret_key: str | None = None
+    access_token_expire_minutes: int = Field(30, ge=15, le=60)
+    refresh_token_expire_days: int = Field(7, ge=1, le=365)
+    password_reset_expire_hours: int = Field(24, ge=1, le=168)
+    bcrypt_rounds: int = Field(12, ge=4, le=31)
+    login_max_failures: int = Field(5, ge=1, le=1000)
+    login_failure_window_seconds: int = Field(900, ge=1, le=86400)
+    password_reset_max_per_hour: int = Field(3, ge=1, le=1000)
+    redis_url: str | None = None
+    email_backend: Literal["console", "smtp"] = "console"
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = False
+    smtp_from: str = "Joyfull UI Hub <no-reply@joyfull.local>"
+    password_reset_url: str = "http://localhost:3000/reset-password?token={token}"
+    admin_email: str | None = None
+    admin_password: str | None = None
+    cors_origins: str = "http://localhost:3000"
+    circuit_failure_threshold: int = Field(5, ge=1, le=1000)
+    circuit_recovery_seconds: float = Field(60, gt=0, le=86400)
+    tool_default_timeout_seconds: int = Field(30, ge=1, le=300)
+    tool_default_max_attempts: int = Field(3, ge=1, le=5)
+    db_pool_size: int = Field(10, ge=1, le=500)
+    db_max_overflow: int = Field(20, ge=0, le=500)
+    db_pool_recycle: int = Field(3600, ge=1)
+    db_pool_timeout: float = Field(10, gt=0, le=300)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    sweep_interval_seconds: float = Field(60, gt=0)
+    stale_invocation_seconds: int = Field(600, ge=10)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        if value.startswith(("postgresql://", "postgres://")):
+            value = "postgresql+asyncpg://" + value.split("://", 1)[1]
+        if not value.startswith("postgresql+asyncpg://"):
+            raise ValueError("must be a postgresql+asyncpg:// URL")
+        return value
+
+    @field_validator("jwt_secret_key")
+    @classmethod
+    def _check_secret(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        if len(value.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis:// URL")
+        return value
+
+    @field_validator("password_reset_url")
+    @classmethod
+    def _check_reset_url(cls, value: str) -> str:
+        if "{token}" not in value:
+            raise ValueError("must contain {token}")
+        return value
+
+    @model_validator(mode="after")
+    def _production_rules(self) -> Settings:
+        if self.environment == "production" and not self.jwt_secret_key:
+            raise ValueError("JWT_SECRET_KEY is required when ENVIRONMENT=production")
+        if bool(self.admin_email) != bool(self.admin_password):
+            raise ValueError("ADMIN_EMAIL and ADMIN_PASSWORD must be set together")
+        return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def secret_key(self) -> str:
+        """The JWT signing key; in development a random one is generated once under DATA_DIR."""
+        if self.jwt_secret_key:
+            return self.jwt_secret_key
+        path = self.data_dir / "jwt_secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = "".join(str(p) for p in err.get("loc", ()))
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if loc:
+        return f"invalid configuration: {loc.upper()}: {msg}"
+    return f"invalid configuration: {msg}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment (and `.env`), raising ConfigError with one line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,44 @@
+"""The embedded PostgreSQL used when DATABASE_URL is unset (pgserver: PostgreSQL 16 from PyPI).
+
+Its data lives under DATA_DIR/pgdata, so a second start reuses it. pgserver reference-counts the
+processes using one data directory and stops the server when the last one exits (cleanup_mode
+"stop"), which also covers several uvicorn workers sharing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("joyhub.db")
+
+_server: Any = None
+
+
+def start_embedded(data_dir: Path, database: str = "joyhub") -> str:
+    """Start (or attach to) the embedded server; return an asyncpg URL for `database`."""
+    global _server
+    warnings.filterwarnings("ignore", module="platformdirs")
+    import pgserver
+
+    pgdata = (data_dir / "pgdata").resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    _server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    exists = _server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+    if "1 row" not in exists:
+        _server.psql(f'CREATE DATABASE "{database}";')
+    log.info("embedded postgresql ready", extra={"pgdata": str(pgdata)})
+    uri: str = _server.get_uri(database)
+    return "postgresql+asyncpg://" + uri.split("://", 1)[1]
+
+
+def stop_embedded() -> None:
+    """Release our hold on the embedded server (it stops when no process holds it)."""
+    global _server
+    if _server is not None:
+        try:
+            _server.cleanup()
+        finally:
+            _server = None

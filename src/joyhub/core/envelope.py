@@ -1,0 +1,69 @@
+"""The response envelope `{data, error, meta}` every JSON answer wears (API.md §1)."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from joyhub.core.context import current_request_id
+
+T = TypeVar("T")
+
+
+class Pagination(BaseModel):
+    offset: int
+    limit: int
+    total: int
+
+
+class Meta(BaseModel):
+    request_id: str
+    pagination: Pagination | None = None
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    field: str | None = None
+    message: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[dict[str, Any]] = []
+
+
+class Envelope(BaseModel, Generic[T]):
+    data: T | None = None
+    error: ErrorBody | None = None
+    meta: Meta
+
+
+def meta(pagination: Pagination | None = None) -> Meta:
+    return Meta(request_id=current_request_id() or "-", pagination=pagination)
+
+
+def ok(data: T, *, pagination: Pagination | None = None) -> Envelope[T]:
+    """Wrap a success payload; the route's `response_model` serialises it."""
+    return Envelope[T](data=data, error=None, meta=meta(pagination))
+
+
+def page(items: list[T], *, offset: int, limit: int, total: int) -> Envelope[list[T]]:
+    return ok(items, pagination=Pagination(offset=offset, limit=limit, total=total))
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {
+        "data": None,
+        "error": {"code": code, "message": message, "details": details or []},
+        "meta": {"request_id": current_request_id() or "-"},
+    }
+    return JSONResponse(body, status_code=status, headers=headers)

@@ -1,0 +1,233 @@
+"""One error type and one set of handlers, so every failure wears the envelope (API.md §1).
+
+Services raise `AppError` subclasses; the handlers here turn them — and FastAPI's validation
+errors, Starlette's routing 404/405, malformed JSON and any unexpected exception — into
+`{data: null, error: {code, message, details}, meta}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from joyhub.core.envelope import error_response
+
+log = logging.getLogger("joyhub.errors")
+
+
+class AppError(Exception):
+    status: int = 500
+    code: str = "INTERNAL_ERROR"
+    message: str = "Internal server error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        details: Sequence[dict[str, Any]] = (),
+        headers: dict[str, str] | None = None,
+        code: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        self.message = message or self.message
+        self.details = list(details)
+        self.headers = headers or {}
+        if code:
+            self.code = code
+        if status:
+            self.status = status
+        super().__init__(self.message)
+
+
+class BadRequest(AppError):
+    status, code, message = 400, "BAD_REQUEST", "Bad request"
+
+
+class MalformedJson(AppError):
+    status, code, message = 400, "MALFORMED_JSON", "Request body is not valid JSON"
+
+
+class NotAuthenticated(AppError):
+    status, code, message = 401, "NOT_AUTHENTICATED", "Authentication required"
+
+    def __init__(self, message: str | None = None, **kw: Any) -> None:
+        kw.setdefault("headers", {"WWW-Authenticate": "Bearer"})
+        super().__init__(message, **kw)
+
+
+class InvalidToken(NotAuthenticated):
+    code, message = "INVALID_TOKEN", "Invalid or expired credentials"
+
+
+class InvalidCredentials(NotAuthenticated):
+    code, message = "INVALID_CREDENTIALS", "Incorrect email or password"
+
+
+class InvalidRefreshToken(NotAuthenticated):
+    code, message = "INVALID_REFRESH_TOKEN", "Invalid or expired refresh token"
+
+
+class InvalidResetToken(AppError):
+    status, code, message = 400, "INVALID_RESET_TOKEN", "Invalid or expired password-reset token"
+
+
+class SubscriptionRequired(AppError):
+    status, code, message = 402, "SUBSCRIPTION_REQUIRED", "An active subscription is required"
+
+
+class PlanUpgradeRequired(AppError):
+    status, code, message = 402, "PLAN_UPGRADE_REQUIRED", "This tool requires a higher plan"
+
+
+class Forbidden(AppError):
+    status, code, message = 403, "FORBIDDEN", "You are not allowed to do this"
+
+
+class AccountDisabled(AppError):
+    status, code, message = 403, "ACCOUNT_DISABLED", "This account has been disabled"
+
+
+class NotFound(AppError):
+    status, code, message = 404, "NOT_FOUND", "Not found"
+
+
+class MethodNotAllowed(AppError):
+    status, code, message = 405, "METHOD_NOT_ALLOWED", "Method not allowed"
+
+
+class EmailTaken(AppError):
+    status, code, message = 409, "EMAIL_TAKEN", "This email is already registered"
+
+
+class Conflict(AppError):
+    status, code, message = 409, "CONFLICT", "Conflict"
+
+
+class IdempotencyConflict(AppError):
+    status, code, message = 409, "IDEMPOTENCY_CONFLICT", "Idempotency key conflict"
+
+
+class PayloadTooLarge(AppError):
+    status, code, message = 413, "PAYLOAD_TOO_LARGE", "Request body is too large"
+
+
+class ValidationFailed(AppError):
+    status, code, message = 422, "VALIDATION_ERROR", "Validation failed"
+
+
+class ToolInputInvalid(AppError):
+    status, code, message = 422, "TOOL_INPUT_INVALID", "Tool input is invalid"
+
+
+class QuotaExceeded(AppError):
+    status, code, message = 429, "QUOTA_EXCEEDED", "Token quota for this period is used up"
+
+
+class RateLimited(AppError):
+    status, code, message = 429, "RATE_LIMITED", "Too many attempts; try again later"
+
+
+class ToolBadResponse(AppError):
+    status, code, message = 502, "TOOL_BAD_RESPONSE", "The tool returned an invalid response"
+
+
+class ToolUnavailable(AppError):
+    status, code, message = 503, "TOOL_UNAVAILABLE", "The tool is unavailable"
+
+
+class ServiceUnavailable(AppError):
+    status, code, message = 503, "SERVICE_UNAVAILABLE", "A required service is unavailable"
+
+
+class ToolTimeout(AppError):
+    status, code, message = 504, "TOOL_TIMEOUT", "The tool did not answer in time"
+
+
+def field_error(field: str, message: str) -> dict[str, Any]:
+    return {"field": field, "message": message}
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    details = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "Unknown field"
+        item: dict[str, Any] = {"field": ".".join(loc), "message": msg, "type": err.get("type")}
+        details.append(item)
+    return details
+
+
+_STATUS_CODES = {
+    400: "BAD_REQUEST",
+    401: "NOT_AUTHENTICATED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    429: "RATE_LIMITED",
+    503: "SERVICE_UNAVAILABLE",
+}
+
+
+def _is_db_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, PoolTimeoutError | InterfaceError):
+        return True
+    if isinstance(exc, OperationalError | DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None)
+    name = type(orig).__name__ if orig is not None else type(exc).__name__
+    return name in {
+        "ConnectionDoesNotExistError",
+        "CannotConnectNowError",
+        "ConnectionRefusedError",
+        "ConnectionFailureError",
+        "TooManyConnectionsError",
+        "AdminShutdownError",
+        "InterfaceError",
+    } or isinstance(exc, ConnectionError | OSError)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AppError)
+    async def _app_error(request: Request, exc: AppError) -> Response:
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "MALFORMED_JSON", "Request body is not valid JSON")
+        return error_response(422, "VALIDATION_ERROR", "Validation failed", _validation_details(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        code = _STATUS_CODES.get(exc.status_code, "HTTP_ERROR")
+        message = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, code, message, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        if _is_db_unavailable(exc):
+            log.error("database unavailable: %s", type(exc).__name__, exc_info=exc)
+            return error_response(
+                503, "SERVICE_UNAVAILABLE", "The database is unavailable", headers={"Retry-After": "2"}
+            )
+        log.error("unhandled exception", exc_info=exc)
+        return error_response(500, "INTERNAL_ERROR", "Internal server error")
+
+
+def problem(status: int, code: str, message: str) -> JSONResponse:
+    """An envelope error response for code paths outside the handlers (middleware)."""
+    return error_response(status, code, message)

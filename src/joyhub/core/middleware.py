@@ -1,0 +1,126 @@
+"""The outer request pipeline as one pure-ASGI middleware (cheaper than BaseHTTPMiddleware).
+
+It assigns the request id (API.md §1), refuses bodies over 1 MiB without reading them whole,
+turns any exception that escaped the handlers into a logged 500 envelope, and writes one JSON
+access line per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from joyhub.core.context import request_id_var, user_id_var
+from joyhub.core.envelope import error_response
+
+MAX_BODY_BYTES = 1024 * 1024
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+access_log = logging.getLogger("joyhub.access")
+log = logging.getLogger("joyhub.errors")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def clean_request_id(raw: str | None) -> str:
+    """The client's X-Request-ID when it is well-formed, else a fresh UUID."""
+    if raw and _REQUEST_ID.match(raw):
+        return raw
+    return str(uuid.uuid4())
+
+
+class RequestPipelineMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        raw_rid = headers.get(b"x-request-id")
+        rid = clean_request_id(raw_rid.decode("latin-1") if raw_rid else None)
+        rid_token = request_id_var.set(rid)
+        uid_token = user_id_var.set(None)
+        scope.setdefault("state", {})["request_id"] = rid
+        status_holder: dict[str, Any] = {"status": 500, "started": False}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                status_holder["started"] = True
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                await self._reply(send_wrapper, 413, "PAYLOAD_TOO_LARGE", "Request body is too large")
+                return
+            received = 0
+
+            async def limited_receive() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body_bytes:
+                        raise _BodyTooLarge
+                return message
+
+            try:
+                await self.app(scope, limited_receive, send_wrapper)
+            except _BodyTooLarge:
+                if not status_holder["started"]:
+                    await self._reply(send_wrapper, 413, "PAYLOAD_TOO_LARGE", "Request body is too large")
+            except Exception as exc:
+                from joyhub.core.errors import _is_db_unavailable
+
+                if status_holder["started"]:
+                    log.error("exception after the response started", exc_info=exc)
+                elif _is_db_unavailable(exc):
+                    log.error("database unavailable: %s", type(exc).__name__, exc_info=exc)
+                    await self._reply(
+                        send_wrapper, 503, "SERVICE_UNAVAILABLE", "The database is unavailable",
+                        {"Retry-After": "2"},
+                    )
+                else:
+                    log.error("unhandled exception", exc_info=exc)
+                    await self._reply(send_wrapper, 500, "INTERNAL_ERROR", "Internal server error")
+        finally:
+            duration_ms = round((time.perf_counter() - started) * 1000, 2)
+            access_log.info(
+                "%s %s %s",
+                scope.get("method"),
+                scope.get("path"),
+                status_holder["status"],
+                extra={
+                    "method": scope.get("method"),
+                    "path": scope.get("path"),
+                    "status": status_holder["status"],
+                    "duration_ms": duration_ms,
+                    "user_id": user_id_var.get(),
+                    "client": (scope.get("client") or ("-",))[0],
+                },
+            )
+            request_id_var.reset(rid_token)
+            user_id_var.reset(uid_token)
+
+    @staticmethod
+    async def _reply(
+        send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        response = error_response(status, code, message, headers=headers)
+        await send(
+            {"type": "http.response.start", "status": status, "headers": response.raw_headers}
+        )
+        await send({"type": "http.response.body", "body": response.body})

@@ -1,0 +1,131 @@
+"""Security primitives in one module: password hashing, JWTs, opaque tokens, key hashing.
+
+- Passwords: bcrypt over a SHA-256 pre-hash (base64, 44 bytes), so the whole password counts
+  and bcrypt's 72-byte limit never truncates silently. bcrypt runs in a worker thread.
+- Access tokens: PyJWT, HS256 pinned, required claims, `type: "access"`.
+- Refresh/reset tokens and API keys: random, shown once, stored only as SHA-256 digests.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Any
+
+import anyio.to_thread
+import bcrypt
+import jwt
+
+from joyhub.core.clock import utcnow
+
+JWT_ALGORITHM = "HS256"
+_REQUIRED_CLAIMS = ["sub", "sid", "jti", "iat", "exp", "type", "role"]
+API_KEY_PREFIX = "jfui_"
+
+
+def _prehash(password: str) -> bytes:
+    return base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
+
+
+def hash_password_sync(password: str, rounds: int) -> str:
+    return bcrypt.hashpw(_prehash(password), bcrypt.gensalt(rounds)).decode("ascii")
+
+
+def verify_password_sync(password: str, password_hash: str) -> bool:
+    try:
+        return bcrypt.checkpw(_prehash(password), password_hash.encode("ascii"))
+    except ValueError:
+        return False
+
+
+async def hash_password(password: str, rounds: int) -> str:
+    """bcrypt off the event loop, so a login burst never stalls other requests."""
+    return await anyio.to_thread.run_sync(hash_password_sync, password, rounds)
+
+
+async def verify_password(password: str, password_hash: str) -> bool:
+    return await anyio.to_thread.run_sync(verify_password_sync, password, password_hash)
+
+
+@lru_cache(maxsize=8)
+def dummy_hash(rounds: int) -> str:
+    """A hash to check against when the email is unknown, so timing reveals nothing."""
+    return hash_password_sync(secrets.token_urlsafe(16), rounds)
+
+
+@dataclass(frozen=True)
+class AccessClaims:
+    user_id: uuid.UUID
+    session_id: uuid.UUID
+    role: str
+    jti: str
+    expires_at: datetime
+
+
+def create_access_token(
+    *, user_id: uuid.UUID, session_id: uuid.UUID, role: str, secret: str, ttl: timedelta
+) -> str:
+    now = utcnow()
+    payload = {
+        "sub": str(user_id),
+        "sid": str(session_id),
+        "role": role,
+        "jti": uuid.uuid4().hex,
+        "iat": int(now.timestamp()),
+        "exp": int((now + ttl).timestamp()),
+        "type": "access",
+    }
+    return jwt.encode(payload, secret, algorithm=JWT_ALGORITHM)
+
+
+class TokenError(Exception):
+    """The token is malformed, wrongly signed, expired or not an access token."""
+
+
+def decode_access_token(token: str, secret: str) -> AccessClaims:
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            secret,
+            algorithms=[JWT_ALGORITHM],
+            options={"require": _REQUIRED_CLAIMS, "verify_exp": False},
+        )
+        exp = int(claims["exp"])
+        if exp <= int(utcnow().timestamp()):
+            raise TokenError("expired")
+        if claims.get("type") != "access":
+            raise TokenError("not an access token")
+        return AccessClaims(
+            user_id=uuid.UUID(str(claims["sub"])),
+            session_id=uuid.UUID(str(claims["sid"])),
+            role=str(claims["role"]),
+            jti=str(claims["jti"]),
+            expires_at=datetime.fromtimestamp(exp).astimezone(),
+        )
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+        raise TokenError(str(exc)) from None
+
+
+def new_opaque_token(nbytes: int = 32) -> str:
+    return secrets.token_urlsafe(nbytes)
+
+
+def token_digest(token: str) -> bytes:
+    """SHA-256 of a high-entropy token: the only form stored at rest."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:
+    a_b = a.encode() if isinstance(a, str) else a
+    b_b = b.encode() if isinstance(b, str) else b
+    return hmac.compare_digest(a_b, b_b)

@@ -1,0 +1,88 @@
+"""The app factory: routers, middleware, error handlers and the lifespan (API.md §1).
+
+`create_app(settings)` builds an app; the lifespan resolves the database (DATABASE_URL, or the
+embedded server under DATA_DIR), opens the pool, Redis and the upstream HTTP client, ensures
+the bootstrap admin, starts the periodic sweep, and closes everything in reverse on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from joyhub import __version__
+from joyhub.core.config import Settings, get_settings
+from joyhub.core.db import make_engine, make_sessionmaker
+from joyhub.core.errors import install_error_handlers
+from joyhub.core.middleware import RequestPipelineMiddleware
+
+log = logging.getLogger("joyhub")
+API_PREFIX = "/api/v1"
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    from joyhub.ops import lifecycle
+
+    async with lifecycle.running(app):
+        yield
+
+
+def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
+    """Build the ASGI app. `state` pre-seeds `app.state` (tests pass an engine, for example)."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="Joyfull UI Hub",
+        version=__version__,
+        description="Accounts, plans and metered access to many AI tools through one API.",
+        lifespan=lifespan,
+        swagger_ui_parameters={"persistAuthorization": True},
+    )
+    app.state.settings = settings
+    for key, value in state.items():
+        setattr(app.state, key, value)
+
+    from joyhub.admin.router import router as admin_router
+    from joyhub.auth.router import router as auth_router
+    from joyhub.ops.router import router as ops_router
+    from joyhub.subscriptions.router import router as subscriptions_router
+    from joyhub.tools.router import router as tools_router
+    from joyhub.usage.router import router as usage_router
+    from joyhub.users.router import router as users_router
+
+    app.include_router(ops_router)
+    app.include_router(auth_router, prefix=f"{API_PREFIX}/auth", tags=["auth"])
+    app.include_router(users_router, prefix=f"{API_PREFIX}/users", tags=["users"])
+    app.include_router(subscriptions_router, prefix=f"{API_PREFIX}/subscriptions", tags=["subscriptions"])
+    app.include_router(tools_router, prefix=f"{API_PREFIX}/tools", tags=["tools"])
+    app.include_router(usage_router, prefix=f"{API_PREFIX}/usage", tags=["usage"])
+    app.include_router(admin_router, prefix=f"{API_PREFIX}/admin", tags=["admin"])
+
+    install_error_handlers(app)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origin_list,
+        allow_credentials=True,
+        allow_methods=["*"],
+        allow_headers=["*"],
+        expose_headers=[
+            "X-Request-ID", "X-Quota-Limit", "X-Quota-Remaining", "X-Quota-Reset", "Retry-After",
+        ],
+    )
+    app.add_middleware(RequestPipelineMiddleware)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # `joyhub.main:app` for `uvicorn joyhub.main:app`; built lazily so importing is cheap.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)
+
+
+__all__ = ["create_app", "make_engine", "make_sessionmaker"]

@@ -1,0 +1,30 @@
+"""Every ORM model, imported in one place so Alembic and relationships have one entry point."""
+
+from joyhub.models.api_key import ApiKey
+from joyhub.models.audit import AuditLog
+from joyhub.models.base import Base
+from joyhub.models.plan import Plan
+from joyhub.models.session import AuthSession, PasswordResetToken, RefreshToken
+from joyhub.models.subscription import Subscription
+from joyhub.models.throttle import ThrottleHit
+from joyhub.models.tool import Tool
+from joyhub.models.usage import IdempotencyRecord, UsageDaily, UsageHourly, UsageLog
+from joyhub.models.user import User
+
+__all__ = [
+    "ApiKey",
+    "AuditLog",
+    "AuthSession",
+    "Base",
+    "IdempotencyRecord",
+    "PasswordResetToken",
+    "Plan",
+    "RefreshToken",
+    "Subscription",
+    "ThrottleHit",
+    "Tool",
+    "UsageDaily",
+    "UsageHourly",
+    "UsageLog",
+    "User",
+]

@@ -1,0 +1,38 @@
+"""The tool catalog. Soft-deleted rows stay so usage history keeps the tool's name."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from joyhub.models.base import Base, Timestamps, UUIDPk
+
+
+class Tool(UUIDPk, Timestamps, Base):
+    __tablename__ = "tools"
+    __table_args__ = (
+        Index(
+            "uq_tools_name_live",
+            text("lower(name)"),
+            unique=True,
+            postgresql_where=text("deleted_at IS NULL"),
+        ),
+    )
+
+    name: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str] = mapped_column(Text)
+    category: Mapped[str | None] = mapped_column(String(50))
+    input_schema: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    min_plan_code: Mapped[str | None] = mapped_column(ForeignKey("plans.code"))
+    api_endpoint: Mapped[str] = mapped_column(String(2048))
+    timeout_seconds: Mapped[int] = mapped_column(Integer, default=30)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    auth_header_name: Mapped[str | None] = mapped_column(String(100))
+    auth_header_value: Mapped[str | None] = mapped_column(String(4096))
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    deleted_at: Mapped[datetime | None]

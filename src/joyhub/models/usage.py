@@ -1,0 +1,109 @@
+"""Usage: one raw log row per admitted invocation, daily rollups, and idempotency records.
+
+A log row is written `pending` at admission and settled (success/error/timeout) in the same
+transaction that charges the subscription and bumps the rollup. `timestamp` is the settle time,
+so a subscription's `tokens_used` always equals the sum of its current period's logs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Date,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    PrimaryKeyConstraint,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from joyhub.core.clock import utcnow
+from joyhub.models.base import Base, UUIDPk
+
+USAGE_STATUSES = ("pending", "success", "error", "timeout")
+
+
+class UsageLog(UUIDPk, Base):
+    __tablename__ = "usage_logs"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'success', 'error', 'timeout')", name="status"),
+        Index("ix_usage_logs_user_ts", "user_id", "timestamp"),
+        Index("ix_usage_logs_pending", "started_at", postgresql_where="status = 'pending'"),
+    )
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    tool_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tools.id"))
+    subscription_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("subscriptions.id", ondelete="SET NULL")
+    )
+    plan_code: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    timestamp: Mapped[datetime] = mapped_column(default=utcnow)
+    tokens_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+
+
+class UsageDaily(Base):
+    """Per-day rollup (user, tool, plan, day): what summaries, timeseries and stats read."""
+
+    __tablename__ = "usage_daily"
+    __table_args__ = (
+        PrimaryKeyConstraint("user_id", "day", "tool_id", "plan_code", name="pk_usage_daily"),
+        Index("ix_usage_daily_day", "day"),
+    )
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    day: Mapped[date] = mapped_column(Date)
+    tool_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tools.id"))
+    plan_code: Mapped[str] = mapped_column(String(32), default="")
+    invocations: Mapped[int] = mapped_column(BigInteger, default=0)
+    successes: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    timeouts: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageHourly(Base):
+    """Per-hour rollup per user (all tools): what the hourly timeseries reads."""
+
+    __tablename__ = "usage_hourly"
+    __table_args__ = (PrimaryKeyConstraint("user_id", "hour", name="pk_usage_hourly"),)
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    hour: Mapped[datetime]
+    invocations: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class IdempotencyRecord(UUIDPk, Base):
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        UniqueConstraint("user_id", "key", name="uq_idempotency_keys_user_key"),
+        Index("ix_idempotency_keys_expires_at", "expires_at"),
+    )
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    request_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    tool_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tools.id"))
+    usage_log_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("usage_logs.id", ondelete="SET NULL")
+    )
+    state: Mapped[str] = mapped_column(String(16), default="in_flight")
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]

@@ -1,0 +1,61 @@
+"""Liveness and readiness (API.md §8). `/ready` never hangs longer than 2 s."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from sqlalchemy import text
+
+from joyhub import __version__
+from joyhub.core.envelope import Envelope, error_response, ok
+
+router = APIRouter(tags=["operations"])
+READY_TIMEOUT_SECONDS = 1.5
+
+
+@router.get("/health", response_model=Envelope[dict[str, str]], summary="Liveness (no dependencies)")
+async def health() -> Envelope[dict[str, str]]:
+    return ok({"status": "ok", "version": __version__})
+
+
+async def _check_database(request: Request) -> None:
+    async with request.app.state.engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+
+
+async def _check_redis(request: Request) -> None:
+    await request.app.state.redis.ping()
+
+
+@router.get(
+    "/ready",
+    response_model=Envelope[dict[str, Any]],
+    summary="Readiness: database (and Redis when configured)",
+    responses={503: {"model": Envelope[None], "description": "A dependency is down"}},
+)
+async def ready(request: Request) -> Any:
+    checks: dict[str, str] = {}
+    probes = {"database": _check_database}
+    if getattr(request.app.state, "redis", None) is not None:
+        probes["redis"] = _check_redis
+    failing: list[str] = []
+    for name, probe in probes.items():
+        try:
+            await asyncio.wait_for(probe(request), READY_TIMEOUT_SECONDS)
+            checks[name] = "ok"
+        except Exception:  # any failure, including the timeout, means not ready
+            checks[name] = "unavailable"
+            failing.append(name)
+    if failing:
+        return error_response(
+            503,
+            "SERVICE_UNAVAILABLE",
+            f"Not ready: {', '.join(failing)} unavailable",
+            [{"check": n, "status": "unavailable"} for n in failing],
+        )
+    return ok({"status": "ready", "checks": checks})
+
+

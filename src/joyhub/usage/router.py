@@ -1,0 +1,7 @@
+"""HTTP routes of the usage domain (thin: parse, call the service, wrap in the envelope)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,7 @@
+"""HTTP routes of the users domain (thin: parse, call the service, wrap in the envelope)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
