@@ -30,6 +30,16 @@ from tests.db_server import fresh_database_name, server_url, with_database
 TEST_SECRET = "test-secret-key-that-is-long-enough-0123456789"
 
 
+def redis_url() -> str | None:
+    """REDIS_URL with a database number of this xdist worker's own, so workers never collide."""
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        return None
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    number = 1 + int("".join(ch for ch in worker if ch.isdigit()) or 0)
+    return url.rsplit("/", 1)[0] + f"/{number}" if url.count("/") >= 3 else f"{url}/{number}"
+
+
 def test_settings(tmp_path: Path | None = None, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "environment": "test",
@@ -38,7 +48,7 @@ def test_settings(tmp_path: Path | None = None, **overrides: Any) -> Settings:
         "data_dir": tmp_path or Path("var/test-data"),
         "log_format": "json",
         "email_backend": "console",
-        "redis_url": os.environ.get("REDIS_URL") or None,
+        "redis_url": redis_url(),
         "admin_email": None,
         "admin_password": None,
         "sweep_interval_seconds": 3600,
@@ -118,7 +128,7 @@ def _default_plans() -> list[dict[str, Any]]:
 
 
 async def flush_redis() -> None:
-    url = os.environ.get("REDIS_URL")
+    url = redis_url()
     if not url:
         return
     import redis.asyncio as aioredis

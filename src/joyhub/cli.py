@@ -11,6 +11,7 @@ import asyncio
 import getpass
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -50,8 +51,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     settings = _settings()
     from joyhub.core.migrations import migrate
 
@@ -60,6 +59,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.demo:
         os.environ["JOYHUB_DEMO"] = "1"
         os.environ.setdefault("JOYHUB_DEMO_BASE_URL", f"http://{args.host}:{args.port}")
+    # uvicorn re-raises SIGTERM after its graceful shutdown; make that a normal exit so the
+    # embedded database below is stopped cleanly
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        _serve(args)
+    finally:
+        from joyhub.core.embedded_pg import stop_embedded
+
+        stop_embedded()
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
     uvicorn.run(
         "joyhub.main:create_app",
         factory=True,
@@ -72,7 +86,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,
         server_header=False,
     )
-    return 0
 
 
 def cmd_create_admin(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from joyhub import __version__
 from joyhub.core.config import Settings, get_settings
 from joyhub.core.db import make_engine, make_sessionmaker
 from joyhub.core.errors import install_error_handlers
+from joyhub.core.logging import install_record_factory
 from joyhub.core.middleware import RequestPipelineMiddleware
 
 log = logging.getLogger("joyhub")
@@ -36,6 +37,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
     """Build the ASGI app. `state` pre-seeds `app.state` (tests pass an engine, for example)."""
     settings = settings or get_settings()
+    install_record_factory()
     app = FastAPI(
         title="Joyfull UI Hub",
         version=__version__,

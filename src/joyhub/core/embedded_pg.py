@@ -34,11 +34,33 @@ def start_embedded(data_dir: Path, database: str = "joyhub") -> str:
     return "postgresql+asyncpg://" + uri.split("://", 1)[1]
 
 
+def _forget_dead_holders(server: Any) -> None:
+    """Drop pids of processes that died without releasing the server (e.g. SIGKILL).
+
+    pgserver counts holders in a pid list and stops the server only when the last one leaves;
+    a holder that was killed would otherwise keep it running forever.
+    """
+    import json
+
+    import psutil
+
+    path = Path(server.pgdata) / ".handle_pids.json"
+    with server._lock:
+        try:
+            pids = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        alive = [p for p in pids if psutil.pid_exists(p)]
+        if alive != pids:
+            path.write_text(json.dumps(alive))
+
+
 def stop_embedded() -> None:
     """Release our hold on the embedded server (it stops when no process holds it)."""
     global _server
     if _server is not None:
         try:
+            _forget_dead_holders(_server)
             _server.cleanup()
         finally:
             _server = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Generic, TypeVar
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from joyhub.core.context import current_request_id
 
@@ -20,7 +20,8 @@ class Pagination(BaseModel):
 
 class Meta(BaseModel):
     request_id: str
-    pagination: Pagination | None = None
+    # present only on list endpoints (API.md §1)
+    pagination: Pagination | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ErrorDetail(BaseModel):

@@ -15,7 +15,12 @@ from typing import Any
 
 from joyhub.core.context import request_id_var
 
-_STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+_STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",  # uvicorn's ANSI-coloured duplicate of the message
+}
 SECRET_MARKERS = ("password", "secret", "token", "authorization", "api_key", "apikey", "auth_header_value")
 
 
@@ -31,6 +36,23 @@ def redact(value: Any) -> Any:
     return value
 
 
+_base_factory = logging.getLogRecordFactory()
+
+
+def _record_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    """Stamp every record with the request id current when it was *created*."""
+    record = _base_factory(*args, **kwargs)
+    if getattr(record, "request_id", None) is None:
+        record.request_id = request_id_var.get()
+    return record
+
+
+def install_record_factory() -> None:
+    """Idempotent: make every log record carry the request id (called by the app factory)."""
+    if logging.getLogRecordFactory() is not _record_factory:
+        logging.setLogRecordFactory(_record_factory)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -38,7 +60,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
-            "request_id": getattr(record, "request_id", None) or request_id_var.get(),
+            "request_id": getattr(record, "request_id", None),
         }
         for key, val in record.__dict__.items():
             if key not in _STD_ATTRS and key not in line and not key.startswith("_"):
@@ -50,7 +72,7 @@ class JsonFormatter(logging.Formatter):
 
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        rid = request_id_var.get() or "-"
+        rid = getattr(record, "request_id", None) or "-"
         extra = {
             k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS and not k.startswith("_")
         }
@@ -64,6 +86,7 @@ class ConsoleFormatter(logging.Formatter):
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route every logger (ours, uvicorn's, SQLAlchemy's) through one stdout handler."""
+    install_record_factory()
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     root = logging.getLogger()

@@ -51,20 +51,27 @@ class RequestPipelineMiddleware:
         rid_token = request_id_var.set(rid)
         uid_token = user_id_var.set(None)
         scope.setdefault("state", {})["request_id"] = rid
-        status_holder: dict[str, Any] = {"status": 500, "started": False}
+        status_holder: dict[str, Any] = {"status": 500, "started": False, "too_large": False}
 
-        async def send_wrapper(message: Message) -> None:
+        async def emit(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 status_holder["started"] = True
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
+
+        async def send_wrapper(message: Message) -> None:
+            if status_holder["too_large"]:
+                # the app answered a body it could not finish reading (FastAPI says 400): say 413
+                if not status_holder["started"]:
+                    await self._reply(emit, 413, "PAYLOAD_TOO_LARGE", "Request body is too large")
+                return
+            await emit(message)
 
         try:
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                await self._reply(send_wrapper, 413, "PAYLOAD_TOO_LARGE", "Request body is too large")
+                await self._reply(emit, 413, "PAYLOAD_TOO_LARGE", "Request body is too large")
                 return
             received = 0
 
@@ -74,6 +81,7 @@ class RequestPipelineMiddleware:
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_body_bytes:
+                        status_holder["too_large"] = True
                         raise _BodyTooLarge
                 return message
 
@@ -81,7 +89,7 @@ class RequestPipelineMiddleware:
                 await self.app(scope, limited_receive, send_wrapper)
             except _BodyTooLarge:
                 if not status_holder["started"]:
-                    await self._reply(send_wrapper, 413, "PAYLOAD_TOO_LARGE", "Request body is too large")
+                    await self._reply(emit, 413, "PAYLOAD_TOO_LARGE", "Request body is too large")
             except Exception as exc:
                 from joyhub.core.errors import _is_db_unavailable
 
@@ -90,12 +98,12 @@ class RequestPipelineMiddleware:
                 elif _is_db_unavailable(exc):
                     log.error("database unavailable: %s", type(exc).__name__, exc_info=exc)
                     await self._reply(
-                        send_wrapper, 503, "SERVICE_UNAVAILABLE", "The database is unavailable",
+                        emit, 503, "SERVICE_UNAVAILABLE", "The database is unavailable",
                         {"Retry-After": "2"},
                     )
                 else:
                     log.error("unhandled exception", exc_info=exc)
-                    await self._reply(send_wrapper, 500, "INTERNAL_ERROR", "Internal server error")
+                    await self._reply(emit, 500, "INTERNAL_ERROR", "Internal server error")
         finally:
             duration_ms = round((time.perf_counter() - started) * 1000, 2)
             access_log.info(

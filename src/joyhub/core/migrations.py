@@ -7,6 +7,7 @@ advisory lock serialises concurrent `serve` processes migrating the same databas
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 from alembic import command
@@ -15,7 +16,8 @@ from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-ROOT = Path(__file__).resolve().parents[3]
+# the source checkout (or JOYHUB_ROOT in the container image), where alembic.ini and migrations/ live
+ROOT = Path(os.environ.get("JOYHUB_ROOT") or Path(__file__).resolve().parents[3])
 _LOCK_ID = 4_242_001
 
 
