@@ -149,9 +149,7 @@ AppFactory = Callable[..., Any]
 
 
 @pytest.fixture
-async def make_client(
-    engine: AsyncEngine, tmp_path: Path
-) -> AsyncIterator[Callable[..., Any]]:
+async def make_client(engine: AsyncEngine, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """Build extra app instances (own settings, same database) and clients for them.
 
     `await make_client(**settings_overrides)` returns an httpx.AsyncClient whose app has run

@@ -69,7 +69,14 @@ def upgrade() -> None:
     op.bulk_insert(
         _plans,
         [
-            {**p, "currency": "USD", "period_days": 30, "is_active": True, "created_at": now, "updated_at": now}
+            {
+                **p,
+                "currency": "USD",
+                "period_days": 30,
+                "is_active": True,
+                "created_at": now,
+                "updated_at": now,
+            }
             for p in DEFAULT_PLANS
         ],
     )

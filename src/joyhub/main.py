@@ -73,7 +73,11 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
         expose_headers=[
-            "X-Request-ID", "X-Quota-Limit", "X-Quota-Remaining", "X-Quota-Reset", "Retry-After",
+            "X-Request-ID",
+            "X-Quota-Limit",
+            "X-Quota-Remaining",
+            "X-Quota-Reset",
+            "Retry-After",
         ],
     )
     app.add_middleware(RequestPipelineMiddleware)

@@ -55,7 +55,9 @@ def test_defaults_match_the_contract() -> None:
         ({"ADMIN_EMAIL": "a@b.io"}, "ADMIN_PASSWORD"),
     ],
 )
-def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], name: str) -> None:
+def test_bad_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], name: str
+) -> None:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError) as info:

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     smtp_password: str | None = None
     smtp_starttls: bool = False
     smtp_from: str = "Joyfull UI Hub <no-reply@joyfull.local>"
-    password_reset_url: str = "http://localhost:3000/reset-password?token={token}"
+    password_reset_url: str = "http://localhost:3000/reset-password?token={token}"  # noqa: S105
     admin_email: str | None = None
     admin_password: str | None = None
     cors_origins: str = "http://localhost:3000"

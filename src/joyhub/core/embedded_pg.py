@@ -8,6 +8,7 @@ processes using one data directory and stops the server when the last one exits 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 log = logging.getLogger("joyhub.db")
 
 _server: Any = None
+_DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 def start_embedded(data_dir: Path, database: str = "joyhub") -> str:
@@ -25,8 +27,10 @@ def start_embedded(data_dir: Path, database: str = "joyhub") -> str:
 
     pgdata = (data_dir / "pgdata").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    _server = pgserver.get_server(pgdata, cleanup_mode="stop")
-    exists = _server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+    if not _DB_NAME.match(database):
+        raise ValueError(f"not a plain database name: {database!r}")
+    _server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
+    exists = _server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")  # noqa: S608
     if "1 row" not in exists:
         _server.psql(f'CREATE DATABASE "{database}";')
     log.info("embedded postgresql ready", extra={"pgdata": str(pgdata)})

@@ -73,9 +73,7 @@ class JsonFormatter(logging.Formatter):
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         rid = getattr(record, "request_id", None) or "-"
-        extra = {
-            k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS and not k.startswith("_")
-        }
+        extra = {k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS and not k.startswith("_")}
         base = f"{datetime.now(UTC):%H:%M:%S} {record.levelname:<7} [{rid}] {record.getMessage()}"
         if extra:
             base += " " + " ".join(f"{k}={v}" for k, v in redact(extra).items())

@@ -98,7 +98,10 @@ class RequestPipelineMiddleware:
                 elif _is_db_unavailable(exc):
                     log.error("database unavailable: %s", type(exc).__name__, exc_info=exc)
                     await self._reply(
-                        emit, 503, "SERVICE_UNAVAILABLE", "The database is unavailable",
+                        emit,
+                        503,
+                        "SERVICE_UNAVAILABLE",
+                        "The database is unavailable",
                         {"Retry-After": "2"},
                     )
                 else:
@@ -128,7 +131,5 @@ class RequestPipelineMiddleware:
         send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None
     ) -> None:
         response = error_response(status, code, message, headers=headers)
-        await send(
-            {"type": "http.response.start", "status": status, "headers": response.raw_headers}
-        )
+        await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})

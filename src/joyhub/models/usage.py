@@ -99,9 +99,7 @@ class IdempotencyRecord(UUIDPk, Base):
     key: Mapped[str] = mapped_column(String(255))
     request_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     tool_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tools.id"))
-    usage_log_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("usage_logs.id", ondelete="SET NULL")
-    )
+    usage_log_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("usage_logs.id", ondelete="SET NULL"))
     state: Mapped[str] = mapped_column(String(16), default="in_flight")
     response_status: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONB)

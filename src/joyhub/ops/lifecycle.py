@@ -45,9 +45,7 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
             if settings.redis_url:
                 import redis.asyncio as aioredis
 
-                client = aioredis.from_url(
-                    settings.redis_url, socket_timeout=2, socket_connect_timeout=2
-                )
+                client = aioredis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
                 stack.push_async_callback(client.aclose)
                 app.state.redis = client
 

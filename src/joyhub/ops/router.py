@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
-
 from sqlalchemy import text
 
 from joyhub import __version__
@@ -57,5 +56,3 @@ async def ready(request: Request) -> Any:
             [{"check": n, "status": "unavailable"} for n in failing],
         )
     return ok({"status": "ready", "checks": checks})
-
-
