@@ -56,6 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     url = _resolve_database(settings)
     migrate(url, "head")
+    if args.workers > 1:
+        _prepare_multiprocess_metrics(settings)
     if args.demo:
         os.environ["JOYHUB_DEMO"] = "1"
         os.environ.setdefault("JOYHUB_DEMO_BASE_URL", f"http://{args.host}:{args.port}")
@@ -69,6 +71,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         stop_embedded()
     return 0
+
+
+def _prepare_multiprocess_metrics(settings: Settings) -> None:
+    """Workers write metric samples to files that /metrics aggregates (cleared at start)."""
+    import shutil
+
+    path = (settings.data_dir / "prometheus").resolve()
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
 def _serve(args: argparse.Namespace) -> None:

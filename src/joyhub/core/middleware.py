@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from joyhub.core import metrics
 from joyhub.core.context import request_id_var, user_id_var
 from joyhub.core.envelope import error_response
 
@@ -108,7 +109,13 @@ class RequestPipelineMiddleware:
                     log.error("unhandled exception", exc_info=exc)
                     await self._reply(emit, 500, "INTERNAL_ERROR", "Internal server error")
         finally:
-            duration_ms = round((time.perf_counter() - started) * 1000, 2)
+            elapsed = time.perf_counter() - started
+            duration_ms = round(elapsed * 1000, 2)
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "-")
+            metrics.HTTP_REQUESTS.labels(method, template, str(status_holder["status"])).inc()
+            metrics.HTTP_LATENCY.labels(method, template).observe(elapsed)
             access_log.info(
                 "%s %s %s",
                 scope.get("method"),

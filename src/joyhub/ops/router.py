@@ -5,14 +5,27 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from sqlalchemy import text
 
 from joyhub import __version__
+from joyhub.core import metrics
 from joyhub.core.envelope import Envelope, error_response, ok
 
 router = APIRouter(tags=["operations"])
 READY_TIMEOUT_SECONDS = 1.5
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus exposition (not enveloped). Pool usage is sampled at scrape time."""
+    pool = request.app.state.engine.pool
+    checked_out = getattr(pool, "checkedout", None)
+    if callable(checked_out):
+        metrics.DB_POOL_IN_USE.set(checked_out())
+        metrics.DB_POOL_SIZE.set(pool.size() + max(0, pool.overflow()))
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/health", response_model=Envelope[dict[str, str]], summary="Liveness (no dependencies)")
