@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, OAuth2PasswordBearer
 from sqlalchemy import or_, select, update
 
 from joyhub.core.clock import utcnow
@@ -26,10 +26,13 @@ from joyhub.models import ApiKey, AuthSession, User
 
 API_KEY_TOUCH_INTERVAL = timedelta(minutes=1)
 
-bearer_scheme = HTTPBearer(
+# OAuth2 password flow, so the docs' Authorize button can log in through POST /auth/token;
+# on the wire it is plain `Authorization: Bearer <access token or API key>`.
+bearer_scheme = OAuth2PasswordBearer(
+    tokenUrl="/api/v1/auth/token",
     auto_error=False,
     scheme_name="BearerAuth",
-    description="Access token (JWT) from /auth/login, or an API key (jfui_…)",
+    description="Access token (JWT) from /auth/login or /auth/token, or an API key (jfui_…)",
 )
 api_key_scheme = APIKeyHeader(
     name="X-API-Key", auto_error=False, scheme_name="ApiKeyAuth", description="API key (jfui_…)"
@@ -115,12 +118,12 @@ async def _from_api_key(session: DbSession, key: str) -> Principal:
 async def current_principal(
     request: Request,
     session: DbSession,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    bearer: Annotated[str | None, Depends(bearer_scheme)],
     x_api_key: Annotated[str | None, Depends(api_key_scheme)],
 ) -> Principal:
     """Authenticate the caller from `Authorization: Bearer …` or `X-API-Key`."""
-    if bearer is not None and bearer.credentials:
-        credential = bearer.credentials
+    if bearer:
+        credential = bearer
     elif x_api_key:
         credential = x_api_key
     else:
@@ -151,6 +154,26 @@ async def require_admin(principal: Annotated[Principal, Depends(current_principa
     return principal
 
 
+@dataclass(frozen=True)
+class ClientInfo:
+    """Where a request came from: recorded on a new session and part of the login throttle key.
+
+    The address is the peer address as uvicorn reports it (`request.client.host`), which honours
+    X-Forwarded-For only from trusted proxies (uvicorn's `forwarded_allow_ips`).
+    """
+
+    address: str
+    user_agent: str | None
+
+
+def client_info(request: Request) -> ClientInfo:
+    return ClientInfo(
+        address=request.client.host if request.client else "unknown",
+        user_agent=request.headers.get("user-agent"),
+    )
+
+
+Client = Annotated[ClientInfo, Depends(client_info)]
 CurrentUser = Annotated[Principal, Depends(current_principal)]
 AccessTokenUser = Annotated[Principal, Depends(access_token_principal)]
 AdminUser = Annotated[Principal, Depends(require_admin)]

@@ -1,0 +1,68 @@
+"""Request and response models of the auth domain (API.md §2).
+
+Every request model forbids unknown fields (nobody can smuggle `role` into a registration) and
+bounds every string; the field types (users/schemas.py) refuse NUL in every text field and any
+control character in names, with a 422. The password *policy* is not checked here but in the
+service, so that one 422 names every unmet rule; these models only cap the length.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from joyhub.users.schemas import Email, LoginEmail, Name, Password, Secret, UserOut
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegisterIn(_Strict):
+    name: Name
+    email: Email
+    password: Password
+
+
+class LoginIn(_Strict):
+    # Not EmailStr: a login with any string is just an unknown email (same 401), and an
+    # operator-made admin may use an address such as admin@localhost.
+    email: LoginEmail
+    password: Password
+
+
+class RefreshIn(_Strict):
+    refresh_token: Secret
+
+
+class PasswordResetIn(_Strict):
+    email: Email
+
+
+class PasswordResetConfirmIn(_Strict):
+    token: Secret
+    new_password: Password
+
+
+class TokenPair(BaseModel):
+    access_token: str
+    refresh_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth2 token type, not a secret
+    expires_in: int = Field(description="Seconds until the access token expires")
+
+
+class AccessTokenOut(BaseModel):
+    """`POST /auth/token`: the plain OAuth2 shape (no envelope), for the docs' Authorize button."""
+
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth2 token type, not a secret
+
+
+class RegisterOut(BaseModel):
+    user: UserOut
+    tokens: TokenPair
+
+
+class MessageOut(BaseModel):
+    message: str

@@ -1,0 +1,326 @@
+"""The rules of registration, login, refresh, logout and password reset (API.md §2).
+
+Services flush, never commit: the request's session commits once after the route returns.
+Two things deliberately escape that transaction because they must stick although the request
+answers with an error: throttle hits (auth/throttle.py) and the revocation of a session whose
+refresh token was replayed (auth/sessions.py).
+
+Emails are not sent here: functions return the message and the route queues it to go out
+after the response (core/email.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from joyhub.auth import sessions
+from joyhub.auth.dependencies import ClientInfo
+from joyhub.auth.passwords import enforce_policy
+from joyhub.auth.sessions import IssuedTokens
+from joyhub.auth.throttle import Throttle, login_bucket, reset_bucket
+from joyhub.core import audit
+from joyhub.core.config import Settings
+from joyhub.core.email import OutgoingEmail
+from joyhub.core.errors import (
+    AccountDisabled,
+    EmailTaken,
+    InvalidCredentials,
+    InvalidResetToken,
+    RateLimited,
+)
+from joyhub.core.security import hash_password, new_opaque_token, token_digest, verify_dummy, verify_password
+from joyhub.models import PasswordResetToken, User
+
+log = logging.getLogger("joyhub.auth")
+
+EMAIL_MAX = 320
+RESET_REQUEST_MESSAGE = "If an account exists for this email, a password-reset link has been sent."
+
+
+async def register(
+    db: AsyncSession,
+    *,
+    name: str,
+    email: str,
+    password: str,
+    settings: Settings,
+    client: ClientInfo,
+    now: datetime,
+) -> tuple[User, IssuedTokens, OutgoingEmail]:
+    """Create a user (role `user`, no subscription) and log them in.
+
+    The insert is `ON CONFLICT (email) DO NOTHING`: of many parallel registrations of one email
+    exactly one inserts, the others see no row and answer 409 EMAIL_TAKEN.
+    """
+    enforce_policy(password, "body.password")
+    password_hash = await hash_password(password, settings.bcrypt_rounds)
+    user_id = uuid.uuid4()
+    inserted = (
+        await db.execute(
+            pg_insert(User)
+            .values(
+                id=user_id,
+                name=name,
+                email=email,
+                password_hash=password_hash,
+                role="user",
+                is_active=True,
+                created_at=now,
+                updated_at=now,
+                last_login_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=[User.email])
+            .returning(User.id)
+        )
+    ).scalar_one_or_none()
+    if inserted is None:
+        raise EmailTaken()
+    user = (await db.execute(select(User).where(User.id == user_id))).scalar_one()
+    tokens = await sessions.start_session(
+        db, user, settings, now=now, user_agent=client.user_agent, client_ip=client.address
+    )
+    log.info("user registered", extra={"user_id": str(user.id)})
+    welcome = OutgoingEmail(
+        to=user.email,
+        subject="Welcome to Joyfull UI Hub",
+        body=(
+            f"Hello {user.name},\n\n"
+            "your Joyfull UI Hub account is ready. Pick a plan and start using the AI tools.\n\n"
+            "If you did not create this account, you can ignore this message.\n"
+        ),
+        kind="welcome",
+    )
+    return user, tokens, welcome
+
+
+async def authenticate(
+    db: AsyncSession,
+    *,
+    email: str,
+    password: str,
+    settings: Settings,
+    throttle: Throttle,
+    client: ClientInfo,
+    now: datetime,
+) -> User:
+    """Check email and password, throttled per (email, client address).
+
+    The attempt reserves a slot in its bucket *before* bcrypt runs, so the limit holds under a
+    burst; when the bucket is full the answer is 429 with Retry-After without looking at the
+    password. The right password clears the bucket; a wrong one leaves its hit counted. Unknown
+    emails are checked against a dummy hash so they take as long as wrong passwords.
+    """
+    bucket = login_bucket(email, client.address)
+    decision = await throttle.acquire(
+        bucket,
+        limit=settings.login_max_failures,
+        window=timedelta(seconds=settings.login_failure_window_seconds),
+        now=now,
+    )
+    if not decision.allowed:
+        raise RateLimited(
+            "Too many failed login attempts; try again later",
+            headers={"Retry-After": str(decision.retry_after)},
+        )
+    user = None
+    if len(email) <= EMAIL_MAX and "\x00" not in email:  # else: unknown, without asking the DB
+        user = (await db.execute(select(User).where(User.email == email))).scalar_one_or_none()
+    if user is None:
+        await verify_dummy(password, settings.bcrypt_rounds)
+        log.info("login failed", extra={"reason": "credentials"})
+        raise InvalidCredentials()
+    if not await verify_password(password, user.password_hash):
+        log.info("login failed", extra={"reason": "credentials", "user_id": str(user.id)})
+        raise InvalidCredentials()
+    await throttle.clear(bucket)
+    if not user.is_active:
+        log.info("login refused", extra={"reason": "disabled", "user_id": str(user.id)})
+        raise AccountDisabled()
+    return user
+
+
+async def login(
+    db: AsyncSession,
+    *,
+    email: str,
+    password: str,
+    settings: Settings,
+    throttle: Throttle,
+    client: ClientInfo,
+    now: datetime,
+    with_refresh: bool = True,
+) -> tuple[str, str | None, int]:
+    """Authenticate, record the login, open a session: (access, refresh or None, expires_in).
+
+    `with_refresh=False` is the OAuth2 form endpoint (`/auth/token`), which hands out an access
+    token only (still bound to a session of its own, so logout-all ends it).
+    """
+    user = await authenticate(
+        db, email=email, password=password, settings=settings, throttle=throttle, client=client, now=now
+    )
+    user.last_login_at = now
+    if with_refresh:
+        issued = await sessions.start_session(
+            db, user, settings, now=now, user_agent=client.user_agent, client_ip=client.address
+        )
+        log.info("login succeeded", extra={"user_id": str(user.id), "session_id": str(issued.session_id)})
+        return issued.access_token, issued.refresh_token, issued.expires_in
+    session_id = await sessions.open_session(
+        db, user, now=now, user_agent=client.user_agent, client_ip=client.address
+    )
+    access, expires_in = sessions.access_token_for(user, session_id, settings)
+    log.info("login succeeded", extra={"user_id": str(user.id), "session_id": str(session_id)})
+    return access, None, expires_in
+
+
+async def refresh(
+    db: AsyncSession,
+    *,
+    refresh_token: str,
+    settings: Settings,
+    factory: async_sessionmaker[AsyncSession],
+    now: datetime,
+) -> IssuedTokens:
+    return await sessions.rotate(db, refresh_token, settings, now=now, factory=factory)
+
+
+async def logout(db: AsyncSession, *, refresh_token: str, now: datetime) -> None:
+    await sessions.logout(db, refresh_token, now=now)
+
+
+async def logout_all(db: AsyncSession, *, user_id: uuid.UUID, now: datetime) -> None:
+    count = await sessions.revoke_user_sessions(db, user_id, reason="logout_all", now=now)
+    log.info("all sessions revoked", extra={"user_id": str(user_id), "sessions": count})
+
+
+async def request_password_reset(
+    db: AsyncSession,
+    *,
+    email: str,
+    settings: Settings,
+    throttle: Throttle,
+    now: datetime,
+) -> OutgoingEmail | None:
+    """Make a reset token and the email carrying it, when the account exists and is active.
+
+    The caller answers the same 202 whatever happens here. More than
+    PASSWORD_RESET_MAX_PER_HOUR requests for one email in an hour are dropped silently (counted
+    for unknown emails too, so the behaviour reveals nothing). Only the newest token works:
+    older unused ones are retired under a lock on the user row, so two parallel requests
+    cannot leave two live tokens.
+    """
+    decision = await throttle.acquire(
+        reset_bucket(email),
+        limit=settings.password_reset_max_per_hour,
+        window=timedelta(hours=1),
+        now=now,
+    )
+    if not decision.allowed:
+        log.info("password reset request dropped (rate limit)")
+        return None
+    user = (await db.execute(select(User).where(User.email == email).with_for_update())).scalar_one_or_none()
+    if user is None or not user.is_active:
+        log.info("password reset requested for no usable account")
+        return None
+    await db.execute(
+        update(PasswordResetToken)
+        .where(PasswordResetToken.user_id == user.id, PasswordResetToken.used_at.is_(None))
+        .values(used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    raw = new_opaque_token(32)
+    ttl = timedelta(hours=settings.password_reset_expire_hours)
+    db.add(
+        PasswordResetToken(
+            id=uuid.uuid4(),
+            user_id=user.id,
+            token_hash=token_digest(raw),
+            created_at=now,
+            expires_at=now + ttl,
+        )
+    )
+    await db.flush()
+    log.info("password reset token issued", extra={"user_id": str(user.id)})
+    link = settings.password_reset_url.replace("{token}", raw)
+    hours = settings.password_reset_expire_hours
+    return OutgoingEmail(
+        to=user.email,
+        subject="Reset your Joyfull UI Hub password",
+        body=(
+            f"Hello {user.name},\n\n"
+            "someone (hopefully you) asked to reset the password of your Joyfull UI Hub account.\n"
+            f"Open this link within {hours} hours to choose a new password:\n\n{link}\n\n"
+            "The link works once. If you did not ask for this, ignore this message; your password\n"
+            "stays as it is.\n"
+        ),
+        kind="password_reset",
+    )
+
+
+async def confirm_password_reset(
+    db: AsyncSession,
+    *,
+    token: str,
+    new_password: str,
+    settings: Settings,
+    client: ClientInfo,
+    now: datetime,
+) -> IssuedTokens:
+    """Set a new password with a reset token: consume it atomically, revoke every session, log in.
+
+    The policy is checked first, so a weak password does not burn the token. The consume is a
+    conditional UPDATE (single use even under parallel confirms); a token that is not the
+    user's newest is refused even if it somehow escaped retirement.
+    """
+    enforce_policy(new_password, "body.new_password")
+    consumed = (
+        await db.execute(
+            update(PasswordResetToken)
+            .where(
+                PasswordResetToken.token_hash == token_digest(token),
+                PasswordResetToken.used_at.is_(None),
+                PasswordResetToken.expires_at > now,
+            )
+            .values(used_at=now)
+            .returning(PasswordResetToken.user_id, PasswordResetToken.created_at)
+            .execution_options(synchronize_session=False)
+        )
+    ).one_or_none()
+    if consumed is None:
+        raise InvalidResetToken()
+    user_id, created_at = consumed
+    newer = (
+        await db.execute(
+            select(PasswordResetToken.id)
+            .where(PasswordResetToken.user_id == user_id, PasswordResetToken.created_at > created_at)
+            .limit(1)
+        )
+    ).scalar_one_or_none()
+    if newer is not None:
+        raise InvalidResetToken()
+    user = (await db.execute(select(User).where(User.id == user_id).with_for_update())).scalar_one()
+    if not user.is_active:
+        raise AccountDisabled()
+    user.password_hash = await hash_password(new_password, settings.bcrypt_rounds)
+    user.updated_at = now
+    user.last_login_at = now
+    revoked = await sessions.revoke_user_sessions(db, user.id, reason="password_reset", now=now)
+    audit.record(
+        db,
+        actor=user,
+        action="user.password_reset",
+        target_type="user",
+        target_id=user.id,
+        changes={"password": {"before": "***", "after": "***"}, "sessions_revoked": revoked},
+    )
+    issued = await sessions.start_session(
+        db, user, settings, now=now, user_agent=client.user_agent, client_ip=client.address
+    )
+    log.info("password reset completed", extra={"user_id": str(user.id), "sessions_revoked": revoked})
+    return issued
