@@ -52,8 +52,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings()
+    from joyhub.auth.bootstrap import check_admin_settings
     from joyhub.core.migrations import migrate
 
+    check_admin_settings(settings)  # a weak ADMIN_PASSWORD: one clear line, not a lifespan traceback
     url = _resolve_database(settings)
     migrate(url, "head")
     if args.workers > 1:
