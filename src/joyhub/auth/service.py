@@ -24,7 +24,6 @@ from joyhub.auth.dependencies import ClientInfo
 from joyhub.auth.passwords import enforce_policy
 from joyhub.auth.sessions import IssuedTokens
 from joyhub.auth.throttle import Throttle, login_bucket, reset_bucket
-from joyhub.core import audit
 from joyhub.core.config import Settings
 from joyhub.core.email import OutgoingEmail
 from joyhub.core.errors import (
@@ -307,20 +306,15 @@ async def confirm_password_reset(
     user = (await db.execute(select(User).where(User.id == user_id).with_for_update())).scalar_one()
     if not user.is_active:
         raise AccountDisabled()
-    user.password_hash = await hash_password(new_password, settings.bcrypt_rounds)
-    user.updated_at = now
     user.last_login_at = now
-    revoked = await sessions.revoke_user_sessions(db, user.id, reason="password_reset", now=now)
-    audit.record(
+    issued = await sessions.replace_password(
         db,
-        actor=user,
-        action="user.password_reset",
-        target_type="user",
-        target_id=user.id,
-        changes={"password": {"before": "***", "after": "***"}, "sessions_revoked": revoked},
+        user,
+        new_password,
+        reason="password_reset",
+        settings=settings,
+        user_agent=client.user_agent,
+        client_ip=client.address,
+        now=now,
     )
-    issued = await sessions.start_session(
-        db, user, settings, now=now, user_agent=client.user_agent, client_ip=client.address
-    )
-    log.info("password reset completed", extra={"user_id": str(user.id), "sessions_revoked": revoked})
     return issued

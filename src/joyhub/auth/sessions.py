@@ -24,9 +24,10 @@ from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from joyhub.auth import throttle
+from joyhub.core import audit
 from joyhub.core.config import Settings
 from joyhub.core.errors import InvalidRefreshToken
-from joyhub.core.security import create_access_token, new_opaque_token, token_digest
+from joyhub.core.security import create_access_token, hash_password, new_opaque_token, token_digest
 from joyhub.models import AuthSession, PasswordResetToken, RefreshToken, User
 
 log = logging.getLogger("joyhub.auth")
@@ -201,6 +202,38 @@ async def revoke_user_sessions(db: AsyncSession, user_id: uuid.UUID, *, reason: 
         .execution_options(synchronize_session=False)
     )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def replace_password(
+    db: AsyncSession,
+    user: User,
+    new_password: str,
+    *,
+    reason: str,
+    settings: Settings,
+    user_agent: str | None,
+    client_ip: str | None,
+    now: datetime,
+) -> IssuedTokens:
+    """The one rule for a new password (change or reset): store its hash, end every session of
+    the user (so every old access and refresh token dies at once), audit it with the password
+    masked, and open a fresh session for the caller."""
+    user.password_hash = await hash_password(new_password, settings.bcrypt_rounds)
+    user.updated_at = now
+    revoked = await revoke_user_sessions(db, user.id, reason=reason, now=now)
+    audit.record(
+        db,
+        actor=user,
+        action=f"user.{reason}",
+        target_type="user",
+        target_id=user.id,
+        changes={"password": {"before": "***", "after": "***"}, "sessions_revoked": revoked},
+    )
+    issued = await start_session(db, user, settings, now=now, user_agent=user_agent, client_ip=client_ip)
+    log.info(
+        "password replaced", extra={"user_id": str(user.id), "reason": reason, "sessions_revoked": revoked}
+    )
+    return issued
 
 
 async def logout(db: AsyncSession, raw_token: str, *, now: datetime) -> None:

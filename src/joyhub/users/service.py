@@ -28,7 +28,7 @@ from joyhub.core.errors import (
     field_error,
 )
 from joyhub.core.pagination import Page
-from joyhub.core.security import hash_password, new_api_key, token_digest, verify_password
+from joyhub.core.security import new_api_key, token_digest, verify_password
 from joyhub.models import ApiKey, User
 from joyhub.users.schemas import ApiKeyOut
 
@@ -81,22 +81,16 @@ async def change_password(
         log.info("password change refused", extra={"reason": "credentials", "user_id": str(user.id)})
         raise InvalidCredentials("Current password is incorrect")
     await throttle.clear(bucket)
-    user.password_hash = await hash_password(new_password, settings.bcrypt_rounds)
-    user.updated_at = now
-    revoked = await sessions.revoke_user_sessions(db, user.id, reason="password_change", now=now)
-    audit.record(
+    return await sessions.replace_password(
         db,
-        actor=user,
-        action="user.password_change",
-        target_type="user",
-        target_id=user.id,
-        changes={"password": {"before": "***", "after": "***"}, "sessions_revoked": revoked},
+        user,
+        new_password,
+        reason="password_change",
+        settings=settings,
+        user_agent=client.user_agent,
+        client_ip=client.address,
+        now=now,
     )
-    issued = await sessions.start_session(
-        db, user, settings, now=now, user_agent=client.user_agent, client_ip=client.address
-    )
-    log.info("password changed", extra={"user_id": str(user.id), "sessions_revoked": revoked})
-    return issued
 
 
 def api_key_out(key: ApiKey, now: datetime) -> ApiKeyOut:
