@@ -8,6 +8,7 @@ the bootstrap admin, starts the periodic sweep, and closes everything in reverse
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -64,6 +65,10 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
     app.include_router(tools_router, prefix=f"{API_PREFIX}/tools", tags=["tools"])
     app.include_router(usage_router, prefix=f"{API_PREFIX}/usage", tags=["usage"])
     app.include_router(admin_router, prefix=f"{API_PREFIX}/admin", tags=["admin"])
+    if os.environ.get("JOYHUB_DEMO") == "1":  # `joyhub serve --demo`: the built-in demo tools
+        from joyhub.tools.demo import router as demo_router
+
+        app.include_router(demo_router, prefix="/demo", include_in_schema=False)
 
     install_error_handlers(app)
     app.add_middleware(

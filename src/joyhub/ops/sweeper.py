@@ -6,10 +6,13 @@ Each job runs in its own short transaction and is safe to run concurrently on ma
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
+from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from joyhub.core.clock import utcnow
@@ -22,7 +25,15 @@ SweepJob = Callable[[AsyncSession, Settings, datetime], Awaitable[int]]
 
 def jobs() -> list[tuple[str, SweepJob]]:
     """The sweep's jobs, in order; each returns how many rows it touched."""
-    return []
+    from joyhub.auth.sessions import sweep_expired
+    from joyhub.subscriptions.rollover import sweep_due
+    from joyhub.tools import sweeps as tools_sweeps
+
+    return [
+        ("subscription_rollover", sweep_due),
+        ("identity_cleanup", sweep_expired),
+        *tools_sweeps.jobs(),
+    ]
 
 
 async def sweep_once(factory: async_sessionmaker[AsyncSession], settings: Settings) -> dict[str, int]:
@@ -49,3 +60,33 @@ async def sweep_once_cli(url: str, settings: Settings) -> int:
     log.info("sweep done", extra={"results": results})
     print(results)
     return 0 if all(v >= 0 for v in results.values()) else 1
+
+
+async def run_periodic(app: FastAPI) -> None:
+    """`serve`'s background sweep: one pass every SWEEP_INTERVAL_SECONDS until cancelled.
+
+    Every worker runs it; the jobs are safe to run concurrently. A failed pass is logged and the
+    loop goes on — a database blip must not stop rollovers for the life of the process.
+    """
+    settings: Settings = app.state.settings
+    while True:
+        await asyncio.sleep(settings.sweep_interval_seconds)
+        try:
+            await sweep_once(app.state.sessionmaker, settings)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("sweep pass failed")
+
+
+def start_periodic(app: FastAPI) -> asyncio.Task[None]:
+    task = asyncio.create_task(run_periodic(app), name="joyhub-sweep")
+    app.state.sweep_task = task
+    return task
+
+
+async def stop_periodic(task: asyncio.Task[None]) -> None:
+    """Cancel the background sweep and wait for it, before the pool it uses is closed."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,7 +1,121 @@
-"""HTTP routes of the tools domain (thin: parse, call the service, wrap in the envelope)."""
+"""HTTP routes of the tools domain (API.md §5): the catalog and the invocation endpoint."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import Response
+
+from joyhub.auth.dependencies import CurrentUser
+from joyhub.core.db import DbSession
+from joyhub.core.envelope import Envelope, ok, page
+from joyhub.core.pagination import PageParams
+from joyhub.tools import gateway, service
+from joyhub.tools.idempotency import MAX_KEY_LENGTH
+from joyhub.tools.schemas import Invocation, InvokeRequest, ToolOut
 
 router = APIRouter()
+
+_ERR: dict[int | str, dict[str, Any]] = {
+    401: {"model": Envelope[None], "description": "Not authenticated"},
+    404: {"model": Envelope[None], "description": "No such tool, or inactive/deleted"},
+    422: {"model": Envelope[None], "description": "Validation failed"},
+}
+
+_QUOTA_HEADERS = {
+    "X-Quota-Limit": {"description": "Tokens allowed this billing period", "schema": {"type": "integer"}},
+    "X-Quota-Remaining": {"description": "Tokens left this period", "schema": {"type": "integer"}},
+    "X-Quota-Reset": {
+        "description": "End of the billing period (ISO 8601, UTC)",
+        "schema": {"type": "string", "format": "date-time"},
+    },
+}
+
+
+@router.get(
+    "",
+    response_model=Envelope[list[ToolOut]],
+    summary="The tool catalog (active tools, by name)",
+    responses={401: _ERR[401], 422: _ERR[422]},
+)
+async def list_tools(
+    session: DbSession,
+    principal: CurrentUser,
+    paging: PageParams,
+    search: Annotated[str | None, Query(max_length=100, description="Matches name or description")] = None,
+    category: Annotated[str | None, Query(max_length=50)] = None,
+) -> Envelope[list[ToolOut]]:
+    tools, total = await service.list_catalog(
+        session,
+        search=service.clean_filter("query.search", search),
+        category=service.clean_filter("query.category", category),
+        page=paging,
+    )
+    return page([service.tool_out(t) for t in tools], offset=paging.offset, limit=paging.limit, total=total)
+
+
+@router.get(
+    "/{tool_id}",
+    response_model=Envelope[ToolOut],
+    summary="One tool of the catalog",
+    responses={401: _ERR[401], 404: _ERR[404], 422: _ERR[422]},
+)
+async def get_tool(tool_id: uuid.UUID, session: DbSession, principal: CurrentUser) -> Envelope[ToolOut]:
+    return ok(service.tool_out(await service.get_catalog_tool(session, tool_id)))
+
+
+@router.post(
+    "/{tool_id}/invoke",
+    response_model=Envelope[Invocation],
+    summary="Invoke a tool (metered)",
+    description=(
+        "Order of checks: authentication → tool exists and is active (404) → active subscription "
+        "(402 SUBSCRIPTION_REQUIRED) → plan rank (402 PLAN_UPGRADE_REQUIRED) → tokens left (429 "
+        "QUOTA_EXCEEDED) → input against the tool's input_schema (422 TOOL_INPUT_INVALID) → circuit "
+        "closed (503 TOOL_UNAVAILABLE with Retry-After) → upstream call. Failed calls cost 0 tokens. "
+        "A repeated `Idempotency-Key` (24 h) replays the first response (header "
+        "`Idempotent-Replayed: true`); a different tool/input or a repeat still running → 409."
+    ),
+    responses={
+        200: {"headers": _QUOTA_HEADERS},
+        401: _ERR[401],
+        402: {"model": Envelope[None], "description": "SUBSCRIPTION_REQUIRED / PLAN_UPGRADE_REQUIRED"},
+        404: _ERR[404],
+        409: {"model": Envelope[None], "description": "IDEMPOTENCY_CONFLICT"},
+        413: {"model": Envelope[None], "description": "Request body over 1 MiB"},
+        422: {"model": Envelope[None], "description": "VALIDATION_ERROR / TOOL_INPUT_INVALID"},
+        429: {"model": Envelope[None], "description": "QUOTA_EXCEEDED", "headers": _QUOTA_HEADERS},
+        502: {"model": Envelope[None], "description": "TOOL_BAD_RESPONSE"},
+        503: {
+            "model": Envelope[None],
+            "description": "TOOL_UNAVAILABLE (Retry-After when the circuit is open)",
+        },
+        504: {"model": Envelope[None], "description": "TOOL_TIMEOUT"},
+    },
+)
+async def invoke_tool(
+    tool_id: uuid.UUID,
+    payload: InvokeRequest,
+    request: Request,
+    session: DbSession,
+    principal: CurrentUser,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=MAX_KEY_LENGTH,
+            description="Makes retries safe: the same key within 24 h replays the first response",
+        ),
+    ] = None,
+) -> Response:
+    return await gateway.invoke(
+        request.app,
+        session,
+        user_id=principal.id,
+        tool_id=tool_id,
+        value=payload.input,
+        idempotency_key=idempotency_key,
+    )

@@ -1,0 +1,310 @@
+"""The accounting of invocations (API.md §5, guarantees 1 to 3): admit, settle, and the stale sweep.
+
+- **admit** is one conditional statement (`READ_AND_ADMIT`, which also does the gateway's read):
+  reserve the call's estimated tokens on the subscription *only if* `tokens_used +
+  tokens_reserved` is still under the plan's limit, and insert the `pending` usage log — both or
+  neither. Tokens of calls still in flight count, so concurrent calls at the edge cannot all
+  pass; the overshoot is bounded by the calls already in flight. It runs in the request's own
+  transaction, with the idempotency claim, and is committed before the upstream call.
+- **settle** is one transaction: the usage log gets its outcome (guarded by
+  `status = 'pending'`, so a call is never settled twice), the subscription is charged and its
+  reservation released, the idempotency record stores the response, and the daily/hourly
+  rollups are bumped. The log's `timestamp` is the settle time, clamped into the period the
+  tokens were charged to, so `tokens_used` always equals the sum of the current period's logs.
+- **sweep**: a call whose worker died is closed as `error` (`ABANDONED`, 0 tokens) once it is
+  older than both STALE_INVOCATION_SECONDS and its tool's worst case (attempts times timeout plus
+  backoff), and its reservation and idempotency claim are released.
+
+No transaction or pooled connection is held while the upstream is called: admit and settle each
+take a connection for a few statements and give it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import text
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from joyhub.core.config import Settings
+from joyhub.tools import idempotency
+from joyhub.tools.driver import DriverSession, driver_of
+from joyhub.usage import rollups
+
+log = logging.getLogger("joyhub.tools.ledger")
+
+STALE_SLACK_SECONDS = 60
+
+# The read and the admission in one statement, on the request's own connection and transaction:
+# `ctx` reads the tool, the caller's subscription and plan, the tool's minimum plan and any live
+# idempotency record; `adm` reserves the call's tokens only when every check that SQL can make
+# passes (tool live, no idempotency record, subscription active and current, plan rank, tokens
+# left counting those in flight), and `log` writes the pending usage log. The row lock `adm`
+# takes makes concurrent admissions at the quota edge wait and re-check the fresh row.
+# $1 tool, $2 user, $3 idempotency key, $4 now, $5 reservation, $6 log id, $7 request id.
+READ_AND_ADMIT = """
+    WITH ctx AS (
+        SELECT t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
+               t.auth_header_name, t.auth_header_value, t.updated_at AS tool_updated_at,
+               jsonb_typeof(t.input_schema) = 'object' AS has_schema, mp.rank AS min_rank,
+               s.id AS sub_id, s.status AS sub_status, s.plan_code, s.tokens_used, s.tokens_reserved,
+               s.current_period_end, s.expires_at, p.token_limit, p.rank AS plan_rank,
+               k.state AS idem_state, k.request_hash AS idem_hash,
+               k.response_status AS idem_status, k.response_body::text AS idem_body
+        FROM (SELECT 1) AS one
+        LEFT JOIN tools AS t ON t.id = $1 AND t.deleted_at IS NULL AND t.is_active
+        LEFT JOIN plans AS mp ON mp.code = t.min_plan_code
+        LEFT JOIN subscriptions AS s ON s.user_id = $2
+        LEFT JOIN plans AS p ON p.code = s.plan_code
+        LEFT JOIN idempotency_keys AS k ON k.user_id = $2 AND k.key = $3 AND k.expires_at > $4
+    ), adm AS (
+        UPDATE subscriptions AS s
+        SET tokens_reserved = s.tokens_reserved + $5, inflight = s.inflight + 1
+        FROM ctx
+        WHERE s.id = ctx.sub_id AND ctx.tool_id IS NOT NULL AND ctx.idem_state IS NULL
+          AND s.status = 'active' AND s.current_period_end > $4
+          AND (s.expires_at IS NULL OR s.expires_at > $4)
+          AND (ctx.min_rank IS NULL OR ctx.plan_rank >= ctx.min_rank)
+          AND s.tokens_used + s.tokens_reserved
+              < (SELECT p2.token_limit FROM plans AS p2 WHERE p2.code = s.plan_code)
+        RETURNING s.id, s.plan_code
+    ), log AS (
+        INSERT INTO usage_logs (id, user_id, tool_id, subscription_id, plan_code, status,
+                                started_at, "timestamp", tokens_used, tokens_reserved, request_id)
+        SELECT $6::uuid, $2, $1, adm.id, adm.plan_code, 'pending', $4, $4, 0, $5, $7::varchar
+        FROM adm
+        RETURNING plan_code
+    )
+    SELECT ctx.*, log.plan_code AS admitted_plan, log.plan_code IS NOT NULL AS admitted
+    FROM ctx LEFT JOIN log ON true
+"""
+
+_LINK_KEY = "UPDATE idempotency_keys SET usage_log_id = $2 WHERE id = $1"
+
+_SETTLE = text(
+    """
+    WITH log AS (
+        UPDATE usage_logs
+        SET status = :status, tokens_used = CAST(:tokens AS bigint), duration_ms = :duration_ms,
+            "timestamp" = :now, error_code = :error_code
+        WHERE id = :log_id AND status = 'pending'
+        RETURNING id, subscription_id, tokens_reserved
+    ), sub AS (
+        UPDATE subscriptions AS s
+        SET tokens_used = s.tokens_used + CAST(:tokens AS bigint),
+            tokens_reserved = GREATEST(s.tokens_reserved - log.tokens_reserved, 0),
+            inflight = GREATEST(s.inflight - 1, 0)
+        FROM log WHERE s.id = log.subscription_id
+        RETURNING s.tokens_used, s.current_period_start, s.current_period_end,
+                  (SELECT p.token_limit FROM plans AS p WHERE p.code = s.plan_code) AS token_limit
+    ), idem AS (
+        UPDATE idempotency_keys
+        SET state = 'done', response_status = :response_status,
+            response_body = CAST(:response_body AS jsonb), usage_log_id = :log_id
+        WHERE id = :idem_id
+    )
+    SELECT log.id, sub.tokens_used, sub.current_period_start, sub.current_period_end,
+           sub.token_limit
+    FROM log LEFT JOIN sub ON true
+    """
+)
+
+_RETIME = text('UPDATE usage_logs SET "timestamp" = :ts WHERE id = :log_id')
+
+
+@dataclass(frozen=True)
+class Admission:
+    log_id: uuid.UUID
+    plan_code: str | None
+    idem_id: uuid.UUID | None
+
+
+async def read_and_admit(
+    driver: Any,
+    *,
+    user_id: uuid.UUID,
+    tool_id: uuid.UUID,
+    key: str | None,
+    now: datetime,
+    reserve: int,
+    log_id: uuid.UUID,
+    request_id: str | None,
+) -> Any:
+    """Run READ_AND_ADMIT on the asyncpg connection of the caller's open transaction."""
+    return await driver.fetchrow(READ_AND_ADMIT, tool_id, user_id, key, now, reserve, log_id, request_id)
+
+
+async def link_key(driver: Any, idem_id: uuid.UUID, log_id: uuid.UUID) -> None:
+    await driver.execute(_LINK_KEY, idem_id, log_id)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    settled: bool  # False when the sweep had already closed this call
+    tokens_used: int | None = None
+    token_limit: int | None = None
+    period_end: datetime | None = None
+
+
+def _clamp(ts: datetime, start: datetime, end: datetime) -> datetime:
+    if ts < start:
+        return start
+    if ts >= end:
+        return end - timedelta(microseconds=1)
+    return ts
+
+
+SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0)
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure worth retrying: connection trouble, pool timeout, deadlock/serialisation."""
+    if isinstance(exc, IntegrityError | ProgrammingError | DataError):
+        return False
+    return isinstance(exc, DBAPIError | PoolTimeout | OSError)
+
+
+async def settle(engine: AsyncEngine, **kw: Any) -> Settlement:
+    """`settle_once`, retried a few times on transient database errors.
+
+    A blip must not turn a completed call into one the sweep closes as abandoned. Retrying is
+    safe: a first attempt that committed without us hearing back leaves nothing `pending`, so
+    the retry settles nothing twice (it answers `settled=False`).
+    """
+    for delay in SETTLE_RETRY_DELAYS:
+        try:
+            return await settle_once(engine, **kw)
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            log.warning(
+                "settle failed; retrying",
+                extra={"invocation_id": str(kw["admission"].log_id), "error": type(exc).__name__},
+            )
+            await asyncio.sleep(delay)
+    return await settle_once(engine, **kw)
+
+
+async def settle_once(
+    engine: AsyncEngine,
+    *,
+    admission: Admission,
+    user_id: uuid.UUID,
+    tool_id: uuid.UUID,
+    status: str,
+    tokens: int,
+    duration_ms: int,
+    error_code: str | None,
+    now: datetime,
+    response_status: int,
+    response_body: bytes,
+) -> Settlement:
+    """Write the outcome, charge, release, store the idempotent response, bump rollups: one txn.
+
+    It runs on the bare asyncpg connection (`driver.DriverSession`): the same statements and the
+    same single transaction as through a session, without the ORM's per-statement cost.
+    """
+    stored = idempotency.encode_response(response_body) if admission.idem_id is not None else None
+    params = {
+        "status": status,
+        "tokens": tokens,
+        "duration_ms": duration_ms,
+        "now": now,
+        "error_code": error_code,
+        "log_id": admission.log_id,
+        "response_status": response_status,
+        "response_body": stored,
+        "idem_id": admission.idem_id,
+    }
+    async with engine.connect() as conn:
+        raw = await driver_of(conn)
+        db = DriverSession(raw)
+        async with raw.transaction():
+            row = await db.fetchrow(_SETTLE, params)
+            if row is None:
+                log.warning(
+                    "invocation was already closed by the sweep; not charged",
+                    extra={"invocation_id": str(admission.log_id), "outcome": status},
+                )
+                return Settlement(False)
+            ts = now
+            if row["current_period_start"] is not None:
+                ts = _clamp(now, row["current_period_start"], row["current_period_end"])
+                if ts != now:
+                    await db.execute(_RETIME, {"ts": ts, "log_id": admission.log_id})
+            # rollups.bump needs only `execute(text, params)`, which DriverSession provides
+            await rollups.bump(
+                cast(AsyncSession, db),
+                user_id=user_id,
+                tool_id=tool_id,
+                plan_code=admission.plan_code,
+                ts=ts,
+                status=status,
+                tokens=tokens,
+            )
+    return Settlement(True, row["tokens_used"], row["token_limit"], row["current_period_end"])
+
+
+_CLOSE_STALE = text(
+    """
+    WITH stale AS (
+        UPDATE usage_logs AS u
+        SET status = 'error', error_code = 'ABANDONED', tokens_used = 0, "timestamp" = :now,
+            duration_ms = LEAST(EXTRACT(EPOCH FROM (CAST(:now AS timestamptz) - u.started_at)) * 1000,
+                                2147483647)::int
+        WHERE u.id IN (
+            SELECT l.id FROM usage_logs AS l JOIN tools AS t ON t.id = l.tool_id
+            WHERE l.status = 'pending' AND l.started_at < :cutoff
+              AND l.started_at < CAST(:now AS timestamptz) - make_interval(
+                    secs => t.timeout_seconds * t.max_attempts + 5 * t.max_attempts + :slack)
+            ORDER BY l.started_at LIMIT 1000
+            FOR UPDATE OF l SKIP LOCKED)
+        RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u.subscription_id, u.tokens_reserved
+    ), released AS (
+        UPDATE subscriptions AS s
+        SET tokens_reserved = GREATEST(s.tokens_reserved - x.reserved, 0),
+            inflight = GREATEST(s.inflight - x.calls, 0)
+        FROM (SELECT subscription_id, SUM(tokens_reserved) AS reserved, COUNT(*) AS calls
+              FROM stale GROUP BY subscription_id) AS x
+        WHERE s.id = x.subscription_id
+    ), unclaimed AS (
+        DELETE FROM idempotency_keys AS k USING stale
+        WHERE k.usage_log_id = stale.id AND k.state = 'in_flight'
+    )
+    SELECT id, user_id, tool_id, plan_code FROM stale
+    """
+)
+
+
+async def close_stale(session: AsyncSession, settings: Settings, now: datetime) -> int:
+    """Sweep job: close invocations whose worker died before settling them (guarantee 2)."""
+    cutoff = now - timedelta(seconds=settings.stale_invocation_seconds)
+    rows = (
+        await session.execute(_CLOSE_STALE, {"now": now, "cutoff": cutoff, "slack": STALE_SLACK_SECONDS})
+    ).all()
+
+    # the stable order rollups asks for (tool, plan, shard), so two sweepers bumping shared
+    # platform rows do not deadlock; any residual conflict is a retry at the next pass
+    def order(r: Any) -> tuple[str, str, int, str]:
+        return (str(r.tool_id), r.plan_code or "", rollups.platform_shard(r.user_id), str(r.user_id))
+
+    for row in sorted(rows, key=order):
+        await rollups.bump(
+            session,
+            user_id=row.user_id,
+            tool_id=row.tool_id,
+            plan_code=row.plan_code,
+            ts=now,
+            status="error",
+            tokens=0,
+        )
+    if rows:
+        log.warning("closed abandoned invocations", extra={"count": len(rows)})
+    return len(rows)

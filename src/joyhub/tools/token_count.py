@@ -1,0 +1,49 @@
+"""How many tokens an invocation costs (API.md §5, "Tokens"), and what admission reserves.
+
+The upstream's own count wins (`usage.total_tokens`, else a top-level `tokens_used`) when it is
+a non-negative integer; otherwise we estimate from the bytes that crossed the wire, a quarter
+token per byte, at least 1. A reported 0 is honoured (the contract says non-negative).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BYTES_PER_TOKEN = 4
+
+
+def _non_negative_int(value: Any) -> int | None:
+    # bool is an int subclass; `true` is not a token count
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def reported_tokens(output: Any) -> int | None:
+    """The upstream's own count, when it reports one we can trust."""
+    if not isinstance(output, dict):
+        return None
+    usage = output.get("usage")
+    if isinstance(usage, dict):
+        total = _non_negative_int(usage.get("total_tokens"))
+        if total is not None:
+            return total
+    return _non_negative_int(output.get("tokens_used"))
+
+
+def estimate(input_bytes: int, output_bytes: int = 0) -> int:
+    """ceil((input bytes + output bytes) / 4), at least 1."""
+    return max(1, -(-(input_bytes + output_bytes) // BYTES_PER_TOKEN))
+
+
+def tokens_for(output: Any, input_bytes: int, output_bytes: int) -> int:
+    """The charge of a successful call: the reported count as is (0 included), else the estimate."""
+    reported = reported_tokens(output)
+    if reported is not None:
+        return reported
+    return estimate(input_bytes, output_bytes)
+
+
+def reservation(input_bytes: int) -> int:
+    """What admission holds back while the call runs: the estimate from the input alone."""
+    return estimate(input_bytes)

@@ -1,0 +1,148 @@
+"""Helpers of the gateway tests: tools and callers straight into the database, state readers."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from joyhub.core.clock import utcnow
+from joyhub.core.db import make_sessionmaker
+from joyhub.models import Tool
+from tests.factories import Account, make_account, make_subscription
+
+API = "/api/v1"
+
+
+async def make_tool(engine: AsyncEngine, endpoint: str, **fields: Any) -> uuid.UUID:
+    """A live, active tool pointing at `endpoint` (fields override the defaults)."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "name": f"tool-{uuid.uuid4().hex[:8]}",
+        "description": "a test tool",
+        "api_endpoint": endpoint,
+        "timeout_seconds": 5,
+        "max_attempts": 3,
+        "is_active": True,
+        "created_at": now,
+        "updated_at": now,
+    }
+    values.update(fields)
+    async with make_sessionmaker(engine)() as db, db.begin():
+        db.add(Tool(**values))
+    return uuid.UUID(str(values["id"]))
+
+
+@dataclass
+class Caller:
+    account: Account
+    subscription_id: uuid.UUID | None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.account.headers
+
+    @property
+    def user_id(self) -> uuid.UUID:
+        return self.account.user_id
+
+
+async def make_caller(engine: AsyncEngine, plan: str | None = "pro", **sub_fields: Any) -> Caller:
+    account = await make_account(engine)
+    sub_id = await make_subscription(engine, account.user_id, plan, **sub_fields) if plan else None
+    return Caller(account, sub_id)
+
+
+async def invoke(
+    client: httpx.AsyncClient,
+    caller: Caller,
+    tool_id: uuid.UUID | str,
+    value: Any = None,
+    *,
+    key: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    hdrs = dict(caller.headers)
+    if key is not None:
+        hdrs["Idempotency-Key"] = key
+    hdrs.update(headers or {})
+    body = {"input": {"text": "hello"} if value is None else value}
+    return await client.post(f"{API}/tools/{tool_id}/invoke", json=body, headers=hdrs)
+
+
+@dataclass
+class SubState:
+    tokens_used: int
+    tokens_reserved: int
+    inflight: int
+
+
+async def sub_state(engine: AsyncEngine, user_id: uuid.UUID) -> SubState:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text("SELECT tokens_used, tokens_reserved, inflight FROM subscriptions WHERE user_id = :u"),
+                {"u": user_id},
+            )
+        ).one()
+    return SubState(row.tokens_used, row.tokens_reserved, row.inflight)
+
+
+async def usage_logs(engine: AsyncEngine, user_id: uuid.UUID) -> list[Any]:
+    async with engine.connect() as conn:
+        return list(
+            (
+                await conn.execute(
+                    text(
+                        "SELECT id, tool_id, status, tokens_used, tokens_reserved, error_code,"
+                        " duration_ms, request_id, timestamp, started_at"
+                        " FROM usage_logs WHERE user_id = :u ORDER BY started_at"
+                    ),
+                    {"u": user_id},
+                )
+            ).all()
+        )
+
+
+async def daily_rollup(engine: AsyncEngine, user_id: uuid.UUID) -> tuple[int, int]:
+    """(invocations, tokens) of the user's daily rollups."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT COALESCE(SUM(invocations), 0) AS n, COALESCE(SUM(tokens), 0) AS tok"
+                    " FROM usage_daily WHERE user_id = :u"
+                ),
+                {"u": user_id},
+            )
+        ).one()
+    return int(row.n), int(row.tok)
+
+
+async def assert_untouched(engine: AsyncEngine, caller: Caller, tokens_used: int = 0) -> None:
+    """Nothing logged, charged or reserved for `caller`."""
+    assert await usage_logs(engine, caller.user_id) == []
+    if caller.subscription_id is not None:
+        state = await sub_state(engine, caller.user_id)
+        assert (state.tokens_used, state.tokens_reserved, state.inflight) == (tokens_used, 0, 0)
+
+
+async def assert_settled(engine: AsyncEngine, caller: Caller, baseline: int = 0) -> None:
+    """No reservation or call left in flight; tokens_used == baseline + sum of logs == rollups.
+
+    `baseline` is what the factory put in `tokens_used` before any call.
+    """
+    state = await sub_state(engine, caller.user_id)
+    logs = await usage_logs(engine, caller.user_id)
+    assert state.tokens_reserved == 0
+    assert state.inflight == 0
+    assert all(log.status != "pending" for log in logs)
+    assert state.tokens_used == baseline + sum(log.tokens_used for log in logs)
+    invocations, tokens = await daily_rollup(engine, caller.user_id)
+    assert invocations == len(logs)
+    assert tokens == state.tokens_used - baseline

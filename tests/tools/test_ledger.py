@@ -1,0 +1,149 @@
+"""The ledger's edges: rollover on invoke, period boundaries, double settle, transient retries."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from joyhub.core.clock import utcnow
+from joyhub.core.db import make_sessionmaker
+from joyhub.models import UsageLog
+from joyhub.tools import ledger
+from tests.tools.helpers import assert_settled, invoke, make_caller, make_tool, sub_state, usage_logs
+from tests.tools.upstream_server import Upstream
+
+pytestmark = pytest.mark.integration
+
+
+async def test_invoke_rolls_an_ended_period_forward_first(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    now = utcnow()
+    caller = await make_caller(
+        engine,
+        "free",
+        tokens_used=1000,  # the old period's quota is used up
+        current_period_start=now - timedelta(days=31),
+        current_period_end=now - timedelta(days=1),
+    )
+    tool = await make_tool(engine, upstream.url("/fast?tokens=3"))
+    r = await invoke(client, caller, tool)
+    assert r.status_code == 200, r.text
+    state = await sub_state(engine, caller.user_id)
+    assert state.tokens_used == 3  # new period: reset, then charged
+    async with engine.connect() as conn:
+        end = (
+            await conn.execute(
+                text("SELECT current_period_end FROM subscriptions WHERE user_id = :u"), {"u": caller.user_id}
+            )
+        ).scalar_one()
+    assert end > now
+    assert r.headers["X-Quota-Remaining"] == "997"
+
+
+async def _pending(engine: AsyncEngine, caller: Any, tool: uuid.UUID, reserve: int = 4) -> ledger.Admission:
+    log_id = uuid.uuid4()
+    async with make_sessionmaker(engine)() as db, db.begin():
+        await db.execute(
+            text(
+                "UPDATE subscriptions SET tokens_reserved = tokens_reserved + :r, inflight = inflight + 1"
+                " WHERE id = :s"
+            ),
+            {"r": reserve, "s": caller.subscription_id},
+        )
+        db.add(
+            UsageLog(
+                id=log_id,
+                user_id=caller.user_id,
+                tool_id=tool,
+                subscription_id=caller.subscription_id,
+                plan_code="pro",
+                status="pending",
+                started_at=utcnow(),
+                timestamp=utcnow(),
+                tokens_used=0,
+                tokens_reserved=reserve,
+            )
+        )
+    return ledger.Admission(log_id, "pro", None)
+
+
+def _settle_kw(admission: ledger.Admission, caller: Any, tool: uuid.UUID, **over: Any) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "admission": admission,
+        "user_id": caller.user_id,
+        "tool_id": tool,
+        "status": "success",
+        "tokens": 9,
+        "duration_ms": 5,
+        "error_code": None,
+        "now": utcnow(),
+        "response_status": 200,
+        "response_body": b"{}",
+    }
+    kw.update(over)
+    return kw
+
+
+async def test_settle_after_the_period_ended_keeps_the_log_in_the_charged_period(
+    engine: AsyncEngine, upstream: Upstream
+) -> None:
+    now = utcnow()
+    caller = await make_caller(
+        engine, "pro", current_period_start=now - timedelta(days=30), current_period_end=now
+    )
+    tool = await make_tool(engine, upstream.url("/fast"))
+    admission = await _pending(engine, caller, tool)
+    later = now + timedelta(seconds=5)  # the call ended after the period did; no rollover yet
+    result = await ledger.settle(engine, **_settle_kw(admission, caller, tool, now=later))
+    assert result.settled and result.tokens_used == 9
+    logs = await usage_logs(engine, caller.user_id)
+    assert logs[0].timestamp == now - timedelta(microseconds=1)  # inside [start, end)
+    await assert_settled(engine, caller)
+
+
+async def test_settling_twice_charges_once(engine: AsyncEngine, upstream: Upstream) -> None:
+    caller = await make_caller(engine, "pro")
+    tool = await make_tool(engine, upstream.url("/fast"))
+    admission = await _pending(engine, caller, tool)
+    first = await ledger.settle(engine, **_settle_kw(admission, caller, tool))
+    second = await ledger.settle(engine, **_settle_kw(admission, caller, tool))
+    assert first.settled and not second.settled
+    assert (await sub_state(engine, caller.user_id)).tokens_used == 9
+    await assert_settled(engine, caller)
+
+
+async def test_settle_retries_transient_errors(
+    engine: AsyncEngine, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caller = await make_caller(engine, "pro")
+    tool = await make_tool(engine, upstream.url("/fast"))
+    admission = await _pending(engine, caller, tool)
+    real = ledger.settle_once
+    calls = {"n": 0}
+
+    async def flaky(*args: Any, **kw: Any) -> ledger.Settlement:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OperationalError("SELECT 1", {}, ConnectionResetError("connection reset"))
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(ledger, "settle_once", flaky)
+    monkeypatch.setattr(ledger, "SETTLE_RETRY_DELAYS", (0.0, 0.0))
+    result = await ledger.settle(engine, **_settle_kw(admission, caller, tool))
+    assert result.settled and calls["n"] == 2
+    await assert_settled(engine, caller)
+
+    async def broken(*args: Any, **kw: Any) -> ledger.Settlement:
+        raise ValueError("a bug, not a blip")
+
+    monkeypatch.setattr(ledger, "settle_once", broken)
+    with pytest.raises(ValueError):
+        await ledger.settle(engine, **_settle_kw(admission, caller, tool))
