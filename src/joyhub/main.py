@@ -19,12 +19,22 @@ from fastapi.middleware.cors import CORSMiddleware
 from joyhub import __version__
 from joyhub.core.config import Settings, get_settings
 from joyhub.core.db import make_engine, make_sessionmaker
+from joyhub.core.envelope import Envelope
 from joyhub.core.errors import install_error_handlers
 from joyhub.core.logging import install_record_factory
 from joyhub.core.middleware import RequestPipelineMiddleware
 
 log = logging.getLogger("joyhub")
 API_PREFIX = "/api/v1"
+
+# answers any API route can give, documented once for all of them (API.md §1)
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": Envelope[None], "description": "MALFORMED_JSON: the body is not valid JSON"},
+    413: {"model": Envelope[None], "description": "PAYLOAD_TOO_LARGE: the body is over 1 MiB"},
+    422: {"model": Envelope[None], "description": "VALIDATION_ERROR, with one detail per field"},
+    500: {"model": Envelope[None], "description": "INTERNAL_ERROR (logged with the request id)"},
+    503: {"model": Envelope[None], "description": "SERVICE_UNAVAILABLE: the database is unreachable"},
+}
 
 
 @asynccontextmanager
@@ -59,12 +69,16 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
     from joyhub.users.router import router as users_router
 
     app.include_router(ops_router)
-    app.include_router(auth_router, prefix=f"{API_PREFIX}/auth", tags=["auth"])
-    app.include_router(users_router, prefix=f"{API_PREFIX}/users", tags=["users"])
-    app.include_router(subscriptions_router, prefix=f"{API_PREFIX}/subscriptions", tags=["subscriptions"])
-    app.include_router(tools_router, prefix=f"{API_PREFIX}/tools", tags=["tools"])
-    app.include_router(usage_router, prefix=f"{API_PREFIX}/usage", tags=["usage"])
-    app.include_router(admin_router, prefix=f"{API_PREFIX}/admin", tags=["admin"])
+    api = [
+        (auth_router, "auth"),
+        (users_router, "users"),
+        (subscriptions_router, "subscriptions"),
+        (tools_router, "tools"),
+        (usage_router, "usage"),
+        (admin_router, "admin"),
+    ]
+    for router, name in api:
+        app.include_router(router, prefix=f"{API_PREFIX}/{name}", tags=[name], responses=COMMON_RESPONSES)
     if os.environ.get("JOYHUB_DEMO") == "1":  # `joyhub serve --demo`: the built-in demo tools
         from joyhub.tools.demo import router as demo_router
 

@@ -241,3 +241,18 @@ async def test_cors_preflight_allows_configured_origin(tclient: httpx.AsyncClien
         "/health", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"}
     )
     assert "access-control-allow-origin" not in r.headers
+
+
+async def test_405_lists_every_method_of_the_path(tclient: httpx.AsyncClient) -> None:
+    r = await tclient.request("OPTIONS", "/api/v1/users/me")
+    assert r.status_code == 405
+    assert_envelope(r.json(), "METHOD_NOT_ALLOWED")
+    assert {m.strip() for m in r.headers["allow"].split(",")} == {"GET", "PATCH"}
+
+
+async def test_undecodable_body_is_malformed_json(tclient: httpx.AsyncClient) -> None:
+    r = await tclient.post(
+        "/_test/echo", content=b'{"name": "\xff\xfe"}', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+    assert_envelope(r.json(), "MALFORMED_JSON")
