@@ -8,7 +8,15 @@ from joyhub.models.session import AuthSession, PasswordResetToken, RefreshToken
 from joyhub.models.subscription import Subscription
 from joyhub.models.throttle import ThrottleHit
 from joyhub.models.tool import Tool
-from joyhub.models.usage import IdempotencyRecord, UsageDaily, UsageHourly, UsageLog
+from joyhub.models.usage import (
+    IdempotencyRecord,
+    UsageDaily,
+    UsageHourly,
+    UsageLog,
+    UsagePlatformDaily,
+    UsageUserDaily,
+    UsageUserWeekly,
+)
 from joyhub.models.user import User
 
 __all__ = [
@@ -26,5 +34,8 @@ __all__ = [
     "UsageDaily",
     "UsageHourly",
     "UsageLog",
+    "UsagePlatformDaily",
+    "UsageUserDaily",
+    "UsageUserWeekly",
     "User",
 ]

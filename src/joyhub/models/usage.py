@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     PrimaryKeyConstraint,
+    SmallInteger,
     String,
     UniqueConstraint,
 )
@@ -85,6 +86,64 @@ class UsageHourly(Base):
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     hour: Mapped[datetime]
     invocations: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageUserDaily(Base):
+    """Per-day rollup per user, all tools (migration 0003): what platform stats' active users and
+    top users read — a third of `usage_daily`'s rows, since the tool and plan are dropped."""
+
+    __tablename__ = "usage_user_daily"
+    __table_args__ = (
+        PrimaryKeyConstraint("user_id", "day", name="pk_usage_user_daily"),
+        Index("ix_usage_user_daily_day", "day"),
+    )
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    day: Mapped[date] = mapped_column(Date)
+    invocations: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageUserWeekly(Base):
+    """Per-week rollup per user (weeks start on Monday, UTC; migration 0003): platform stats read
+    whole weeks from here and only the ragged days at the ends of a range from
+    `usage_user_daily`, a third of the rows for 30 days and a seventh for a year."""
+
+    __tablename__ = "usage_user_weekly"
+    __table_args__ = (
+        PrimaryKeyConstraint("user_id", "week", name="pk_usage_user_weekly"),
+        Index("ix_usage_user_weekly_week", "week"),
+    )
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    week: Mapped[date] = mapped_column(Date)
+    invocations: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+PLATFORM_SHARDS = 16
+
+
+class UsagePlatformDaily(Base):
+    """Platform-wide per-day rollup by tool and plan (migration 0003): what platform stats'
+    totals, by-status, by-tool, by-plan and daily series read. Each (day, tool, plan) is spread
+    over PLATFORM_SHARDS rows by the user's id (its low 4 bits), so concurrent settles of
+    different users rarely wait on the same row lock."""
+
+    __tablename__ = "usage_platform_daily"
+    __table_args__ = (
+        PrimaryKeyConstraint("day", "tool_id", "plan_code", "shard", name="pk_usage_platform_daily"),
+    )
+
+    day: Mapped[date] = mapped_column(Date)
+    tool_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tools.id"))
+    plan_code: Mapped[str] = mapped_column(String(32), default="")
+    shard: Mapped[int] = mapped_column(SmallInteger)
+    invocations: Mapped[int] = mapped_column(BigInteger, default=0)
+    successes: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    timeouts: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 

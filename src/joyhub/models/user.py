@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Boolean, CheckConstraint, String
+from sqlalchemy import Boolean, CheckConstraint, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from joyhub.models.base import Base, Timestamps, UUIDPk
@@ -14,7 +14,11 @@ ROLES = ("user", "admin")
 
 class User(UUIDPk, Timestamps, Base):
     __tablename__ = "users"
-    __table_args__ = (CheckConstraint("role IN ('user', 'admin')", name="role"),)
+    __table_args__ = (
+        CheckConstraint("role IN ('user', 'admin')", name="role"),
+        # the admin console lists users newest first (migration 0004)
+        Index("ix_users_created_at_id", "created_at", "id"),
+    )
 
     name: Mapped[str] = mapped_column(String(100))
     email: Mapped[str] = mapped_column(String(320), unique=True)

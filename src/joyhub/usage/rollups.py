@@ -1,8 +1,20 @@
-"""The read models behind summaries, timeseries and platform stats: daily and hourly rollups.
+"""The read models behind summaries, timeseries and platform stats.
+
+- `usage_daily` (user, UTC day, tool, plan; per-status counts): summaries, history totals.
+- `usage_hourly` (user, UTC hour): hourly timeseries and the partial days of daily ones.
+- `usage_user_daily` (user, UTC day) and `usage_user_weekly` (user, UTC week from Monday):
+  platform stats' active users and top users (whole weeks from the weekly one, the ragged days
+  at the ends of the range from the daily one).
+- `usage_platform_daily` (UTC day, tool, plan, shard; per-status counts): platform stats' totals,
+  by status/tool/plan and daily series. Sharded by the user id's low 4 bits, so settles of
+  different users seldom wait on one row lock (a single row per day/tool/plan would serialise
+  every settle of a popular tool).
 
 `bump` is called in the settle transaction of every invocation (the same transaction that
-writes the usage log and charges the subscription), so rollups never drift from raw logs. Both
-upserts go to the server as one statement.
+writes the usage log and charges the subscription), so rollups never drift from raw logs. All
+five upserts go to the server as one statement. A transaction that bumps several invocations
+(the stale sweep) should bump them in a stable order (e.g. by tool, plan, shard) so two such
+transactions cannot deadlock on shared platform rows.
 """
 
 from __future__ import annotations
@@ -12,6 +24,8 @@ from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from joyhub.models.usage import PLATFORM_SHARDS
 
 _BUMP = text(
     """
@@ -27,6 +41,32 @@ _BUMP = text(
             timeouts = d.timeouts + EXCLUDED.timeouts,
             tokens = d.tokens + EXCLUDED.tokens
         RETURNING 1
+    ), user_daily AS (
+        INSERT INTO usage_user_daily AS ud (user_id, day, invocations, tokens)
+        VALUES (:user_id, CAST(:ts AS timestamptz) AT TIME ZONE 'UTC', 1, :tokens)
+        ON CONFLICT (user_id, day) DO UPDATE SET
+            invocations = ud.invocations + 1,
+            tokens = ud.tokens + EXCLUDED.tokens
+        RETURNING 1
+    ), user_weekly AS (
+        INSERT INTO usage_user_weekly AS uw (user_id, week, invocations, tokens)
+        VALUES (:user_id, date_trunc('week', CAST(:ts AS timestamptz) AT TIME ZONE 'UTC'), 1, :tokens)
+        ON CONFLICT (user_id, week) DO UPDATE SET
+            invocations = uw.invocations + 1,
+            tokens = uw.tokens + EXCLUDED.tokens
+        RETURNING 1
+    ), platform AS (
+        INSERT INTO usage_platform_daily AS p
+            (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, tokens)
+        VALUES (CAST(:ts AS timestamptz) AT TIME ZONE 'UTC', :tool_id, :plan_code, :shard,
+                1, :success, :error, :timeout, :tokens)
+        ON CONFLICT (day, tool_id, plan_code, shard) DO UPDATE SET
+            invocations = p.invocations + 1,
+            successes = p.successes + EXCLUDED.successes,
+            errors = p.errors + EXCLUDED.errors,
+            timeouts = p.timeouts + EXCLUDED.timeouts,
+            tokens = p.tokens + EXCLUDED.tokens
+        RETURNING 1
     )
     INSERT INTO usage_hourly AS h (user_id, hour, invocations, tokens)
     VALUES (:user_id, date_trunc('hour', CAST(:ts AS timestamptz) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
@@ -36,6 +76,12 @@ _BUMP = text(
         tokens = h.tokens + EXCLUDED.tokens
     """
 )
+
+
+def platform_shard(user_id: uuid.UUID) -> int:
+    """The user's shard of `usage_platform_daily`: the low 4 bits of the id (its last hex digit,
+    which migration 0003 computes in SQL the same way)."""
+    return user_id.int % PLATFORM_SHARDS
 
 
 async def bump(
@@ -55,6 +101,7 @@ async def bump(
             "user_id": user_id,
             "tool_id": tool_id,
             "plan_code": plan_code or "",
+            "shard": platform_shard(user_id),
             "ts": ts,
             "success": int(status == "success"),
             "error": int(status == "error"),

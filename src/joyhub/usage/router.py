@@ -1,7 +1,122 @@
-"""HTTP routes of the usage domain (thin: parse, call the service, wrap in the envelope)."""
+"""HTTP routes of the usage domain (API.md §6): thin — parse, call the service, wrap the envelope.
+
+Every route takes `CurrentUser` (an access token or an API key) and only ever shows the
+caller's own records.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from joyhub.auth.dependencies import CurrentUser
+from joyhub.core.clock import utcnow
+from joyhub.core.db import DbSession
+from joyhub.core.envelope import Envelope, ok, page
+from joyhub.core.pagination import PageParams
+from joyhub.usage import service
+from joyhub.usage.dates import RangeParams
+from joyhub.usage.schemas import Granularity, TimeseriesPoint, UsageRecord, UsageStatus, UsageSummary
 
 router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Envelope[None], "description": "Not authenticated, or invalid credentials"},
+    422: {"model": Envelope[None], "description": "Malformed or inverted date range, bad filter"},
+}
+
+ToolIdParam = Annotated[uuid.UUID | None, Query(description="Only this tool's records")]
+StatusParam = Annotated[UsageStatus | None, Query(description="Only records with this outcome")]
+
+
+@router.get(
+    "",
+    response_model=Envelope[list[UsageRecord]],
+    summary="Your usage history, newest first",
+    responses=_ERRORS,
+)
+async def list_usage(
+    session: DbSession,
+    principal: CurrentUser,
+    dates: RangeParams,
+    paging: PageParams,
+    tool_id: ToolIdParam = None,
+    status: StatusParam = None,
+) -> Envelope[list[UsageRecord]]:
+    start, end = dates
+    items, total = await service.history(
+        session, principal.id, start, end, service.LogFilter(tool_id, status), paging
+    )
+    return page(items, offset=paging.offset, limit=paging.limit, total=total)
+
+
+@router.get(
+    "/summary",
+    response_model=Envelope[UsageSummary],
+    summary="Totals, per-tool usage and quota over a range (default: the current billing period)",
+    responses=_ERRORS,
+)
+async def usage_summary(
+    session: DbSession, principal: CurrentUser, dates: RangeParams
+) -> Envelope[UsageSummary]:
+    start, end = dates
+    return ok(await service.summary(session, principal.id, start, end, utcnow()))
+
+
+@router.get(
+    "/timeseries",
+    response_model=Envelope[list[TimeseriesPoint]],
+    summary="Invocations and tokens per hour or day, empty buckets included",
+    description=(
+        "Default range: the current billing period (or the last 30 days). At most 366 days with "
+        "`day`, 31 days with `hour`. Buckets are whole UTC hours/days; a bucket cut by the range "
+        "counts only its part inside the range."
+    ),
+    responses=_ERRORS,
+)
+async def usage_timeseries(
+    session: DbSession,
+    principal: CurrentUser,
+    dates: RangeParams,
+    granularity: Annotated[Granularity, Query(description="Bucket size")] = "day",
+) -> Envelope[list[TimeseriesPoint]]:
+    start, end = dates
+    _rng, points = await service.timeseries(session, principal.id, start, end, granularity, utcnow())
+    return ok(points)
+
+
+@router.get(
+    "/export",
+    response_class=StreamingResponse,
+    summary="Your usage records as a CSV download, streamed",
+    description=(
+        "Columns: id, timestamp, tool_id, tool_name, status, tokens_used, duration_ms, request_id, "
+        "error_code; newest first. Text cells starting with = + - @ are prefixed with an apostrophe."
+    ),
+    responses={200: {"content": {"text/csv": {}}, "description": "CSV attachment"}, **_ERRORS},
+)
+async def usage_export(
+    request: Request,
+    principal: CurrentUser,
+    dates: RangeParams,
+    tool_id: ToolIdParam = None,
+    status: StatusParam = None,
+) -> StreamingResponse:
+    start, end = dates
+    rng = service.export_range(start, end)
+    filename = service.export_filename(rng, utcnow())
+    body = service.export_csv(
+        request.app.state.sessionmaker, principal.id, rng, service.LogFilter(tool_id, status)
+    )
+    return StreamingResponse(
+        body,
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )

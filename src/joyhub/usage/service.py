@@ -1,0 +1,535 @@
+"""Usage for the caller (API.md §6): history, summary, timeseries and the CSV export.
+
+Privacy: every query here is filtered by the caller's `user_id`; nothing takes a user id from
+the request. Pending rows (admitted, not yet settled) are never shown or counted: raw queries
+filter `status IN (success, error, timeout)`, and the rollups only ever count settled rows
+(`rollups.bump` runs in the settle transaction).
+
+Where each answer comes from, and what it costs (none of it grows with the table's total rows;
+the rollups are described in `rollups.py`):
+
+- **Summary** reads `usage_daily` for the whole UTC days inside the range and, for the ragged
+  edges when the range does not start/end on a day boundary (the default billing period almost
+  never does), scans the caller's raw logs of those partial days only, through the
+  `(user_id, timestamp)` index. We chose the bounded raw scan over `usage_hourly` because the
+  summary needs the status and per-tool breakdown that the hourly rollup does not carry. Cost:
+  O(days in range x tools) rollup rows + O(the caller's logs in at most two partial days). A user
+  with an extreme daily volume makes the edges the dominant cost; the way out then is a
+  per-tool/status hourly rollup (the edge shrinks to two partial hours).
+- **Timeseries**: `hour` reads `usage_hourly` for whole hours plus a raw scan of at most two
+  partial hours; `day` reads `usage_user_daily` (one row per day) for whole days, and each
+  partial edge day from `usage_hourly` (its whole hours) plus a raw scan of at most one partial
+  hour per side. Partial buckets therefore count exactly the part of the bucket inside the
+  range, so the buckets always add up to the summary's totals. Empty buckets are filled in
+  Python. Cost: O(buckets), whatever the user's volume.
+- **History** (`GET /usage`) walks the `(user_id, timestamp)` index backwards (newest first,
+  `id` as the tie-break) with OFFSET/LIMIT; deep offsets cost O(offset) (keyset paging would be
+  the fix, the contract asks for offset). Its `total` is *not* a count of raw rows: a user with a
+  million logs would make that a million-entry scan. It is the same rollup sum as the summary
+  (whole days from `usage_daily`, filtered by tool and by status via the per-status columns)
+  plus a raw count of the ragged edge days, so it costs what a summary costs, and it equals the
+  number of listed rows because the rollups are written in the same transaction as the logs.
+  A first page shorter than `limit` skips the count altogether.
+- **Export** streams the rows from a server-side cursor in batches with its own session (the
+  request's session is closed by the time the body is sent), so memory stays flat whatever the
+  size; it holds one pooled connection for as long as the client takes to download.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    select,
+    text,
+)
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from joyhub.core.errors import ValidationFailed, field_error
+from joyhub.core.pagination import Page
+from joyhub.models import Plan, Subscription, Tool, UsageLog
+from joyhub.subscriptions.rollover import apply_locked, is_due
+from joyhub.usage.dates import (
+    DAY,
+    HOUR,
+    Bound,
+    TimeRange,
+    buckets,
+    ceil_to,
+    floor_to,
+    resolve,
+    split,
+)
+from joyhub.usage.schemas import Quota, TimeseriesPoint, ToolUsage, UsageRecord, UsageSummary
+
+SETTLED = ("success", "error", "timeout")
+MAX_SPAN = {"day": timedelta(days=366), "hour": timedelta(days=31)}
+UNITS = {"day": DAY, "hour": HOUR}
+EXPORT_BATCH = 2000
+CSV_HEADER = (
+    "id",
+    "timestamp",
+    "tool_id",
+    "tool_name",
+    "status",
+    "tokens_used",
+    "duration_ms",
+    "request_id",
+    "error_code",
+)
+
+
+@dataclass(frozen=True)
+class LogFilter:
+    """Optional filters of the history and the export."""
+
+    tool_id: uuid.UUID | None = None
+    status: str | None = None
+
+
+# --- predicates -------------------------------------------------------------------------------
+
+
+def _raw_window(
+    user_id: uuid.UUID, start: datetime | None, end: datetime | None
+) -> list[ColumnElement[bool]]:
+    conds: list[ColumnElement[bool]] = [UsageLog.user_id == user_id, UsageLog.status.in_(SETTLED)]
+    if start is not None:
+        conds.append(UsageLog.timestamp >= start)
+    if end is not None:
+        conds.append(UsageLog.timestamp < end)
+    return conds
+
+
+def _raw_filters(filt: LogFilter) -> list[ColumnElement[bool]]:
+    conds: list[ColumnElement[bool]] = []
+    if filt.tool_id is not None:
+        conds.append(UsageLog.tool_id == filt.tool_id)
+    if filt.status is not None:
+        conds.append(UsageLog.status == filt.status)
+    return conds
+
+
+# --- what to read where ---------------------------------------------------------------------
+#
+# Every rollup read below is one static SQL statement (prepared once per connection by asyncpg):
+# a whole-day part, up to two whole-hour spans and up to two raw pieces, the unused ones given
+# empty ranges. Building SQLAlchemy expressions per request cost more CPU than the queries.
+
+NOTHING = datetime(1970, 1, 1, tzinfo=UTC)  # an unused piece is the empty range [NOTHING, NOTHING)
+FIRST_DAY, LAST_DAY = date(1, 1, 1), date(9999, 12, 31)
+Span = tuple[datetime, datetime]
+
+
+@dataclass(frozen=True)
+class Reads:
+    """How to answer `[start, end)`: whole UTC days `[d0, d1)` from a daily rollup, whole hours
+    from `usage_hourly` (two spans), the rest from at most two raw pieces."""
+
+    days: tuple[date, date] = (FIRST_DAY, FIRST_DAY)
+    hours: tuple[Span, Span] = ((NOTHING, NOTHING), (NOTHING, NOTHING))
+    raw: tuple[Span, Span] = ((NOTHING, NOTHING), (NOTHING, NOTHING))
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "d0": self.days[0],
+            "d1": self.days[1],
+            "h1a": self.hours[0][0],
+            "h1b": self.hours[0][1],
+            "h2a": self.hours[1][0],
+            "h2b": self.hours[1][1],
+            "r1a": self.raw[0][0],
+            "r1b": self.raw[0][1],
+            "r2a": self.raw[1][0],
+            "r2b": self.raw[1][1],
+        }
+
+
+def _two(spans: Sequence[Span]) -> tuple[Span, Span]:
+    assert len(spans) <= 2, spans
+    padded = [*spans, (NOTHING, NOTHING), (NOTHING, NOTHING)]
+    return padded[0], padded[1]
+
+
+def _days_of(whole: TimeRange | None) -> tuple[date, date]:
+    if whole is None:
+        return (FIRST_DAY, FIRST_DAY)
+    lo = floor_to(whole.start, DAY).date() if whole.start is not None else FIRST_DAY
+    hi = floor_to(whole.end, DAY).date() if whole.end is not None else LAST_DAY
+    return (lo, hi)
+
+
+def day_reads(rng: TimeRange) -> Reads:
+    """Whole days from a daily rollup, the ragged edge days (at most two) from the raw logs."""
+    if rng.start is not None and rng.end is not None and rng.start >= rng.end:
+        return Reads()
+    cut = split(rng, DAY)
+    return Reads(days=_days_of(cut.whole), raw=_two(cut.edges))
+
+
+def _span(whole: TimeRange) -> Span:
+    assert whole.start is not None and whole.end is not None
+    return (whole.start, whole.end)
+
+
+def series_reads(rng: TimeRange, unit: timedelta) -> Reads:
+    """For buckets of `unit`: whole days (day buckets only), whole hours, and the partial hours at
+    both ends from the raw logs (only the range's very first and very last hour can be partial)."""
+    assert rng.start is not None and rng.end is not None
+    if rng.start >= rng.end:
+        return Reads()
+    if unit == HOUR:
+        by_hour = split(rng, HOUR)
+        whole = [_span(by_hour.whole)] if by_hour.whole is not None else []
+        return Reads(hours=_two(whole), raw=_two(by_hour.edges))
+    by_day = split(rng, DAY)
+    hours: list[Span] = []
+    raw: list[Span] = []
+    for a, b in by_day.edges:  # each ragged day is cut again at hours
+        cut = split(TimeRange(a, b), HOUR)
+        if cut.whole is not None:
+            hours.append(_span(cut.whole))
+        raw.extend(cut.edges)
+    return Reads(days=_days_of(by_day.whole), hours=_two(hours), raw=_two(raw))
+
+
+_BY_TOOL = text(
+    """
+    SELECT x.tool_id, t.name, CAST(sum(x.inv) AS bigint), CAST(sum(x.ok) AS bigint),
+           CAST(coalesce(sum(x.tok), 0) AS bigint)
+    FROM (
+        SELECT tool_id, sum(invocations) AS inv, sum(successes) AS ok, sum(tokens) AS tok
+        FROM usage_daily
+        WHERE user_id = :user_id AND day >= :d0 AND day < :d1
+        GROUP BY tool_id
+        UNION ALL
+        SELECT tool_id, count(*), count(*) FILTER (WHERE status = 'success'), sum(tokens_used)
+        FROM usage_logs
+        WHERE user_id = :user_id AND status IN ('success', 'error', 'timeout')
+          AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
+               OR ("timestamp" >= :r2a AND "timestamp" < :r2b))
+        GROUP BY tool_id
+    ) AS x
+    JOIN tools AS t ON t.id = x.tool_id
+    GROUP BY x.tool_id, t.name
+    """
+)
+
+_COUNT = text(
+    """
+    SELECT CAST(
+        coalesce((
+            SELECT sum(CASE CAST(:status AS text) WHEN 'success' THEN successes WHEN 'error' THEN errors
+                       WHEN 'timeout' THEN timeouts ELSE invocations END)
+            FROM usage_daily
+            WHERE user_id = :user_id AND day >= :d0 AND day < :d1
+              AND (CAST(:tool_id AS uuid) IS NULL OR tool_id = CAST(:tool_id AS uuid))
+        ), 0)
+        + (
+            SELECT count(*) FROM usage_logs
+            WHERE user_id = :user_id AND status IN ('success', 'error', 'timeout')
+              AND (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
+              AND (CAST(:tool_id AS uuid) IS NULL OR tool_id = CAST(:tool_id AS uuid))
+              AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
+                   OR ("timestamp" >= :r2a AND "timestamp" < :r2b))
+        ) AS bigint)
+    """
+)
+
+_SERIES = text(
+    """
+    SELECT CAST(day AS timestamp) AT TIME ZONE 'UTC' AS bucket, invocations AS inv, tokens AS tok
+    FROM usage_user_daily
+    WHERE user_id = :user_id AND day >= :d0 AND day < :d1
+    UNION ALL
+    SELECT hour, invocations, tokens
+    FROM usage_hourly
+    WHERE user_id = :user_id AND ((hour >= :h1a AND hour < :h1b) OR (hour >= :h2a AND hour < :h2b))
+    UNION ALL
+    SELECT CAST(:r1a AS timestamptz), count(*), coalesce(sum(tokens_used), 0)
+    FROM usage_logs
+    WHERE user_id = :user_id AND status IN ('success', 'error', 'timeout')
+      AND "timestamp" >= :r1a AND "timestamp" < :r1b
+    UNION ALL
+    SELECT CAST(:r2a AS timestamptz), count(*), coalesce(sum(tokens_used), 0)
+    FROM usage_logs
+    WHERE user_id = :user_id AND status IN ('success', 'error', 'timeout')
+      AND "timestamp" >= :r2a AND "timestamp" < :r2b
+    """
+)
+
+
+# --- the default range ------------------------------------------------------------------------
+
+
+def last_days(now: datetime, days: int) -> TimeRange:
+    """`days` whole UTC days ending with today (today included)."""
+    tomorrow = floor_to(now, DAY) + DAY
+    return TimeRange(tomorrow - days * DAY, tomorrow)
+
+
+@dataclass(frozen=True)
+class Period:
+    """The default range of summaries and timeseries, and the quota when there is one."""
+
+    range: TimeRange
+    quota: Quota | None
+
+
+async def _current_period(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> Period:
+    """The caller's current billing period (active subscription, rolled forward if due), else the
+    last 30 days. A cancelled or expired subscription's last period is history, not "current".
+
+    One query reads the subscription with its plan's limit; only a subscription that is due goes
+    through the locking rollover (`rollover.apply_locked`), as `ensure_current` would."""
+    row = (
+        await session.execute(
+            select(Subscription, Plan.token_limit)
+            .join(Plan, Plan.code == Subscription.plan_code)
+            .where(Subscription.user_id == user_id)
+        )
+    ).first()
+    if row is None:
+        return Period(last_days(now, 30), None)
+    sub, limit = row[0], int(row[1])
+    if is_due(sub, now):
+        rolled = await apply_locked(session, sub.id, now)
+        if rolled is None:
+            return Period(last_days(now, 30), None)
+        sub = rolled
+        plan = await session.get(Plan, sub.plan_code)
+        limit = plan.token_limit if plan is not None else 0
+    if sub.status != "active":
+        return Period(last_days(now, 30), None)
+    quota = Quota(
+        plan=sub.plan_code,
+        token_limit=limit,
+        tokens_used=sub.tokens_used,
+        tokens_remaining=max(limit - sub.tokens_used, 0),
+        period_end=sub.current_period_end,
+    )
+    return Period(TimeRange(sub.current_period_start, sub.current_period_end), quota)
+
+
+# --- history ----------------------------------------------------------------------------------
+
+
+async def history(
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    start: Bound | None,
+    end: Bound | None,
+    filt: LogFilter,
+    page: Page,
+) -> tuple[list[UsageRecord], int]:
+    """One page of the caller's settled logs, newest first, and the total matching."""
+    rng = resolve(start, end, TimeRange(None, None))
+    stmt = (
+        select(
+            UsageLog.id,
+            UsageLog.tool_id,
+            Tool.name.label("tool_name"),
+            UsageLog.timestamp,
+            UsageLog.tokens_used,
+            UsageLog.status,
+            UsageLog.duration_ms,
+            UsageLog.request_id,
+            UsageLog.error_code,
+        )
+        .join(Tool, Tool.id == UsageLog.tool_id)
+        .where(*_raw_window(user_id, rng.start, rng.end), *_raw_filters(filt))
+        .order_by(UsageLog.timestamp.desc(), UsageLog.id.desc())
+        .offset(page.offset)
+        .limit(page.limit)
+    )
+    rows = (await session.execute(stmt)).mappings().all()
+    items = [UsageRecord.model_validate(dict(r)) for r in rows]
+    if len(items) < page.limit and (items or page.offset == 0):
+        return items, page.offset + len(items)  # the last page tells its own total
+    return items, await count_settled(session, user_id, rng, filt)
+
+
+async def count_settled(session: AsyncSession, user_id: uuid.UUID, rng: TimeRange, filt: LogFilter) -> int:
+    """How many settled logs match: rollup sum for whole days, raw count for the ragged edges."""
+    params = day_reads(rng).params() | {
+        "user_id": user_id,
+        "status": filt.status,
+        "tool_id": filt.tool_id,
+    }
+    return int((await session.execute(_COUNT, params)).scalar_one())
+
+
+# --- summary ----------------------------------------------------------------------------------
+
+
+async def summary(
+    session: AsyncSession, user_id: uuid.UUID, start: Bound | None, end: Bound | None, now: datetime
+) -> UsageSummary:
+    period = await _current_period(session, user_id, now)
+    rng = resolve(start, end, period.range)
+    assert rng.start is not None and rng.end is not None
+    by_tool = await _by_tool(session, user_id, rng)
+    total = sum(t[0] for t in by_tool.values())
+    successes = sum(t[1] for t in by_tool.values())
+    tools = sorted(
+        (
+            ToolUsage(tool_id=tool_id, tool_name=name, invocations=inv, tokens=tok)
+            for tool_id, (inv, _ok, tok, name) in by_tool.items()
+        ),
+        key=lambda t: (-t.invocations, t.tool_name.lower(), str(t.tool_id)),
+    )
+    return UsageSummary(
+        period_start=rng.start,
+        period_end=rng.end,
+        total_invocations=total,
+        successful_invocations=successes,
+        failed_invocations=total - successes,
+        total_tokens=sum(t.tokens for t in tools),
+        by_tool=tools,
+        quota=period.quota,
+    )
+
+
+async def _by_tool(
+    session: AsyncSession, user_id: uuid.UUID, rng: TimeRange
+) -> dict[uuid.UUID, tuple[int, int, int, str]]:
+    """tool_id -> (invocations, successes, tokens, tool name) over the range."""
+    rows = await session.execute(_BY_TOOL, day_reads(rng).params() | {"user_id": user_id})
+    return {tool_id: (int(inv), int(ok), int(tok), name) for tool_id, name, inv, ok, tok in rows.all() if inv}
+
+
+# --- timeseries -------------------------------------------------------------------------------
+
+
+def _too_long(granularity: str) -> ValidationFailed:
+    days = MAX_SPAN[granularity].days
+    return ValidationFailed(
+        details=[field_error("query.start_date", f"A {granularity} timeseries spans at most {days} days")]
+    )
+
+
+async def timeseries(
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    start: Bound | None,
+    end: Bound | None,
+    granularity: str,
+    now: datetime,
+) -> tuple[TimeRange, list[TimeseriesPoint]]:
+    """Buckets over the range (empty ones included); a partial bucket counts its part in range."""
+    unit, limit = UNITS[granularity], MAX_SPAN[granularity]
+    if start is None or end is None:
+        default = (await _current_period(session, user_id, now)).range
+    else:
+        default = TimeRange(None, None)
+    rng = resolve(start, end, default)
+    assert rng.start is not None and rng.end is not None
+    if rng.length() > limit:
+        if start is not None or end is not None:
+            raise _too_long(granularity)
+        # the default period is longer than this granularity allows: its most recent part
+        hi = max(min(rng.end, ceil_to(now, unit)), rng.start)
+        rng = TimeRange(max(rng.start, hi - limit), hi)
+    counts = await _bucket_counts(session, user_id, rng, unit)
+    empty = (0, 0)
+    points = [
+        TimeseriesPoint(bucket_start=b, invocations=c[0], tokens=c[1])
+        for b in buckets(rng, unit)
+        for c in (counts.get(b, empty),)
+    ]
+    return rng, points
+
+
+async def _bucket_counts(
+    session: AsyncSession, user_id: uuid.UUID, rng: TimeRange, unit: timedelta
+) -> dict[datetime, tuple[int, int]]:
+    out: dict[datetime, tuple[int, int]] = {}
+    rows = await session.execute(_SERIES, series_reads(rng, unit).params() | {"user_id": user_id})
+    for bucket, inv, tok in rows.all():
+        if not inv:
+            continue
+        key = floor_to(bucket, unit)
+        have = out.get(key, (0, 0))
+        out[key] = (have[0] + int(inv), have[1] + int(tok))
+    return out
+
+
+# --- export -----------------------------------------------------------------------------------
+
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: object) -> object:
+    """Neutralise spreadsheet formulas (CSV injection): a text cell starting with = + - @ (or a
+    tab/CR) gets a leading apostrophe, so a spreadsheet shows it as text instead of running it."""
+    if isinstance(value, str) and value.startswith(_FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def _csv_lines(rows: Sequence[Sequence[object]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\r\n")
+    writer.writerows([csv_safe(v) for v in row] for row in rows)
+    return buf.getvalue().encode("utf-8")
+
+
+def export_range(start: Bound | None, end: Bound | None) -> TimeRange:
+    return resolve(start, end, TimeRange(None, None))
+
+
+def export_filename(rng: TimeRange, now: datetime) -> str:
+    first = rng.start.strftime("%Y%m%d") if rng.start is not None else "all"
+    last = (rng.end - timedelta(microseconds=1)) if rng.end is not None else now
+    return f"usage-{first}-{last.strftime('%Y%m%d')}.csv"
+
+
+async def export_csv(
+    factory: async_sessionmaker[AsyncSession], user_id: uuid.UUID, rng: TimeRange, filt: LogFilter
+) -> AsyncIterator[bytes]:
+    """The caller's settled logs as CSV, newest first, fetched in batches from a server-side
+    cursor on a session of its own (the request's session is gone when the body is sent)."""
+    stmt = (
+        select(
+            UsageLog.id,
+            UsageLog.timestamp,
+            UsageLog.tool_id,
+            Tool.name,
+            UsageLog.status,
+            UsageLog.tokens_used,
+            UsageLog.duration_ms,
+            UsageLog.request_id,
+            UsageLog.error_code,
+        )
+        .join(Tool, Tool.id == UsageLog.tool_id)
+        .where(*_raw_window(user_id, rng.start, rng.end), *_raw_filters(filt))
+        .order_by(UsageLog.timestamp.desc(), UsageLog.id.desc())
+        .execution_options(yield_per=EXPORT_BATCH)
+    )
+    yield _csv_lines([CSV_HEADER])
+    async with factory() as session:
+        result = await session.stream(stmt)
+        async for batch in result.partitions(EXPORT_BATCH):
+            yield _csv_lines(
+                [
+                    (
+                        str(r[0]),
+                        r[1].isoformat(),
+                        str(r[2]),
+                        r[3],
+                        r[4],
+                        r[5],
+                        "" if r[6] is None else r[6],
+                        r[7] or "",
+                        r[8] or "",
+                    )
+                    for r in batch
+                ]
+            )
