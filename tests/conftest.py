@@ -52,6 +52,10 @@ def test_settings(tmp_path: Path | None = None, **overrides: Any) -> Settings:
         "admin_email": None,
         "admin_password": None,
         "sweep_interval_seconds": 3600,
+        # small pools: two xdist workers, each with extra app instances, share one server's
+        # max_connections (100 on the embedded server and on a default system PostgreSQL)
+        "db_pool_size": 4,
+        "db_max_overflow": 6,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -80,7 +84,7 @@ async def database_url(worker_id_str: str) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="session")
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = make_engine(database_url, test_settings(), pool_size=20, max_overflow=20)
+    eng = make_engine(database_url, test_settings(), pool_size=10, max_overflow=10)
     yield eng
     await eng.dispose()
 

@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from joyhub.core import metrics
@@ -40,6 +41,7 @@ class RequestPipelineMiddleware:
     def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self._templates: list[tuple[re.Pattern[str], str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,8 +113,7 @@ class RequestPipelineMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             duration_ms = round(elapsed * 1000, 2)
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = self._route_template(scope)
             method = scope.get("method", "-")
             metrics.HTTP_REQUESTS.labels(method, template, str(status_holder["status"])).inc()
             metrics.HTTP_LATENCY.labels(method, template).observe(elapsed)
@@ -132,6 +133,25 @@ class RequestPipelineMiddleware:
             )
             request_id_var.reset(rid_token)
             user_id_var.reset(uid_token)
+
+    def _route_template(self, scope: Scope) -> str:
+        """The path template that served the request ("/api/v1/tools/{tool_id}"), for metrics.
+
+        Built once from the app's own schema and routes: FastAPI's included routers keep paths
+        relative to their prefix, so `scope["route"]` alone cannot name the full template.
+        """
+        if self._templates is None:
+            app = scope.get("app")
+            paths = list(app.openapi().get("paths", {})) if app is not None else []
+            paths += [getattr(r, "path", "") for r in getattr(app, "routes", [])]
+            self._templates = [
+                (compile_path(p)[0], p) for p in dict.fromkeys(paths) if p.startswith("/")
+            ]
+        path = scope.get("path", "")
+        for regex, template in self._templates:
+            if regex.match(path):
+                return template
+        return "unmatched"
 
     @staticmethod
     async def _reply(
