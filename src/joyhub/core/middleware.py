@@ -144,9 +144,7 @@ class RequestPipelineMiddleware:
             app = scope.get("app")
             paths = list(app.openapi().get("paths", {})) if app is not None else []
             paths += [getattr(r, "path", "") for r in getattr(app, "routes", [])]
-            self._templates = [
-                (compile_path(p)[0], p) for p in dict.fromkeys(paths) if p.startswith("/")
-            ]
+            self._templates = [(compile_path(p)[0], p) for p in dict.fromkeys(paths) if p.startswith("/")]
         path = scope.get("path", "")
         for regex, template in self._templates:
             if regex.match(path):
