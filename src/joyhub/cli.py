@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from joyhub.core.config import ConfigError, Settings, get_settings
 from joyhub.core.logging import configure_logging
@@ -85,11 +86,25 @@ def _prepare_multiprocess_metrics(settings: Settings) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
+def worker_app() -> Any:
+    """The app factory uvicorn calls in every serving process.
+
+    With `--workers N` uvicorn *spawns* fresh interpreters: `main()` never runs in them, so
+    without this the workers would log through Python's last-resort handler (plain text on
+    stderr, tracebacks over many lines) instead of JSON lines on stdout (API.md §8).
+    """
+    from joyhub.main import create_app
+
+    settings = get_settings()  # the parent validated the same environment already
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
+
+
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     uvicorn.run(
-        "joyhub.main:create_app",
+        "joyhub.cli:worker_app",
         factory=True,
         host=args.host,
         port=args.port,

@@ -7,18 +7,114 @@ and rolls back on any exception. It is declared with `scope="function"` so the c
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.util import await_
+from sqlalchemy.util import queue as sqla_queue
 
 from joyhub.core.config import Settings
 
 
+class FairAsyncQueue(sqla_queue.QueueCommon[Any]):
+    """The pool's idle connections, handed to waiters strictly first come, first served.
+
+    SQLAlchemy's default asyncio queue wraps `asyncio.Queue`, which is not fair: a connection
+    given back wakes the oldest waiter, but any request arriving before that waiter runs takes
+    the connection instead, and the woken waiter goes back to the *end* of the line. Under
+    overload (more requests than connections, e.g. 1,000 clients on a 30-connection pool) most
+    requests get a connection at once while a few are overtaken again and again until
+    DB_POOL_TIMEOUT, and answer 503 although the average wait is far below the timeout. Here a
+    returned connection goes straight to the oldest live waiter, so every wait is about the
+    average wait and the timeout is reached only when the pool is truly stuck.
+    """
+
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
+        self.maxsize = maxsize
+        self.use_lifo = use_lifo
+        self._items: deque[Any] = deque()
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= len(self._items)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item: Any) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # skip waiters that timed out or were cancelled
+                waiter.set_result(item)
+                return
+        if self.full():
+            raise sqla_queue.Full()
+        self._items.append(item)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self.put_nowait(item)  # the pool only ever returns connections without blocking
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise sqla_queue.Empty()
+        return self._items.pop() if self.use_lifo else self._items.popleft()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if self._items or not block:
+            return self.get_nowait()
+        return await_(self.wait(max_wait=timeout))
+
+    async def wait(self, max_wait: float | None) -> Any:
+        """Queue up for the next connection given back; `Empty` after `max_wait` seconds."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = loop.call_later(max_wait, _expire, waiter) if max_wait is not None else None
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if _handed(waiter):
+                # handed a connection in the same instant we were cancelled: pass it on
+                self.put_nowait(waiter.result())
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not _handed(waiter):
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+
+def _handed(waiter: asyncio.Future[Any]) -> bool:
+    """True when `put_nowait` gave this waiter a connection."""
+    return waiter.done() and not waiter.cancelled() and waiter.exception() is None
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(sqla_queue.Empty())
+
+
+class FairAsyncQueuePool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's asyncio queue pool with a first-come-first-served wait (`FairAsyncQueue`)."""
+
+    _queue_class = FairAsyncQueue
+
+
 def make_engine(url: str, settings: Settings, **overrides: Any) -> AsyncEngine:
-    """The engine with the seed's pool settings, pre-ping and asyncpg's statement cache."""
+    """The engine with the seed's pool settings, pre-ping, a fair bounded wait for a connection
+    (DB_POOL_TIMEOUT, then 503) and asyncpg's statement cache."""
     kwargs: dict[str, Any] = {
+        "poolclass": FairAsyncQueuePool,
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
         "pool_recycle": settings.db_pool_recycle,

@@ -181,22 +181,72 @@ _STATUS_CODES = {
 }
 
 
+# SQLSTATEs that mean "the database is not there for us right now", not "this request is wrong":
+# class 08 (connection exception), too_many_connections, and the server shutting down, crashed
+# or still starting up (what a restart looks like from the client side).
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08",)
+_UNAVAILABLE_SQLSTATES = {"53300", "57P01", "57P02", "57P03"}
+_UNAVAILABLE_NAMES = {
+    "ConnectionDoesNotExistError",
+    "CannotConnectNowError",
+    "ConnectionRefusedError",
+    "ConnectionFailureError",
+    "TooManyConnectionsError",
+    "AdminShutdownError",
+    "CrashShutdownError",
+    "InterfaceError",
+}
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception, SQLAlchemy's wrapped DBAPI error and the driver's own, in that order.
+
+    SQLAlchemy wraps asyncpg's error in an adapter class (named plain `Error`) inside its own;
+    the gateway's raw-driver statements raise asyncpg's exceptions directly. Looking down the
+    chain finds the driver's real class and SQLSTATE either way.
+    """
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 6:
+        seen.append(current)
+        current = getattr(current, "orig", None) or current.__cause__
+    return seen
+
+
 def _is_db_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, PoolTimeoutError | InterfaceError):
         return True
     if isinstance(exc, OperationalError | DBAPIError) and exc.connection_invalidated:
         return True
-    orig = getattr(exc, "orig", None)
-    name = type(orig).__name__ if orig is not None else type(exc).__name__
-    return name in {
-        "ConnectionDoesNotExistError",
-        "CannotConnectNowError",
-        "ConnectionRefusedError",
-        "ConnectionFailureError",
-        "TooManyConnectionsError",
-        "AdminShutdownError",
-        "InterfaceError",
-    } or isinstance(exc, ConnectionError | OSError)
+    if isinstance(exc, ConnectionError | OSError):  # e.g. connection refused while connecting
+        return True
+    for link in _causes(exc):
+        state = getattr(link, "sqlstate", None)
+        if isinstance(state, str) and (
+            state in _UNAVAILABLE_SQLSTATES or state.startswith(_UNAVAILABLE_SQLSTATE_CLASSES)
+        ):
+            return True
+        if type(link).__name__ in _UNAVAILABLE_NAMES:
+            return True
+    return False
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette names only the first route's)."""
+    from starlette.routing import Match
+
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+    return ", ".join(allowed)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -214,8 +264,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         code = _STATUS_CODES.get(exc.status_code, "HTTP_ERROR")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body it cannot decode (e.g. invalid UTF-8): not JSON
+            return error_response(400, "MALFORMED_JSON", "Request body is not valid JSON")
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
         message = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, str(exc.detail))
-        return error_response(exc.status_code, code, message, headers=dict(exc.headers or {}))
+        return error_response(exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -30,6 +32,7 @@ def database_url(settings: Settings) -> str:
 async def running(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
+        stack.callback(_forget_live_gauges)  # runs last, when nothing of ours is left to report
         if getattr(app.state, "engine", None) is None:
             url = await asyncio.to_thread(database_url, settings)
             if settings.database_url is None:
@@ -55,3 +58,16 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
         log.info("hub started")
         yield
         log.info("hub stopping")
+        stopping = time.monotonic()
+    # the stack has run: sweep stopped, invocations drained and settled, clients and pool closed
+    log.info("hub stopped", extra={"shutdown_ms": round((time.monotonic() - stopping) * 1000)})
+
+
+def _forget_live_gauges() -> None:
+    """With several workers, drop this process's "live" gauge files (pool in use, pool size) so
+    `/metrics` stops summing the samples of a worker that has exited; counters and histograms
+    of the dead worker are kept, as prometheus-client's multiprocess mode intends."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
