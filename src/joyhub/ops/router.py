@@ -13,7 +13,7 @@ from joyhub.core import metrics
 from joyhub.core.envelope import Envelope, error_response, ok
 
 router = APIRouter(tags=["operations"])
-READY_TIMEOUT_SECONDS = 1.5
+READY_TIMEOUT_SECONDS = 1.0
 
 
 @router.get("/metrics", include_in_schema=False)
