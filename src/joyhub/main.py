@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
 
     from joyhub.admin.router import router as admin_router
     from joyhub.auth.router import router as auth_router
+    from joyhub.ops.router import prometheus_metrics
     from joyhub.ops.router import router as ops_router
     from joyhub.subscriptions.router import router as subscriptions_router
     from joyhub.tools.router import router as tools_router
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
     from joyhub.users.router import router as users_router
 
     app.include_router(ops_router)
+    app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)
     api = [
         (auth_router, "auth"),
         (users_router, "users"),

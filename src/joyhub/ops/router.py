@@ -16,9 +16,12 @@ router = APIRouter(tags=["operations"])
 READY_TIMEOUT_SECONDS = 1.0
 
 
-@router.get("/metrics", include_in_schema=False)
 async def prometheus_metrics(request: Request) -> Response:
-    """Prometheus exposition (not enveloped). Pool usage is sampled at scrape time."""
+    """Prometheus exposition (not enveloped). Pool usage is sampled at scrape time.
+
+    Mounted by the app factory directly on the app (not through this router), outside the
+    OpenAPI schema.
+    """
     pool = request.app.state.engine.pool
     checked_out = getattr(pool, "checkedout", None)
     if callable(checked_out):
