@@ -111,6 +111,11 @@ async def _connection(
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
     while time.time() < deadline:
+        if writer is not None and reader is not None and reader.at_eof():
+            # the server closed the idle keep-alive connection (uvicorn: after 5 s): a client
+            # opens a new one rather than sending into a closed socket
+            writer.close()
+            writer = None
         if writer is None:
             try:
                 reader, writer = await asyncio.open_connection(host, port)

@@ -195,6 +195,10 @@ _UNAVAILABLE_NAMES = {
     "AdminShutdownError",
     "CrashShutdownError",
     "InterfaceError",
+    # asyncpg's protocol left mid-operation by a connection the server cut (seen on the raw
+    # driver during a PostgreSQL restart: "cannot switch to state 15; another operation (2) is
+    # in progress")
+    "InternalClientError",
 }
 
 
