@@ -9,7 +9,9 @@
    alone, then during the burst: `--logins` POST /auth/login (distinct users, correct
    password) sent open-loop, evenly spread over `--over` seconds, each on its own connection;
 4. reports the logins' status and latency, how long the burst took to drain, the login rate
-   achieved, and `/health` p50/p99/max before and during the burst.
+   achieved, and `/health` p50/p99/max before and during the burst; `GET /users/me` of another
+   (already logged-in) user is polled too, every 5 `--poll-ms`, to show what the burst does to
+   requests that need a database connection.
 
 bcrypt is the point: each login costs one bcrypt verification (~0.2 s of one core at cost 12 on
 this machine), run off the event loop on a small thread pool per worker, so a burst queues
@@ -29,9 +31,18 @@ import httpx
 from loadgen import pct
 
 
-async def poll_health(port: int, every: float, stop: asyncio.Event, out: list[tuple[float, float]]) -> None:
+async def poll(
+    port: int,
+    every: float,
+    stop: asyncio.Event,
+    out: list[tuple[float, float, int]],
+    path: str = "/health",
+    token: str | None = None,
+) -> None:
+    """GET `path` on one keep-alive connection every `every` s: (time, latency ms, status)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    request = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n".encode()
     try:
         while not stop.is_set():
             t0 = time.perf_counter()
@@ -43,9 +54,7 @@ async def poll_health(port: int, every: float, stop: asyncio.Event, out: list[tu
                     length = int(line[15:])
             await reader.readexactly(length)
             t1 = time.perf_counter()
-            if head[9:12] != b"200":
-                raise RuntimeError(f"/health answered {head[:12]!r}")
-            out.append((time.monotonic(), (t1 - t0) * 1000))
+            out.append((time.monotonic(), (t1 - t0) * 1000, int(head[9:12])))
             await asyncio.sleep(max(0.0, every - (t1 - t0)))
     finally:
         writer.close()
@@ -60,10 +69,14 @@ def stats(values: list[float]) -> dict[str, float]:
     }
 
 
-async def burst(port: int, emails: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    samples: list[tuple[float, float]] = []
+async def burst(port: int, emails: list[str], token: str, args: argparse.Namespace) -> dict[str, Any]:
+    samples: list[tuple[float, float, int]] = []
+    me_samples: list[tuple[float, float, int]] = []
     stop = asyncio.Event()
-    poller = asyncio.create_task(poll_health(port, args.poll_ms / 1000, stop, samples))
+    every = args.poll_ms / 1000
+    poller = asyncio.create_task(poll(port, every, stop, samples))
+    # a user who is not logging in, reading their profile meanwhile (needs a pooled connection)
+    me_poller = asyncio.create_task(poll(port, every * 5, stop, me_samples, "/api/v1/users/me", token))
     await asyncio.sleep(args.baseline)
     burst_start = time.monotonic()
     spacing = args.over / len(emails)
@@ -84,9 +97,16 @@ async def burst(port: int, emails: list[str], args: argparse.Namespace) -> dict[
     await asyncio.sleep(1.0)
     stop.set()
     await poller
+    await me_poller
 
-    before = [ms for t, ms in samples if t < burst_start]
-    during = [ms for t, ms in samples if burst_start <= t <= burst_end]
+    before = [ms for t, ms, _ in samples if t < burst_start]
+    during = [ms for t, ms, _ in samples if burst_start <= t <= burst_end]
+    me_before = [ms for t, ms, _ in me_samples if t < burst_start]
+    me_during = [ms for t, ms, _ in me_samples if burst_start <= t <= burst_end]
+    me_statuses: dict[str, int] = {}
+    for t, _, status in me_samples:
+        if burst_start <= t <= burst_end:
+            me_statuses[str(status)] = me_statuses.get(str(status), 0) + 1
     statuses: dict[str, int] = {}
     for status, _, _ in results:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
@@ -100,6 +120,8 @@ async def burst(port: int, emails: list[str], args: argparse.Namespace) -> dict[
         "logins_per_second_achieved": round(len(emails) / drained, 1),
         "health_before": stats(before),
         "health_during": stats(during),
+        "users_me_before": stats(me_before),
+        "users_me_during": {**stats(me_during), "statuses": me_statuses},
     }
 
 
@@ -122,14 +144,15 @@ def main() -> int:
     results: dict[str, Any] = {"args": vars(args), "machine": harness.machine()}
     with harness.fresh_database(args.pg_url) as db_url:
         seeded = asyncio.run(
-            harness.seed(db_url, users=args.logins, upstream_url=None, bcrypt_rounds=args.bcrypt_rounds)
+            harness.seed(db_url, users=args.logins + 1, upstream_url=None, bcrypt_rounds=args.bcrypt_rounds)
         )
         env = {"BCRYPT_ROUNDS": str(args.bcrypt_rounds)}
         with harness.running_hub(db_url, workers=args.workers, env=env) as hub:
             # one login first, so both workers' lazy set-up is not billed to the burst
             with httpx.Client(base_url=hub.base) as c:
                 c.post("/api/v1/auth/login", json={"email": seeded.emails[0], "password": "wrong-password"})
-            results["burst"] = harness.run_loop(burst(hub.port, seeded.emails, args))
+            emails, reader_token = seeded.emails[: args.logins], seeded.tokens[-1]
+            results["burst"] = harness.run_loop(burst(hub.port, emails, reader_token, args))
     b = results["burst"]
     print(
         f"{b['logins']} logins offered at {b['offered_per_second']}/s (bcrypt {args.bcrypt_rounds}, "
@@ -139,6 +162,8 @@ def main() -> int:
     )
     print(f"/health before: {b['health_before']}")
     print(f"/health during: {b['health_during']}")
+    print(f"/users/me before: {b['users_me_before']}")
+    print(f"/users/me during: {b['users_me_during']}")
     harness.dump(args.json, results)
     return 0 if b["statuses"] == {"200": args.logins} else 1
 
