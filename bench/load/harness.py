@@ -316,6 +316,12 @@ class Hub:
                 total += t.user + t.system
         return total
 
+    def cleanup(self) -> None:
+        """Remove the hub's data directory (its log, metrics files): after a clean exit only."""
+        import shutil
+
+        shutil.rmtree(self.log_path.parent, ignore_errors=True)
+
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
 
@@ -389,7 +395,9 @@ def running_hub(db_url: str, **kw: Any) -> Iterator[Hub]:
     finally:
         code = stop_hub(hub)
         if code != 0:
-            print(f"hub exit status {code}\n{hub.log_tail()}")
+            print(f"hub exit status {code}; its log: {hub.log_path}\n{hub.log_tail()}")
+        else:
+            hub.cleanup()
 
 
 # ------------------------------------------------------------------------------ RSS sampler

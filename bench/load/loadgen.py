@@ -110,6 +110,8 @@ async def _connection(
 ) -> None:
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
+    if think:  # users arrive spread over one think time, not all in the same millisecond
+        await asyncio.sleep(rng.uniform(0, 2 * think))
     while time.time() < deadline:
         if writer is not None and reader is not None and reader.at_eof():
             # the server closed the idle keep-alive connection (uvicorn: after 5 s): a client

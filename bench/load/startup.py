@@ -64,6 +64,7 @@ def main() -> int:
                 stop.append(time.monotonic() - t0)
                 if code != 0:
                     raise RuntimeError(f"exit status {code}:\n{hub.log_tail()}")
+                hub.cleanup()
                 time.sleep(0.5)
             row = {
                 "ready_s": {"median": round(statistics.median(ready), 2), "max": round(max(ready), 2)},

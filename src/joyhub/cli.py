@@ -103,18 +103,50 @@ def worker_app() -> Any:
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    uvicorn.run(
-        "joyhub.cli:worker_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers if args.workers > 1 else None,
-        log_config=None,
-        proxy_headers=True,
-        timeout_graceful_shutdown=args.graceful_timeout,
-        access_log=False,
-        server_header=False,
-    )
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": args.host,
+        "port": args.port,
+        "log_config": None,
+        "proxy_headers": True,
+        "timeout_graceful_shutdown": args.graceful_timeout,
+        "timeout_keep_alive": args.keep_alive,
+        "access_log": False,
+        "server_header": False,
+    }
+    if args.workers <= 1:
+        uvicorn.run("joyhub.cli:worker_app", **options)
+        return
+    config = uvicorn.Config("joyhub.cli:worker_app", workers=args.workers, **options)
+    _supervisor_class()(config, sockets=[config.bind_socket()]).run()
+
+
+def _supervisor_class() -> Any:
+    """uvicorn's worker supervisor, made to stop listening as soon as it is told to stop.
+
+    The supervisor binds the socket and hands it to the workers. On SIGTERM each worker closes
+    its copy and drains, but uvicorn's supervisor keeps its own copy open until every worker
+    has exited — so during a drain of up to --graceful-timeout seconds the kernel still accepts
+    new connections that nobody will ever answer (they hang, then are reset), and a load
+    balancer sees timeouts instead of a clean refusal. Closing the supervisor's copy first makes
+    `--workers N` stop accepting at once, like a single process does.
+    """
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def _stop_listening(self) -> None:
+            for sock in self.sockets:
+                sock.close()
+
+        def handle_term(self) -> None:
+            self._stop_listening()
+            super().handle_term()
+
+        def handle_int(self) -> None:
+            self._stop_listening()
+            super().handle_int()
+
+    return Supervisor
 
 
 def cmd_create_admin(args: argparse.Namespace) -> int:
@@ -144,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--demo", action="store_true", help="also serve and register demo AI tools")
     serve.add_argument("--graceful-timeout", type=int, default=30, help="seconds to drain on SIGTERM")
+    serve.add_argument(
+        "--keep-alive",
+        type=int,
+        default=75,
+        help="seconds an idle keep-alive connection stays open; keep it above the load balancer's "
+        "idle timeout (60 s on most), so the balancer, not the hub, closes idle connections and "
+        "never sends a request into one the hub is closing",
+    )
     serve.set_defaults(func=cmd_serve)
 
     mig = sub.add_parser("migrate", help="upgrade the database to head, or up/down to --revision")

@@ -254,14 +254,17 @@ async def hub_connections(engine: AsyncEngine) -> int:
 # ------------------------------------------------------------------------------------ tests
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_sigterm_drains_in_flight_invocations_and_settles_them(
-    served_database: ServedDatabase, gated_upstream: GatedUpstream, tmp_path: Path
+    served_database: ServedDatabase, gated_upstream: GatedUpstream, tmp_path: Path, workers: int
 ) -> None:
+    """With one process and with `--workers 2` (where the supervisor must also let go of the
+    listening socket, or new connections would hang in its backlog during the drain)."""
     db = served_database
     tool_id = await make_tool(db.engine, gated_upstream.url, timeout_seconds=20, max_attempts=1)
     caller = await make_caller(db.engine, "pro")
 
-    with hub_process(db.url, tmp_path) as hub:
+    with hub_process(db.url, tmp_path, workers=workers) as hub:
         await wait_ready(hub)
         limits = httpx.Limits(max_connections=CALLS + 5, max_keepalive_connections=CALLS + 5)
         async with httpx.AsyncClient(base_url=hub.base_url, timeout=30, limits=limits) as c:
