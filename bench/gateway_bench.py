@@ -46,49 +46,14 @@ VENV_BIN = ROOT / ".venv" / "bin"
 JWT_SECRET = "bench-secret-key-that-is-long-enough-0123456789abcdef"
 BODY = b'{"input":{"text":"hello benchmark world"}}'
 UPSTREAM_BODY = b'{"text":"hello benchmark world"}'
-MOCK_RESPONSE = b'{"result":"ok","usage":{"total_tokens":5}}'
 
 
 # ---------------------------------------------------------------------------- mock upstream
-
-
-async def _mock_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    head = (
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-        + str(len(MOCK_RESPONSE)).encode()
-        + b"\r\n\r\n"
-        + MOCK_RESPONSE
-    )
-    try:
-        while True:
-            raw = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in raw.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
-            writer.write(head)
-    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
-        pass
-    finally:
-        writer.close()
-
-
-async def _serve_mock(port: int) -> None:
-    server = await asyncio.start_server(_mock_conn, "127.0.0.1", port, backlog=1024)
-    async with server:
-        await server.serve_forever()
-
-
-def _run(coro: Any) -> Any:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
-
+# The mock upstream (raw asyncio, keep-alive, `usage.total_tokens = 5`) is the load harness's,
+# so both benchmarks measure against the same upstream.
+sys.path.insert(0, str(ROOT / "bench" / "load"))
+from harness import _serve_mock  # noqa: E402
+from harness import run_loop as _run  # noqa: E402
 
 # ------------------------------------------------------------------ python load generator
 
