@@ -13,7 +13,7 @@ from asyncpg.exceptions import _base as asyncpg_base
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 from sqlalchemy.exc import DBAPIError, IntegrityError, InternalError
 
-from joyhub.core.errors import _is_db_unavailable
+from joyhub.core.errors import is_db_unavailable
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +43,7 @@ def _wrapped(driver_exc: Exception, cls: type[DBAPIError] = DBAPIError) -> DBAPI
     ids=lambda e: type(e).__name__ + ":" + str(e)[:30],
 )
 def test_unavailable(exc: BaseException) -> None:
-    assert _is_db_unavailable(exc)
+    assert is_db_unavailable(exc)
 
 
 @pytest.mark.parametrize(
@@ -58,4 +58,4 @@ def test_unavailable(exc: BaseException) -> None:
     ids=lambda e: type(e).__name__,
 )
 def test_not_unavailable(exc: BaseException) -> None:
-    assert not _is_db_unavailable(exc)
+    assert not is_db_unavailable(exc)

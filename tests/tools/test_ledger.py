@@ -6,6 +6,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy import text
@@ -79,7 +80,6 @@ def _settle_kw(admission: ledger.Admission, caller: Any, tool: uuid.UUID, **over
     kw: dict[str, Any] = {
         "admission": admission,
         "user_id": caller.user_id,
-        "tool_id": tool,
         "status": "success",
         "tokens": 9,
         "duration_ms": 5,
@@ -147,3 +147,23 @@ async def test_settle_retries_transient_errors(
     monkeypatch.setattr(ledger, "settle_once", broken)
     with pytest.raises(ValueError):
         await ledger.settle(engine, **_settle_kw(admission, caller, tool))
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (asyncpg.exceptions.ConnectionDoesNotExistError("closed mid-operation"), True),
+        (asyncpg.exceptions.CannotConnectNowError("the database system is starting up"), True),
+        (asyncpg.exceptions.AdminShutdownError("terminating connection"), True),
+        (asyncpg.exceptions.DeadlockDetectedError("deadlock detected"), True),
+        (asyncpg.exceptions.SerializationError("could not serialize access"), True),
+        (ConnectionResetError("connection reset"), True),
+        (OperationalError("SELECT 1", {}, ConnectionResetError("connection reset")), True),
+        (asyncpg.exceptions.UniqueViolationError("duplicate key"), False),
+        (asyncpg.exceptions.DataError("invalid input"), False),
+        (ValueError("a bug, not a blip"), False),
+    ],
+)
+def test_which_settle_failures_are_retried(exc: BaseException, transient: bool) -> None:
+    """The settle runs on the raw driver, so asyncpg's own exceptions must be recognised too."""
+    assert ledger._transient(exc) is transient

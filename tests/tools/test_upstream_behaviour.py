@@ -169,6 +169,42 @@ async def test_headers_sent_upstream(
     assert "s3cr3t-value" not in r.text.replace(seen["x-tool-key"], "", 1)
 
 
+async def test_cookies_from_one_call_never_ride_on_the_next(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    first, second = await make_caller(engine, "pro"), await make_caller(engine, "pro")
+    setter = await make_tool(engine, upstream.url("/set_cookie"))
+    echo = await make_tool(engine, upstream.url("/echo_headers"))
+    assert (await invoke(client, first, setter)).status_code == 200
+    r = await invoke(client, second, echo)
+    assert r.status_code == 200, r.text
+    assert "cookie" not in r.json()["data"]["output"]["headers"]
+
+
+async def test_compressed_bomb_is_cut_off_by_decoded_size(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    r = await _run(client, engine, upstream, "/gzip?mib=11")
+    assert (r.status_code, r.json()["error"]["code"]) == (502, "TOOL_BAD_RESPONSE")
+    assert "10 MiB" in r.json()["error"]["details"][0]["message"]
+
+
+async def test_small_compressed_answer_is_decoded(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    r = await _run(client, engine, upstream, "/gzip?mib=0.001")
+    assert r.status_code == 200, r.text
+    assert r.json()["data"]["output"]["data"].startswith("aaa")
+
+
+async def test_an_answer_that_is_not_http_is_a_transport_failure(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    r = await _run(client, engine, upstream, "/garbage", max_attempts=2)
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "TOOL_UNAVAILABLE")
+    assert upstream.count("/garbage") == 2
+
+
 class _CountingHooks:
     def __init__(self) -> None:
         self.failures = 0

@@ -24,12 +24,16 @@ target is kept (headers and body) so tests can look at what the hub sent.
 | /big            | 200 JSON of `mib` MiB (Content-Length, or chunked with `chunked=1`)       |
 | /redirect       | 302 to /fast                                                              |
 | /echo_headers   | 200 with the request headers it received                                  |
+| /set_cookie     | 200 like /fast, with `Set-Cookie: session=leak; Path=/`                   |
+| /gzip           | 200 gzip-encoded JSON that decodes to `mib` MiB (a small compressed bomb) |
+| /garbage        | a status line that is not HTTP, then closes                               |
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -206,6 +210,17 @@ class Upstream:
             return await self._big(writer, float(q.get("mib", "11")), q.get("chunked") == "1")
         if path == "/redirect":
             return await self._send(writer, 302, b"", extra={"Location": self.url("/fast")})
+        if path == "/set_cookie":
+            return await self._send(writer, 200, fast(), extra={"Set-Cookie": "session=leak; Path=/"})
+        if path == "/gzip":
+            size = int(float(q.get("mib", "11")) * 1024 * 1024)
+            packed = gzip.compress(b'{"data":"' + b"a" * size + b'"}', compresslevel=1)
+            return await self._send(writer, 200, packed, extra={"Content-Encoding": "gzip"})
+        if path == "/garbage":
+            writer.write(b"SPDY/9 what\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return False
         if path == "/echo_headers":
             payload = {"headers": headers, "usage": {"total_tokens": 2}}
             return await self._send(writer, 200, json.dumps(payload).encode())

@@ -202,6 +202,11 @@ _UNAVAILABLE_NAMES = {
 }
 
 
+def sqlstates(exc: BaseException) -> set[str]:
+    """Every SQLSTATE along the exception's chain (SQLAlchemy wrapper, adapter, asyncpg)."""
+    return {s for link in _causes(exc) if isinstance(s := getattr(link, "sqlstate", None), str)}
+
+
 def _causes(exc: BaseException) -> list[BaseException]:
     """The exception, SQLAlchemy's wrapped DBAPI error and the driver's own, in that order.
 
@@ -217,14 +222,16 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def _is_db_unavailable(exc: BaseException) -> bool:
+def is_db_unavailable(exc: BaseException) -> bool:
+    """The database cannot be reached or has cut us off (503, worth a retry later), through
+    SQLAlchemy's wrappers or straight from asyncpg."""
     if isinstance(exc, PoolTimeoutError | InterfaceError):
         return True
     if isinstance(exc, OperationalError | DBAPIError) and exc.connection_invalidated:
         return True
-    if isinstance(exc, ConnectionError | OSError):  # e.g. connection refused while connecting
-        return True
     for link in _causes(exc):
+        if isinstance(link, ConnectionError | OSError):  # e.g. refused while connecting, reset
+            return True
         state = getattr(link, "sqlstate", None)
         if isinstance(state, str) and (
             state in _UNAVAILABLE_SQLSTATES or state.startswith(_UNAVAILABLE_SQLSTATE_CLASSES)
@@ -279,7 +286,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        if _is_db_unavailable(exc):
+        if is_db_unavailable(exc):
             log.error("database unavailable: %s", type(exc).__name__, exc_info=exc)
             return error_response(
                 503, "SERVICE_UNAVAILABLE", "The database is unavailable", headers={"Retry-After": "2"}

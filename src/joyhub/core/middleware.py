@@ -94,11 +94,11 @@ class RequestPipelineMiddleware:
                 if not status_holder["started"]:
                     await self._reply(emit, 413, "PAYLOAD_TOO_LARGE", "Request body is too large")
             except Exception as exc:
-                from joyhub.core.errors import _is_db_unavailable
+                from joyhub.core.errors import is_db_unavailable
 
                 if status_holder["started"]:
                     log.error("exception after the response started", exc_info=exc)
-                elif _is_db_unavailable(exc):
+                elif is_db_unavailable(exc):
                     log.error("database unavailable: %s", type(exc).__name__, exc_info=exc)
                     await self._reply(
                         emit,

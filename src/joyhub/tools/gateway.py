@@ -433,7 +433,6 @@ class _Call:
             self.app.state.engine,
             admission=self.admission,
             user_id=self.user_id,
-            tool_id=self.tool_id,
             status=status,
             tokens=tokens,
             duration_ms=duration_ms,

@@ -26,14 +26,14 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from joyhub.core.config import Settings
+from joyhub.core.errors import is_db_unavailable, sqlstates
 from joyhub.tools import idempotency
 from joyhub.tools.driver import DriverSession, driver_of
 from joyhub.usage import rollups
@@ -88,35 +88,56 @@ READ_AND_ADMIT = """
 
 _LINK_KEY = "UPDATE idempotency_keys SET usage_log_id = $2 WHERE id = $1"
 
+# Settle in one statement (so in one implicit transaction and one round trip): `l` locks the
+# pending log (a log the sweep closed meanwhile is no longer pending, so nothing below happens
+# and the statement returns no row); `sub` charges the tokens and releases the reservation;
+# `stamp` is the settle time clamped into the period the tokens were charged to (so tokens_used
+# always equals the sum of the current period's logs); `log` writes the outcome; `idem` stores
+# the response for replay; `settled` feeds the rollup upserts (`rollups.ROLLUP_CTES`).
 _SETTLE = text(
     """
-    WITH log AS (
-        UPDATE usage_logs
-        SET status = :status, tokens_used = CAST(:tokens AS bigint), duration_ms = :duration_ms,
-            "timestamp" = :now, error_code = :error_code
+    WITH l AS (
+        SELECT id, subscription_id, tokens_reserved FROM usage_logs
         WHERE id = :log_id AND status = 'pending'
-        RETURNING id, subscription_id, tokens_reserved
+        FOR UPDATE
     ), sub AS (
         UPDATE subscriptions AS s
         SET tokens_used = s.tokens_used + CAST(:tokens AS bigint),
-            tokens_reserved = GREATEST(s.tokens_reserved - log.tokens_reserved, 0),
+            tokens_reserved = GREATEST(s.tokens_reserved - l.tokens_reserved, 0),
             inflight = GREATEST(s.inflight - 1, 0)
-        FROM log WHERE s.id = log.subscription_id
+        FROM l WHERE s.id = l.subscription_id
         RETURNING s.tokens_used, s.current_period_start, s.current_period_end,
                   (SELECT p.token_limit FROM plans AS p WHERE p.code = s.plan_code) AS token_limit
+    ), stamp AS (
+        SELECT l.id, COALESCE(
+            (SELECT LEAST(GREATEST(CAST(:now AS timestamptz), sub.current_period_start),
+                          sub.current_period_end - interval '1 microsecond') FROM sub),
+            CAST(:now AS timestamptz)) AS ts
+        FROM l
+    ), log AS (
+        UPDATE usage_logs AS u
+        SET status = :status, tokens_used = CAST(:tokens AS bigint), duration_ms = :duration_ms,
+            "timestamp" = stamp.ts, error_code = :error_code
+        FROM stamp WHERE u.id = stamp.id
+        RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp"
     ), idem AS (
         UPDATE idempotency_keys
         SET state = 'done', response_status = :response_status,
             response_body = CAST(:response_body AS jsonb), usage_log_id = :log_id
         WHERE id = :idem_id
-    )
-    SELECT log.id, sub.tokens_used, sub.current_period_start, sub.current_period_end,
-           sub.token_limit
+    ), settled AS (
+        SELECT user_id, tool_id, COALESCE(plan_code, '') AS plan_code, CAST(:shard AS integer) AS shard,
+               "timestamp" AS ts, CAST(:success AS integer) AS success,
+               CAST(:error AS integer) AS error, CAST(:timeout AS integer) AS timeout,
+               CAST(:tokens AS bigint) AS tokens
+        FROM log
+    ), """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
+    + rollups.ROLLUP_CTES
+    + """
+    SELECT log.id, sub.tokens_used, sub.current_period_end, sub.token_limit
     FROM log LEFT JOIN sub ON true
     """
 )
-
-_RETIME = text('UPDATE usage_logs SET "timestamp" = :ts WHERE id = :log_id')
 
 
 @dataclass(frozen=True)
@@ -153,22 +174,19 @@ class Settlement:
     period_end: datetime | None = None
 
 
-def _clamp(ts: datetime, start: datetime, end: datetime) -> datetime:
-    if ts < start:
-        return start
-    if ts >= end:
-        return end - timedelta(microseconds=1)
-    return ts
-
-
 SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0)
 
 
+# serialization failure and deadlock: the statement lost a race and may simply be run again
+_RETRYABLE_SQLSTATES = {"40001", "40P01"}
+
+
 def _transient(exc: BaseException) -> bool:
-    """A failure worth retrying: connection trouble, pool timeout, deadlock/serialisation."""
-    if isinstance(exc, IntegrityError | ProgrammingError | DataError):
-        return False
-    return isinstance(exc, DBAPIError | PoolTimeout | OSError)
+    """A failure worth retrying: the database unreachable or restarting, the pool exhausted, a
+    deadlock or serialization failure — whether SQLAlchemy wrapped it or asyncpg raised it."""
+    return (
+        isinstance(exc, PoolTimeout) or is_db_unavailable(exc) or bool(sqlstates(exc) & _RETRYABLE_SQLSTATES)
+    )
 
 
 async def settle(engine: AsyncEngine, **kw: Any) -> Settlement:
@@ -197,7 +215,6 @@ async def settle_once(
     *,
     admission: Admission,
     user_id: uuid.UUID,
-    tool_id: uuid.UUID,
     status: str,
     tokens: int,
     duration_ms: int,
@@ -206,10 +223,10 @@ async def settle_once(
     response_status: int,
     response_body: bytes,
 ) -> Settlement:
-    """Write the outcome, charge, release, store the idempotent response, bump rollups: one txn.
+    """Write the outcome, charge, release, store the idempotent response, bump rollups: one statement.
 
-    It runs on the bare asyncpg connection (`driver.DriverSession`): the same statements and the
-    same single transaction as through a session, without the ORM's per-statement cost.
+    It runs on the bare asyncpg connection (`driver.DriverSession`) outside any explicit
+    transaction: a single statement is atomic on its own, and needs no BEGIN/COMMIT round trips.
     """
     stored = idempotency.encode_response(response_body) if admission.idem_id is not None else None
     params = {
@@ -222,33 +239,19 @@ async def settle_once(
         "response_status": response_status,
         "response_body": stored,
         "idem_id": admission.idem_id,
+        "shard": rollups.platform_shard(user_id),
+        "success": int(status == "success"),
+        "error": int(status == "error"),
+        "timeout": int(status == "timeout"),
     }
     async with engine.connect() as conn:
-        raw = await driver_of(conn)
-        db = DriverSession(raw)
-        async with raw.transaction():
-            row = await db.fetchrow(_SETTLE, params)
-            if row is None:
-                log.warning(
-                    "invocation was already closed by the sweep; not charged",
-                    extra={"invocation_id": str(admission.log_id), "outcome": status},
-                )
-                return Settlement(False)
-            ts = now
-            if row["current_period_start"] is not None:
-                ts = _clamp(now, row["current_period_start"], row["current_period_end"])
-                if ts != now:
-                    await db.execute(_RETIME, {"ts": ts, "log_id": admission.log_id})
-            # rollups.bump needs only `execute(text, params)`, which DriverSession provides
-            await rollups.bump(
-                cast(AsyncSession, db),
-                user_id=user_id,
-                tool_id=tool_id,
-                plan_code=admission.plan_code,
-                ts=ts,
-                status=status,
-                tokens=tokens,
-            )
+        row = await DriverSession(await driver_of(conn)).fetchrow(_SETTLE, params)
+    if row is None:
+        log.warning(
+            "invocation was already closed by the sweep; not charged",
+            extra={"invocation_id": str(admission.log_id), "outcome": status},
+        )
+        return Settlement(False)
     return Settlement(True, row["tokens_used"], row["token_limit"], row["current_period_end"])
 
 

@@ -1,7 +1,8 @@
 """Calling a tool's upstream (API.md §5, "Upstream call"): one shared client, bounded and retried.
 
 One `httpx.AsyncClient` per process (connection pooling, keep-alive, never following
-redirects, ignoring proxy variables so a stray HTTP_PROXY cannot reroute tool traffic). Each
+redirects, no cookies, ignoring proxy variables so a stray HTTP_PROXY cannot reroute tool
+traffic), sending through aiohttp (`transport.py`). Each
 attempt is bounded as a whole by the tool's `timeout_seconds` (not only per socket operation,
 so a server dripping one byte a second cannot hold a call forever). What happens to each answer:
 
@@ -31,6 +32,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Literal, Protocol
 
 import anyio.to_thread
@@ -39,6 +41,7 @@ import httpx
 from joyhub import __version__
 from joyhub.core import metrics
 from joyhub.core.clock import utcnow
+from joyhub.tools.transport import AiohttpTransport
 
 MAX_RESPONSE_BYTES = 10 * 1024 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
@@ -53,13 +56,18 @@ Outcome = Literal["success", "rejected", "bad_response", "timeout", "unavailable
 
 
 def make_client() -> httpx.AsyncClient:
-    """The process-wide upstream client (closed by the lifespan)."""
+    """The process-wide upstream client (closed by the lifespan).
+
+    httpx API over aiohttp's wire layer (`transport.py` says why); cookies are neither kept nor
+    sent, so what one caller's call brought back never rides along on another caller's call.
+    """
     return httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30),
+        transport=AiohttpTransport(max_connections=512, keepalive_seconds=30.0),
         follow_redirects=False,
         trust_env=False,
         headers={"User-Agent": USER_AGENT},
         timeout=httpx.Timeout(30.0),
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )
 
 

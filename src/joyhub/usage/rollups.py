@@ -10,11 +10,11 @@
   different users seldom wait on one row lock (a single row per day/tool/plan would serialise
   every settle of a popular tool).
 
-`bump` is called in the settle transaction of every invocation (the same transaction that
-writes the usage log and charges the subscription), so rollups never drift from raw logs. All
-five upserts go to the server as one statement. A transaction that bumps several invocations
-(the stale sweep) should bump them in a stable order (e.g. by tool, plan, shard) so two such
-transactions cannot deadlock on shared platform rows.
+Every settled invocation is counted in the statement that settles it (the settle statement of
+`tools/ledger.py` embeds `ROLLUP_CTES`), so rollups never drift from raw logs and a settle is a
+single round trip. `bump` counts one invocation the same way from parameters (the stale sweep);
+a transaction that bumps several invocations should bump them in a stable order (e.g. by tool,
+plan, shard) so two such transactions cannot deadlock on shared platform rows.
 """
 
 from __future__ import annotations
@@ -27,13 +27,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from joyhub.models.usage import PLATFORM_SHARDS
 
-_BUMP = text(
-    """
-    WITH daily AS (
+# The rollup upserts as CTEs that count every row of a CTE named `settled` — columns user_id,
+# tool_id, plan_code ('' for none), shard, ts (timestamptz), success, error, timeout (0/1) and
+# tokens — in all five read models. Put them in a WITH after `settled`: the settle statement
+# (`tools/ledger.py`) derives `settled` from the usage log it closes, `bump` from parameters. One
+# text for both, so the rollups cannot be counted one way at settle and another in the sweep.
+ROLLUP_CTES = """
+    daily AS (
         INSERT INTO usage_daily AS d
             (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, tokens)
-        VALUES (:user_id, CAST(:ts AS timestamptz) AT TIME ZONE 'UTC', :tool_id, :plan_code,
-                1, :success, :error, :timeout, :tokens)
+        SELECT user_id, ts AT TIME ZONE 'UTC', tool_id, plan_code, 1, success, error, timeout, tokens
+        FROM settled
         ON CONFLICT (user_id, day, tool_id, plan_code) DO UPDATE SET
             invocations = d.invocations + 1,
             successes = d.successes + EXCLUDED.successes,
@@ -43,14 +47,14 @@ _BUMP = text(
         RETURNING 1
     ), user_daily AS (
         INSERT INTO usage_user_daily AS ud (user_id, day, invocations, tokens)
-        VALUES (:user_id, CAST(:ts AS timestamptz) AT TIME ZONE 'UTC', 1, :tokens)
+        SELECT user_id, ts AT TIME ZONE 'UTC', 1, tokens FROM settled
         ON CONFLICT (user_id, day) DO UPDATE SET
             invocations = ud.invocations + 1,
             tokens = ud.tokens + EXCLUDED.tokens
         RETURNING 1
     ), user_weekly AS (
         INSERT INTO usage_user_weekly AS uw (user_id, week, invocations, tokens)
-        VALUES (:user_id, date_trunc('week', CAST(:ts AS timestamptz) AT TIME ZONE 'UTC'), 1, :tokens)
+        SELECT user_id, date_trunc('week', ts AT TIME ZONE 'UTC'), 1, tokens FROM settled
         ON CONFLICT (user_id, week) DO UPDATE SET
             invocations = uw.invocations + 1,
             tokens = uw.tokens + EXCLUDED.tokens
@@ -58,8 +62,8 @@ _BUMP = text(
     ), platform AS (
         INSERT INTO usage_platform_daily AS p
             (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, tokens)
-        VALUES (CAST(:ts AS timestamptz) AT TIME ZONE 'UTC', :tool_id, :plan_code, :shard,
-                1, :success, :error, :timeout, :tokens)
+        SELECT ts AT TIME ZONE 'UTC', tool_id, plan_code, shard, 1, success, error, timeout, tokens
+        FROM settled
         ON CONFLICT (day, tool_id, plan_code, shard) DO UPDATE SET
             invocations = p.invocations + 1,
             successes = p.successes + EXCLUDED.successes,
@@ -67,14 +71,28 @@ _BUMP = text(
             timeouts = p.timeouts + EXCLUDED.timeouts,
             tokens = p.tokens + EXCLUDED.tokens
         RETURNING 1
+    ), hourly AS (
+        INSERT INTO usage_hourly AS h (user_id, hour, invocations, tokens)
+        SELECT user_id, date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', 1, tokens
+        FROM settled
+        ON CONFLICT (user_id, hour) DO UPDATE SET
+            invocations = h.invocations + 1,
+            tokens = h.tokens + EXCLUDED.tokens
+        RETURNING 1
     )
-    INSERT INTO usage_hourly AS h (user_id, hour, invocations, tokens)
-    VALUES (:user_id, date_trunc('hour', CAST(:ts AS timestamptz) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
-            1, :tokens)
-    ON CONFLICT (user_id, hour) DO UPDATE SET
-        invocations = h.invocations + 1,
-        tokens = h.tokens + EXCLUDED.tokens
+"""
+
+_BUMP = text(
     """
+    WITH settled AS (
+        SELECT CAST(:user_id AS uuid) AS user_id, CAST(:tool_id AS uuid) AS tool_id,
+               CAST(:plan_code AS varchar) AS plan_code, CAST(:shard AS integer) AS shard,
+               CAST(:ts AS timestamptz) AS ts, CAST(:success AS integer) AS success,
+               CAST(:error AS integer) AS error, CAST(:timeout AS integer) AS timeout,
+               CAST(:tokens AS bigint) AS tokens
+    ), """
+    + ROLLUP_CTES
+    + "SELECT 1"
 )
 
 
