@@ -64,10 +64,18 @@ async def _create_or_promote(
     settings: Settings,
     reset_existing: bool,
     now: datetime,
+    password_hash: str | None,
 ) -> str:
-    """'created', 'promoted', 'updated' (password reset on an existing admin) or 'unchanged'."""
+    """'created', 'promoted', 'updated' (password reset on an existing admin) or 'unchanged'.
+
+    `password_hash` is the password hashed by the caller *before* the transaction began, so the
+    row lock is not held across bcrypt; None when the caller found the email registered and
+    needs no hash. Only if that account vanished in between is the hash made here.
+    """
     user = (await db.execute(select(User).where(User.email == email).with_for_update())).scalar_one_or_none()
     if user is None:
+        if password_hash is None:
+            password_hash = await hash_password(password, settings.bcrypt_rounds)
         inserted = (
             await db.execute(
                 pg_insert(User)
@@ -75,7 +83,7 @@ async def _create_or_promote(
                     id=uuid.uuid4(),
                     name=name[:NAME_MAX] or "Administrator",
                     email=email,
-                    password_hash=await hash_password(password, settings.bcrypt_rounds),
+                    password_hash=password_hash,
                     role="admin",
                     is_active=True,
                     created_at=now,
@@ -104,7 +112,7 @@ async def _create_or_promote(
         outcome = "promoted"
     if reset_existing:
         user.is_active = True
-        user.password_hash = await hash_password(password, settings.bcrypt_rounds)
+        user.password_hash = password_hash or await hash_password(password, settings.bcrypt_rounds)
         await sessions.revoke_user_sessions(db, user.id, reason="password_reset", now=now)
         if outcome == "unchanged":
             outcome = "updated"
@@ -132,6 +140,7 @@ async def create_admin_cli(url: str, settings: Settings, email: str, password: s
     if problem:
         print(f"joyhub: password rejected: {problem}", file=sys.stderr)
         return 2
+    password_hash = await hash_password(password, settings.bcrypt_rounds)  # before the lock
     engine = make_engine(url, settings, pool_size=1, max_overflow=0)
     try:
         async with make_sessionmaker(engine)() as db, db.begin():
@@ -143,6 +152,7 @@ async def create_admin_cli(url: str, settings: Settings, email: str, password: s
                 settings=settings,
                 reset_existing=True,
                 now=utcnow(),
+                password_hash=password_hash,
             )
     finally:
         await engine.dispose()
@@ -182,6 +192,13 @@ async def ensure_admin_from_settings(app: FastAPI) -> None:
     check_admin_settings(settings)
     email = normalize_email(settings.admin_email)
     factory: async_sessionmaker[AsyncSession] = app.state.sessionmaker
+    async with factory() as db:
+        registered = (await db.execute(select(User.id).where(User.email == email))).first() is not None
+    # an existing account keeps its password: hash only when the admin is about to be created,
+    # and before the transaction, so its row lock and connection never wait on bcrypt
+    password_hash = (
+        None if registered else await hash_password(settings.admin_password, settings.bcrypt_rounds)
+    )
     async with factory() as db, db.begin():
         outcome = await _create_or_promote(
             db,
@@ -191,6 +208,7 @@ async def ensure_admin_from_settings(app: FastAPI) -> None:
             settings=settings,
             reset_existing=False,
             now=utcnow(),
+            password_hash=password_hash,
         )
     if outcome != "unchanged":
         log.info("bootstrap admin %s", outcome, extra={"outcome": outcome})

@@ -39,6 +39,11 @@ _ERR: dict[int | str, dict[str, Any]] = {
     413: {"model": Envelope[None], "description": "Request body too large"},
     422: {"model": Envelope[None], "description": "Validation error"},
     429: {"model": Envelope[None], "description": "Too many attempts (has Retry-After)"},
+    503: {
+        "model": Envelope[None],
+        "description": "SERVICE_UNAVAILABLE: the database is unreachable, or too many passwords are"
+        " waiting to be checked in this process (then with Retry-After)",
+    },
 }
 
 
@@ -62,7 +67,7 @@ def _pair(issued: IssuedTokens) -> TokenPair:
     status_code=201,
     response_model=Envelope[RegisterOut],
     summary="Create an account (role user, no subscription) and log in",
-    responses=_errors(409),
+    responses=_errors(409, 503),
 )
 async def register(
     body: RegisterIn, request: Request, client: Client, db: DbSession, background: BackgroundTasks
@@ -85,7 +90,7 @@ async def register(
     "/login",
     response_model=Envelope[TokenPair],
     summary="Log in with email and password",
-    responses=_errors(401, 403, 429),
+    responses=_errors(401, 403, 429, 503),
 )
 async def login(body: LoginIn, request: Request, client: Client, db: DbSession) -> Envelope[TokenPair]:
     access, refresh, expires_in = await service.login(
@@ -105,7 +110,7 @@ async def login(body: LoginIn, request: Request, client: Client, db: DbSession) 
     "/token",
     response_model=AccessTokenOut,
     summary="OAuth2 password flow (for the docs' Authorize button); answers without the envelope",
-    responses=_errors(401, 403, 429),
+    responses=_errors(401, 403, 429, 503),
 )
 async def token(
     form: Annotated[OAuth2PasswordRequestForm, Depends()], request: Request, client: Client, db: DbSession
@@ -187,7 +192,7 @@ async def password_reset(
     "/password-reset/confirm",
     response_model=Envelope[TokenPair],
     summary="Set a new password with a reset token; revokes every session and logs in",
-    responses={**_errors(403), 400: {"model": Envelope[None], "description": "Invalid reset token"}},
+    responses={**_errors(403, 503), 400: {"model": Envelope[None], "description": "Invalid reset token"}},
 )
 async def password_reset_confirm(
     body: PasswordResetConfirmIn, request: Request, client: Client, db: DbSession

@@ -1,6 +1,8 @@
 """The rules of registration, login, refresh, logout and password reset (API.md §2).
 
 Services flush, never commit: the request's session commits once after the route returns.
+The one exception is `release_connection`: before a bcrypt wait, a service that has only *read*
+so far ends that read transaction, so no pooled connection waits on bcrypt's queue.
 Two things deliberately escape that transaction because they must stick although the request
 answers with an error: throttle hits (auth/throttle.py) and the revocation of a session whose
 refresh token was replayed (auth/sessions.py).
@@ -15,7 +17,7 @@ import logging
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -33,7 +35,14 @@ from joyhub.core.errors import (
     InvalidResetToken,
     RateLimited,
 )
-from joyhub.core.security import hash_password, new_opaque_token, token_digest, verify_dummy, verify_password
+from joyhub.core.security import (
+    ensure_bcrypt_capacity,
+    hash_password,
+    new_opaque_token,
+    token_digest,
+    verify_dummy,
+    verify_password,
+)
 from joyhub.models import PasswordResetToken, User
 
 log = logging.getLogger("joyhub.auth")
@@ -55,7 +64,8 @@ async def register(
     """Create a user (role `user`, no subscription) and log them in.
 
     The insert is `ON CONFLICT (email) DO NOTHING`: of many parallel registrations of one email
-    exactly one inserts, the others see no row and answer 409 EMAIL_TAKEN.
+    exactly one inserts, the others see no row and answer 409 EMAIL_TAKEN. The password is
+    hashed before the first statement, so no pooled connection waits on bcrypt's queue.
     """
     enforce_policy(password, "body.password")
     password_hash = await hash_password(password, settings.bcrypt_rounds)
@@ -98,6 +108,19 @@ async def register(
     return user, tokens, welcome
 
 
+async def release_connection(db: AsyncSession) -> None:
+    """End the session's transaction so its pooled connection goes back before a bcrypt wait.
+
+    bcrypt queues on a small thread pool (core/security.py); a request holding a connection
+    while it waits there would, under a login burst, drain the pool and turn every other
+    request into 503 after DB_POOL_TIMEOUT. Called only after reads (nothing of the request is
+    written yet), so committing changes nothing in the database. The session's
+    `expire_on_commit=False` (core/db.py) keeps the loaded rows usable without a reload; the
+    next statement on the session opens a new transaction on a connection taken anew.
+    """
+    await db.commit()
+
+
 async def authenticate(
     db: AsyncSession,
     *,
@@ -114,7 +137,13 @@ async def authenticate(
     burst; when the bucket is full the answer is 429 with Retry-After without looking at the
     password. The right password clears the bucket; a wrong one leaves its hit counted. Unknown
     emails are checked against a dummy hash so they take as long as wrong passwords.
+
+    No database connection is held while bcrypt waits: the user row is read, the values needed
+    afterwards are copied, and the read transaction ends before the hash is checked. When
+    bcrypt's queue is full the attempt is refused (503) before its throttle slot is taken, so
+    an overloaded server does not count failures nobody made.
     """
+    ensure_bcrypt_capacity()
     bucket = login_bucket(email, client.address)
     decision = await throttle.acquire(
         bucket,
@@ -130,16 +159,18 @@ async def authenticate(
     user = None
     if len(email) <= EMAIL_MAX and "\x00" not in email:  # else: unknown, without asking the DB
         user = (await db.execute(select(User).where(User.email == email))).scalar_one_or_none()
+    await release_connection(db)
     if user is None:
         await verify_dummy(password, settings.bcrypt_rounds)
         log.info("login failed", extra={"reason": "credentials"})
         raise InvalidCredentials()
-    if not await verify_password(password, user.password_hash):
-        log.info("login failed", extra={"reason": "credentials", "user_id": str(user.id)})
+    user_id, password_hash, is_active = user.id, user.password_hash, user.is_active
+    if not await verify_password(password, password_hash):
+        log.info("login failed", extra={"reason": "credentials", "user_id": str(user_id)})
         raise InvalidCredentials()
     await throttle.clear(bucket)
-    if not user.is_active:
-        log.info("login refused", extra={"reason": "disabled", "user_id": str(user.id)})
+    if not is_active:
+        log.info("login refused", extra={"reason": "disabled", "user_id": str(user_id)})
         raise AccountDisabled()
     return user
 
@@ -262,6 +293,45 @@ async def request_password_reset(
     )
 
 
+def _usable_reset_token(digest: bytes, now: datetime) -> tuple[ColumnElement[bool], ...]:
+    return (
+        PasswordResetToken.token_hash == digest,
+        PasswordResetToken.used_at.is_(None),
+        PasswordResetToken.expires_at > now,
+    )
+
+
+async def _newer_reset_token_exists(db: AsyncSession, user_id: uuid.UUID, created_at: datetime) -> bool:
+    newer = (
+        await db.execute(
+            select(PasswordResetToken.id)
+            .where(PasswordResetToken.user_id == user_id, PasswordResetToken.created_at > created_at)
+            .limit(1)
+        )
+    ).scalar_one_or_none()
+    return newer is not None
+
+
+async def _reset_token_owner(db: AsyncSession, digest: bytes, now: datetime) -> User:
+    """The active user a reset token would reset, read without writing or locking anything."""
+    found = (
+        await db.execute(
+            select(PasswordResetToken.user_id, PasswordResetToken.created_at).where(
+                *_usable_reset_token(digest, now)
+            )
+        )
+    ).one_or_none()
+    if found is None:
+        raise InvalidResetToken()
+    user_id, created_at = found
+    if await _newer_reset_token_exists(db, user_id, created_at):
+        raise InvalidResetToken()
+    user = (await db.execute(select(User).where(User.id == user_id))).scalar_one()
+    if not user.is_active:
+        raise AccountDisabled()
+    return user
+
+
 async def confirm_password_reset(
     db: AsyncSession,
     *,
@@ -273,39 +343,20 @@ async def confirm_password_reset(
 ) -> IssuedTokens:
     """Set a new password with a reset token: consume it atomically, revoke every session, log in.
 
-    The policy is checked first, so a weak password does not burn the token. The consume is a
-    conditional UPDATE (single use even under parallel confirms); a token that is not the
-    user's newest is refused even if it somehow escaped retirement.
+    The policy is checked first, so a weak password does not burn the token. Then the token is
+    checked by reading only, and that read transaction ends before bcrypt hashes the new
+    password, so no pooled connection waits on bcrypt's queue (and a bad token costs no hash).
+    The writes follow in one new transaction: the new password, the revoked sessions, the new
+    session, and last the consume — a conditional UPDATE, so the token is single use even under
+    parallel confirms: the loser finds it used, answers 400, and its whole transaction rolls
+    back. A token that is not the user's newest is refused even if it somehow escaped
+    retirement, and the account must still be active once its row is locked by the write.
     """
     enforce_policy(new_password, "body.new_password")
-    consumed = (
-        await db.execute(
-            update(PasswordResetToken)
-            .where(
-                PasswordResetToken.token_hash == token_digest(token),
-                PasswordResetToken.used_at.is_(None),
-                PasswordResetToken.expires_at > now,
-            )
-            .values(used_at=now)
-            .returning(PasswordResetToken.user_id, PasswordResetToken.created_at)
-            .execution_options(synchronize_session=False)
-        )
-    ).one_or_none()
-    if consumed is None:
-        raise InvalidResetToken()
-    user_id, created_at = consumed
-    newer = (
-        await db.execute(
-            select(PasswordResetToken.id)
-            .where(PasswordResetToken.user_id == user_id, PasswordResetToken.created_at > created_at)
-            .limit(1)
-        )
-    ).scalar_one_or_none()
-    if newer is not None:
-        raise InvalidResetToken()
-    user = (await db.execute(select(User).where(User.id == user_id).with_for_update())).scalar_one()
-    if not user.is_active:
-        raise AccountDisabled()
+    digest = token_digest(token)
+    user = await _reset_token_owner(db, digest, now)
+    await release_connection(db)
+    user_id = user.id
     user.last_login_at = now
     issued = await sessions.replace_password(
         db,
@@ -317,4 +368,21 @@ async def confirm_password_reset(
         client_ip=client.address,
         now=now,
     )
+    consumed = (
+        await db.execute(
+            update(PasswordResetToken)
+            .where(*_usable_reset_token(digest, now), PasswordResetToken.user_id == user_id)
+            .values(used_at=now)
+            .returning(PasswordResetToken.created_at)
+            .execution_options(synchronize_session=False)
+        )
+    ).scalar_one_or_none()
+    if consumed is None or await _newer_reset_token_exists(db, user_id, consumed):
+        raise InvalidResetToken()
+    # under the row lock (already held since the password write): the account's state now
+    active = (
+        await db.execute(select(User.is_active).where(User.id == user_id).with_for_update())
+    ).scalar_one()
+    if not active:
+        raise AccountDisabled()
     return issued

@@ -12,11 +12,14 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import math
 import os
 import secrets
+import threading
+import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -26,6 +29,7 @@ import bcrypt
 import jwt
 
 from joyhub.core.clock import utcnow
+from joyhub.core.errors import ServiceUnavailable
 
 JWT_ALGORITHM = "HS256"
 _REQUIRED_CLAIMS = ["sub", "sid", "jti", "iat", "exp", "type", "role"]
@@ -62,9 +66,84 @@ def _cpu_count() -> int:
 BCRYPT_THREADS = max(1, _cpu_count() - 1)
 _bcrypt_pool = ThreadPoolExecutor(max_workers=BCRYPT_THREADS, thread_name_prefix="bcrypt")
 
+# The queue in front of that pool is bounded: with more than this many hashes waiting or running
+# in this process, a new one is refused at once with 503 and a Retry-After, rather than queued
+# behind minutes of work its client will have given up on long before (64 hashes at ~0.25 s on
+# one thread is already ~16 s of waiting).
+BCRYPT_MAX_PENDING = 64
+_INITIAL_SECONDS_PER_HASH = 0.25  # the estimate until real hashes have been timed
+_pending_lock = threading.Lock()
+_pending = 0
+_seconds_per_hash = _INITIAL_SECONDS_PER_HASH  # moving average of the recent hashes
+
+
+class BcryptBusy(ServiceUnavailable):
+    """Too many password hashes are already waiting in this process (503 with Retry-After)."""
+
+    message = "The server is busy checking passwords; try again later"
+
+
+def bcrypt_pending() -> int:
+    """Hashes waiting for or running on the bcrypt pool right now (this process)."""
+    return _pending
+
+
+def _retry_after(pending: int) -> str:
+    """Seconds until the current queue has drained, by the recent time per hash."""
+    return str(max(1, math.ceil(pending * _seconds_per_hash / BCRYPT_THREADS)))
+
+
+def ensure_bcrypt_capacity() -> None:
+    """Raise BcryptBusy when the queue is full.
+
+    Called before the work a refused attempt must not leave behind (a login reserves a throttle
+    slot before bcrypt); `_off_loop` enforces the same bound on every hash anyway.
+    """
+    _refuse_if_full(_pending)
+
+
+def _refuse_if_full(pending: int) -> None:
+    if pending >= BCRYPT_MAX_PENDING:
+        raise BcryptBusy(headers={"Retry-After": _retry_after(pending)})
+
+
+def _timed(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run one hash on a pool thread and fold its duration into the average."""
+    global _seconds_per_hash
+    started = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        elapsed = time.perf_counter() - started
+        with _pending_lock:
+            _seconds_per_hash = 0.8 * _seconds_per_hash + 0.2 * elapsed
+
+
+def _release(_: Future[Any] | None = None) -> None:
+    """A hash finished, failed or was cancelled before it started: its place is free."""
+    global _pending
+    with _pending_lock:
+        _pending -= 1
+
 
 async def _off_loop(fn: Callable[..., _T], *args: Any) -> _T:
-    return await asyncio.get_running_loop().run_in_executor(_bcrypt_pool, fn, *args)
+    """Run `fn` on the bcrypt pool, or raise BcryptBusy when its queue is full.
+
+    The place is given back when the pool is done with the job (not when the caller stops
+    waiting), so a cancelled request whose hash is already running still counts until it ends.
+    """
+    global _pending
+    with _pending_lock:
+        _refuse_if_full(_pending)
+        _pending += 1
+    try:
+        job = _bcrypt_pool.submit(_timed, fn, *args)
+    except BaseException:
+        _release()
+        raise
+    job.add_done_callback(_release)
+    # cancelling the wrapper cancels the job if it has not started yet (as run_in_executor does)
+    return await asyncio.wrap_future(job)
 
 
 async def hash_password(password: str, rounds: int) -> str:

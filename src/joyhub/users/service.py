@@ -1,6 +1,8 @@
 """The rules of the caller's own account (API.md §3): profile, password change, API keys.
 
-Services flush, never commit (the request's session commits once after the route returns).
+Services flush, never commit (the request's session commits once after the route returns),
+except that the password change ends its read transaction before bcrypt
+(`auth.service.release_connection`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from joyhub.auth import sessions
 from joyhub.auth.dependencies import ClientInfo
 from joyhub.auth.passwords import enforce_policy
+from joyhub.auth.service import release_connection
 from joyhub.auth.sessions import IssuedTokens
 from joyhub.auth.throttle import Throttle, login_bucket
 from joyhub.core import audit
@@ -28,7 +31,7 @@ from joyhub.core.errors import (
     field_error,
 )
 from joyhub.core.pagination import Page
-from joyhub.core.security import new_api_key, token_digest, verify_password
+from joyhub.core.security import ensure_bcrypt_capacity, new_api_key, token_digest, verify_password
 from joyhub.models import ApiKey, User
 from joyhub.users.schemas import ApiKeyOut
 
@@ -64,9 +67,17 @@ async def change_password(
     and refresh tokens issued before the change — wherever they may have leaked — stop working
     at once. A wrong current password counts as a failed login of (email, client address), so
     a stolen access token cannot be used to guess the password faster than the login allows.
+
+    Both bcrypt steps (checking the current password, hashing the new one) run with no pooled
+    connection held: the transaction that read the caller's session and user row ends first
+    (nothing is written before), and the writes open a new one after the hash. When bcrypt's
+    queue is full the attempt is refused (503) before it counts as a failure.
     """
     enforce_policy(new_password, "body.new_password")
-    bucket = login_bucket(user.email, client.address)
+    ensure_bcrypt_capacity()
+    user_id, email, password_hash = user.id, user.email, user.password_hash
+    await release_connection(db)
+    bucket = login_bucket(email, client.address)
     decision = await throttle.acquire(
         bucket,
         limit=settings.login_max_failures,
@@ -77,8 +88,8 @@ async def change_password(
         raise RateLimited(
             "Too many failed attempts; try again later", headers={"Retry-After": str(decision.retry_after)}
         )
-    if not await verify_password(current_password, user.password_hash):
-        log.info("password change refused", extra={"reason": "credentials", "user_id": str(user.id)})
+    if not await verify_password(current_password, password_hash):
+        log.info("password change refused", extra={"reason": "credentials", "user_id": str(user_id)})
         raise InvalidCredentials("Current password is incorrect")
     await throttle.clear(bucket)
     return await sessions.replace_password(
