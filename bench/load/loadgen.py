@@ -33,6 +33,7 @@ INVOKE_BODY = b'{"input":{"text":"hello load benchmark"}}'
 @dataclass
 class ClassStats:
     latencies_ms: list[float] = field(default_factory=list)
+    starts_s: list[float] = field(default_factory=list)  # when each request was sent, from start_at
     statuses: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -127,6 +128,7 @@ async def _connection(
                 continue
         assert reader is not None
         name, raw = rng.choices(requests, weights)[0]
+        sent_at = time.time() - start_at
         t0 = time.perf_counter()
         try:
             writer.write(raw)
@@ -141,6 +143,7 @@ async def _connection(
         t1 = time.perf_counter()
         st = stats[name]
         st.latencies_ms.append(round((t1 - t0) * 1000, 2))
+        st.starts_s.append(round(sent_at, 2))
         st.statuses[str(status)] += 1
         now = time.time() - start_at
         timeline[int(now)] += 1
@@ -188,7 +191,8 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
     cpu = os.times()
     return {
         "classes": {
-            n: {"latencies_ms": s.latencies_ms, "statuses": dict(s.statuses)} for n, s in stats.items()
+            n: {"latencies_ms": s.latencies_ms, "starts_s": s.starts_s, "statuses": dict(s.statuses)}
+            for n, s in stats.items()
         },
         "timeline": dict(timeline),
         "status_timeline": dict(status_timeline),
@@ -218,9 +222,16 @@ class LoadReport:
     start_at: float = 0.0
     status_timeline: dict[tuple[int, str], int] = field(default_factory=dict)
 
-    def summary(self, classes: list[str] | None = None) -> dict[str, Any]:
+    def summary(self, classes: list[str] | None = None, skip: float = 0.0) -> dict[str, Any]:
+        """Counts and latency percentiles; with `skip`, the percentiles (`*_ms`) cover only the
+        requests sent at least `skip` seconds into the run (steady state, ramp-up excluded)."""
         names = classes or [n for n in self.classes if n != "connect"]
-        lat = [x for n in names for x in self.classes[n]["latencies_ms"]]
+        lat = [
+            x
+            for n in names
+            for x, at in zip(self.classes[n]["latencies_ms"], self.classes[n]["starts_s"], strict=True)
+            if at >= skip
+        ]
         statuses: Counter[str] = Counter()
         for n in names:
             statuses.update(self.classes[n]["statuses"])
@@ -311,8 +322,9 @@ def run_load(
             tenth, status = key.split("|", 1)
             status_timeline[(int(tenth), status)] += n
         for name, data in part["classes"].items():
-            agg = classes.setdefault(name, {"latencies_ms": [], "statuses": Counter()})
+            agg = classes.setdefault(name, {"latencies_ms": [], "starts_s": [], "statuses": Counter()})
             agg["latencies_ms"].extend(data["latencies_ms"])
+            agg["starts_s"].extend(data["starts_s"])
             agg["statuses"].update(data["statuses"])
         timeline.update({int(k): v for k, v in part["timeline"].items()})
     ended = max(p["ended_at"] for p in parts)
@@ -321,7 +333,7 @@ def run_load(
         duration=duration,
         seconds=ended - start_at,
         classes={
-            n: {"latencies_ms": d["latencies_ms"], "statuses": dict(d["statuses"])}
+            n: {"latencies_ms": d["latencies_ms"], "starts_s": d["starts_s"], "statuses": dict(d["statuses"])}
             for n, d in classes.items()
         },
         timeline=dict(timeline),

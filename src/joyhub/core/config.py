@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     sweep_interval_seconds: float = Field(60, gt=0)
     stale_invocation_seconds: int = Field(600, ge=10)
+    # per worker: invocations in their admission phase at once, and how long one waits in line
+    gateway_max_admissions: int = Field(16, ge=1, le=1024)
+    gateway_queue_timeout_seconds: float = Field(30, gt=0, le=300)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -51,6 +51,12 @@ DB_POOL_SIZE = Gauge(
     "joyhub_db_pool_size", "Configured pool size (+ overflow in use)", multiprocess_mode="livesum"
 )
 
+GATEWAY_WAITING = Gauge(
+    "joyhub_gateway_admissions_waiting",
+    "Invocations waiting for an admission slot (tools/admission.py)",
+    multiprocess_mode="livesum",
+)
+
 CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 

@@ -64,6 +64,7 @@ from joyhub.core.errors import (
 from joyhub.models import Subscription
 from joyhub.subscriptions.rollover import ensure_current, is_due
 from joyhub.tools import idempotency, ledger, token_count, upstream
+from joyhub.tools.admission import AdmissionSlot
 from joyhub.tools.breaker import Breakers, Permit
 from joyhub.tools.driver import driver_of
 from joyhub.tools.input_validation import input_errors, validators
@@ -201,8 +202,12 @@ async def invoke(
     tool_id: uuid.UUID,
     value: dict[str, Any],
     idempotency_key: str | None,
+    admission_slot: AdmissionSlot | None = None,
 ) -> Response:
-    """Run one invocation end to end and return the HTTP response (success or failure)."""
+    """Run one invocation end to end and return the HTTP response (success or failure).
+
+    `admission_slot` (the admission gate's, `admission.py`) is given back once the admission
+    is committed, before the upstream call."""
     rt: Runtime = app.state.tools
     now = utcnow()
     body = encode_input(value)
@@ -284,6 +289,8 @@ async def invoke(
         # the admission is durable, and the connection back in the pool, before the upstream call
         await session.commit()
         committed = True
+        if admission_slot is not None:
+            admission_slot.release()
     except _KeyTaken as taken:
         await session.rollback()  # our admission goes; the other request's stands
         if permit is not None:

@@ -13,6 +13,7 @@ from joyhub.core.db import DbSession
 from joyhub.core.envelope import Envelope, ok, page
 from joyhub.core.pagination import PageParams
 from joyhub.tools import gateway, service
+from joyhub.tools.admission import AdmissionSlotDep
 from joyhub.tools.idempotency import MAX_KEY_LENGTH
 from joyhub.tools.schemas import Invocation, InvokeRequest, ToolOut
 
@@ -90,12 +91,14 @@ async def get_tool(tool_id: uuid.UUID, session: DbSession, principal: CurrentUse
         502: {"model": Envelope[None], "description": "TOOL_BAD_RESPONSE"},
         503: {
             "model": Envelope[None],
-            "description": "TOOL_UNAVAILABLE (Retry-After when the circuit is open)",
+            "description": "TOOL_UNAVAILABLE (Retry-After when the circuit is open); "
+            "SERVICE_UNAVAILABLE (Retry-After) when the gateway's admission line is full",
         },
         504: {"model": Envelope[None], "description": "TOOL_TIMEOUT"},
     },
 )
 async def invoke_tool(
+    slot: AdmissionSlotDep,  # first: the line forms before authentication touches the database
     tool_id: uuid.UUID,
     payload: InvokeRequest,
     request: Request,
@@ -118,4 +121,5 @@ async def invoke_tool(
         tool_id=tool_id,
         value=payload.input,
         idempotency_key=idempotency_key,
+        admission_slot=slot,
     )

@@ -2,9 +2,10 @@
 
 `start` puts on `app.state`: `http` (the shared upstream client), `breakers` (Redis-backed when
 `app.state.redis` is set, in-process otherwise) and `tools` (this Runtime, which also tracks the
-invocations in flight). With `JOYHUB_DEMO=1` (`joyhub serve --demo`) it also registers the demo
-tools and makes sure an admin exists. On shutdown the invocations still running are given time
-to finish and settle before the client closes, so a deploy does not leave calls unaccounted.
+invocations in flight and holds the admission gate, `admission.py`). With `JOYHUB_DEMO=1`
+(`joyhub serve --demo`) it also registers the demo tools and makes sure an admin exists. On
+shutdown the invocations still running are given time to finish and settle before the client
+closes, so a deploy does not leave calls unaccounted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fastapi import FastAPI
 
 from joyhub.core.config import Settings
 from joyhub.tools import upstream
+from joyhub.tools.admission import AdmissionGate
 from joyhub.tools.breaker import Breakers, InProcessBreakers, RedisBreakers
 
 log = logging.getLogger("joyhub.tools")
@@ -32,9 +34,10 @@ DRAIN_SECONDS = 30.0
 
 
 class Runtime:
-    def __init__(self, http: httpx.AsyncClient, breakers: Breakers) -> None:
+    def __init__(self, http: httpx.AsyncClient, breakers: Breakers, gate: AdmissionGate) -> None:
         self.http = http
         self.breakers = breakers
+        self.gate = gate
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def track(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -81,7 +84,11 @@ async def start(app: FastAPI, stack: AsyncExitStack) -> None:
     _skip_missing_sniffio()
     http = upstream.make_client()
     stack.push_async_callback(http.aclose)
-    runtime = Runtime(http, make_breakers(settings, getattr(app.state, "redis", None)))
+    runtime = Runtime(
+        http,
+        make_breakers(settings, getattr(app.state, "redis", None)),
+        AdmissionGate(settings.gateway_max_admissions, settings.gateway_queue_timeout_seconds),
+    )
     stack.push_async_callback(runtime.drain)  # runs before the client closes (LIFO)
     app.state.http = http
     app.state.breakers = runtime.breakers
