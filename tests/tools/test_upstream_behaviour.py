@@ -220,7 +220,7 @@ class _CountingHooks:
 async def test_backoff_schedule_and_retry_after_with_injected_sleep(upstream: Upstream) -> None:
     from joyhub.tools import upstream as gateway_upstream
 
-    client = gateway_upstream.make_client()
+    client = gateway_upstream.make_transport()
     slept: list[float] = []
 
     async def fake_sleep(seconds: float) -> None:

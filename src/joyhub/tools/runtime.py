@@ -1,6 +1,6 @@
 """The gateway's per-process resources, made at start-up and closed at shutdown.
 
-`start` puts on `app.state`: `http` (the shared upstream client), `breakers` (Redis-backed when
+`start` puts on `app.state`: `http` (the shared upstream connection pool), `breakers` (Redis-backed when
 `app.state.redis` is set, in-process otherwise) and `tools` (this Runtime, which also tracks the
 invocations in flight and holds the admission gate, `admission.py`). With `JOYHUB_DEMO=1`
 (`joyhub serve --demo`) it also registers the demo tools and makes sure an admin exists. On
@@ -34,7 +34,7 @@ DRAIN_SECONDS = 30.0
 
 
 class Runtime:
-    def __init__(self, http: httpx.AsyncClient, breakers: Breakers, gate: AdmissionGate) -> None:
+    def __init__(self, http: httpx.AsyncBaseTransport, breakers: Breakers, gate: AdmissionGate) -> None:
         self.http = http
         self.breakers = breakers
         self.gate = gate
@@ -82,7 +82,7 @@ def make_breakers(settings: Settings, redis: Any) -> Breakers:
 async def start(app: FastAPI, stack: AsyncExitStack) -> None:
     settings: Settings = app.state.settings
     _skip_missing_sniffio()
-    http = upstream.make_client()
+    http = upstream.make_transport()
     stack.push_async_callback(http.aclose)
     runtime = Runtime(
         http,

@@ -1,8 +1,8 @@
-"""Calling a tool's upstream (API.md §5, "Upstream call"): one shared client, bounded and retried.
+"""Calling a tool's upstream (API.md §5, "Upstream call"): one shared pool, bounded and retried.
 
-One `httpx.AsyncClient` per process (connection pooling, keep-alive, never following
-redirects, no cookies, ignoring proxy variables so a stray HTTP_PROXY cannot reroute tool
-traffic), sending through aiohttp (`transport.py`). Each
+One connection pool per process (`make_transport`: keep-alive, never following redirects, no
+cookies, ignoring proxy variables so a stray HTTP_PROXY cannot reroute tool traffic), sending
+httpx requests through aiohttp's wire layer (`transport.py`). Each
 attempt is bounded as a whole by the tool's `timeout_seconds` (not only per socket operation,
 so a server dripping one byte a second cannot hold a call forever). What happens to each answer:
 
@@ -32,7 +32,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Literal, Protocol
 
 import anyio.to_thread
@@ -55,20 +54,17 @@ USER_AGENT = f"joyhub/{__version__}"
 Outcome = Literal["success", "rejected", "bad_response", "timeout", "unavailable"]
 
 
-def make_client() -> httpx.AsyncClient:
-    """The process-wide upstream client (closed by the lifespan).
+def make_transport() -> httpx.AsyncBaseTransport:
+    """The process-wide upstream connection pool (closed by the lifespan).
 
-    httpx API over aiohttp's wire layer (`transport.py` says why); cookies are neither kept nor
-    sent, so what one caller's call brought back never rides along on another caller's call.
+    Calls go straight to an httpx transport (aiohttp's wire layer, `transport.py` says why)
+    rather than through `httpx.AsyncClient`: the client's extras are exactly what the gateway
+    must not do — follow redirects, keep and resend cookies (what one caller's call brought back
+    would ride along on another caller's call), read proxy variables — and skipping them saves
+    a third of the upstream call's CPU. Requests and responses are still httpx's, so headers,
+    content decoding and the exception classes are httpx's.
     """
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(max_connections=512, keepalive_seconds=30.0),
-        follow_redirects=False,
-        trust_env=False,
-        headers={"User-Agent": USER_AGENT},
-        timeout=httpx.Timeout(30.0),
-        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-    )
+    return AiohttpTransport(max_connections=512, keepalive_seconds=30.0)
 
 
 @dataclass(frozen=True)
@@ -215,43 +211,52 @@ async def _read_success(resp: httpx.Response) -> _Attempt:
 
 
 async def _attempt_once(
-    client: httpx.AsyncClient, target: Target, body: bytes, headers: dict[str, str]
+    transport: httpx.AsyncBaseTransport, target: Target, body: bytes, headers: dict[str, str]
 ) -> _Attempt:
     try:
-        async with client.stream(
+        request = httpx.Request(
             "POST",
             target.url,
             content=body,
             headers=headers,
-            timeout=httpx.Timeout(target.timeout_seconds),
-        ) as resp:
-            status = resp.status_code
-            if 200 <= status < 300:
-                return await _read_success(resp)
-            if status == 429 or status >= 500:
-                return _Attempt(
-                    "retryable",
-                    status=status,
-                    message=f"The tool answered HTTP {status}",
-                    retry_after=parse_retry_after(resp.headers.get("retry-after")),
-                )
-            if 400 <= status < 500:
-                try:
-                    raw, _ = await _read_capped(resp, ERROR_BODY_LIMIT)
-                except httpx.TimeoutException:
-                    raise
-                except httpx.HTTPError:
-                    raw = b""
-                return _Attempt("rejected", status=status, message=error_message(raw, status))
-            return _Attempt("bad", status=status, message=f"The tool answered HTTP {status} (not followed)")
+            extensions={"timeout": httpx.Timeout(target.timeout_seconds).as_dict()},
+        )
+        resp = await transport.handle_async_request(request)
+        try:
+            return await _classify(resp)
+        finally:
+            await resp.aclose()
     except httpx.TimeoutException:
         raise
     except httpx.TransportError as exc:
         return _Attempt("retryable", message=f"Connection to the tool failed ({type(exc).__name__})")
 
 
+async def _classify(resp: httpx.Response) -> _Attempt:
+    """What an answer means for the call (the table at the top of this module)."""
+    status = resp.status_code
+    if 200 <= status < 300:
+        return await _read_success(resp)
+    if status == 429 or status >= 500:
+        return _Attempt(
+            "retryable",
+            status=status,
+            message=f"The tool answered HTTP {status}",
+            retry_after=parse_retry_after(resp.headers.get("retry-after")),
+        )
+    if 400 <= status < 500:
+        try:
+            raw, _ = await _read_capped(resp, ERROR_BODY_LIMIT)
+        except httpx.TimeoutException:
+            raise
+        except httpx.HTTPError:
+            raw = b""
+        return _Attempt("rejected", status=status, message=error_message(raw, status))
+    return _Attempt("bad", status=status, message=f"The tool answered HTTP {status} (not followed)")
+
+
 async def call(
-    client: httpx.AsyncClient,
+    transport: httpx.AsyncBaseTransport,
     target: Target,
     body: bytes,
     request_id: str,
@@ -264,6 +269,8 @@ async def call(
     headers = {
         "Content-Type": "application/json",
         "Accept": "application/json",
+        "Accept-Encoding": "gzip, deflate",
+        "User-Agent": USER_AGENT,
         "X-Request-ID": request_id,
     }
     if target.secret_header is not None:
@@ -274,7 +281,7 @@ async def call(
         started = time.perf_counter()
         try:
             async with asyncio.timeout(target.timeout_seconds):
-                res = await _attempt_once(client, target, body, headers)
+                res = await _attempt_once(transport, target, body, headers)
         except (TimeoutError, httpx.TimeoutException):
             metrics.UPSTREAM_LATENCY.labels(target.label).observe(time.perf_counter() - started)
             await hooks.failed()
