@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from joyhub.core.clock import utcnow
+from joyhub.core.clock import iso_utc, utcnow
 from tests.factories import make_account, make_admin, make_subscription
 from tests.usage.factories import make_api_key
 
@@ -57,7 +57,7 @@ async def test_list_rows_carry_subscription_last_login_and_key_count(
     }
     assert alice["id"] == str(user.user_id) and alice["name"] == "Alice" and alice["role"] == "user"
     assert alice["is_active"] is True and alice["api_key_count"] == 2
-    assert alice["last_login_at"] == login.isoformat()
+    assert alice["last_login_at"] == iso_utc(login)
     sub = alice["subscription"]
     assert (sub["plan"], sub["status"], sub["tokens_used"], sub["token_limit"]) == (
         "pro",
@@ -65,7 +65,7 @@ async def test_list_rows_carry_subscription_last_login_and_key_count(
         1234,
         50000,
     )
-    assert sub["current_period_end"].endswith("+00:00")
+    assert sub["current_period_end"].endswith("Z")
     assert rows["root@example.com"]["subscription"] is None
     assert rows["root@example.com"]["api_key_count"] == 0
     assert "password_hash" not in r.text and "$2b$" not in r.text
@@ -100,7 +100,7 @@ async def test_a_due_subscription_is_shown_as_of_now_without_writing(
     )
     data = (await client.get(f"{URL}/{user.user_id}", headers=admin.headers)).json()["data"]["subscription"]
     assert data["tokens_used"] == 0 and data["status"] == "active"
-    assert data["current_period_end"] == (start + timedelta(days=60)).isoformat()
+    assert data["current_period_end"] == iso_utc(start + timedelta(days=60))
     data = (await client.get(f"{URL}/{cancelled.user_id}", headers=admin.headers)).json()["data"][
         "subscription"
     ]

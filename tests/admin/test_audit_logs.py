@@ -73,7 +73,7 @@ async def test_entries_newest_first_with_filters_and_paging(
     }
     assert (first["actor_id"], first["actor_email"]) == (str(admin.user_id), "boss@example.com")
     assert first["changes"] == {"name": {"before": "a", "after": "b"}, "auth_header_value": "***"}
-    assert first["created_at"].endswith("+00:00")
+    assert first["created_at"].endswith("Z")
     assert data[1]["actor_id"] is None and data[1]["actor_email"] is None
 
     async def actions(**params: str) -> list[str]:

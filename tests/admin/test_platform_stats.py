@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from joyhub.core.clock import utcnow
+from joyhub.core.clock import iso_utc, utcnow
 from tests.factories import make_account, make_admin, make_subscription
 from tests.usage.factories import make_tool, record_invocation, record_pending
 
@@ -52,8 +52,8 @@ async def test_every_field_on_a_known_dataset(client: httpx.AsyncClient, engine:
     )
     assert r.status_code == 200, r.text
     s = r.json()["data"]
-    assert s["period_start"] == "2025-03-01T00:00:00+00:00"
-    assert s["period_end"] == "2025-03-04T00:00:00+00:00"
+    assert s["period_start"] == "2025-03-01T00:00:00Z"
+    assert s["period_end"] == "2025-03-04T00:00:00Z"
     assert s["total_invocations"] == 6
     assert s["total_tokens"] == 187
     assert s["active_users"] == 3
@@ -127,8 +127,8 @@ async def test_default_range_is_the_last_30_days_including_today(
     await record_invocation(engine, user.user_id, tool, tokens=4, ts=today - timedelta(days=29))
     await record_invocation(engine, user.user_id, tool, tokens=5, ts=today - timedelta(days=29, seconds=1))
     s = (await client.get(URL, headers=admin.headers)).json()["data"]
-    assert s["period_start"] == (today - timedelta(days=29)).isoformat()
-    assert s["period_end"] == (today + timedelta(days=1)).isoformat()
+    assert s["period_start"] == iso_utc(today - timedelta(days=29))
+    assert s["period_end"] == iso_utc(today + timedelta(days=1))
     assert len(s["daily"]) == 30
     assert s["daily"][-1] == {"date": today.date().isoformat(), "invocations": 1, "tokens": 3}
     assert (s["total_invocations"], s["total_tokens"]) == (2, 7)
@@ -140,7 +140,7 @@ async def test_timestamps_are_widened_to_whole_days_and_ranges_are_checked(
     admin = await make_admin(engine)
     params = {"start_date": "2025-03-01T15:00:00Z", "end_date": "2025-03-03T01:00:00+02:00"}
     s = (await client.get(URL, headers=admin.headers, params=params)).json()["data"]
-    assert (s["period_start"], s["period_end"]) == ("2025-03-01T00:00:00+00:00", "2025-03-03T00:00:00+00:00")
+    assert (s["period_start"], s["period_end"]) == ("2025-03-01T00:00:00Z", "2025-03-03T00:00:00Z")
     assert len(s["daily"]) == 2
     bad = [
         {"start_date": "2025-03-02", "end_date": "2025-03-01"},

@@ -58,7 +58,7 @@ async def test_csv_content_and_headers(client: httpx.AsyncClient, engine: AsyncE
     assert rows[0] == HEADER
     assert rows[1] == [
         str(err_id),
-        "2025-03-01T10:00:00+00:00",
+        "2025-03-01T10:00:00Z",
         str(tool),
         "Summarizer, v2",
         "error",
@@ -69,7 +69,7 @@ async def test_csv_content_and_headers(client: httpx.AsyncClient, engine: AsyncE
     ]
     assert rows[2] == [
         str(ok_id),
-        "2025-03-01T09:00:00+00:00",
+        "2025-03-01T09:00:00Z",
         str(tool),
         "Summarizer, v2",
         "success",
@@ -93,7 +93,7 @@ async def test_date_range_and_filename(client: httpx.AsyncClient, engine: AsyncE
     assert r.status_code == 200
     assert r.headers["content-disposition"] == 'attachment; filename="usage-20250301-20250331.csv"'
     stamps = [row[1] for row in parse(r.text)[1:]]
-    assert stamps == ["2025-03-31T23:59:00+00:00", "2025-03-01T00:00:00+00:00"]
+    assert stamps == ["2025-03-31T23:59:00Z", "2025-03-01T00:00:00Z"]
     r = await client.get(
         URL, headers=acc.headers, params={"start_date": "2025-04-02", "end_date": "2025-04-01"}
     )

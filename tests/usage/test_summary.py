@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from joyhub.core.clock import utcnow
+from joyhub.core.clock import iso_utc, utcnow
 from tests.factories import make_account, make_subscription
 from tests.usage.factories import make_api_key, make_tool, record_invocation, record_pending
 
@@ -24,7 +24,7 @@ def utc(*args: int) -> datetime:
 
 
 def iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat()
+    return iso_utc(value)
 
 
 async def test_summary_equals_history_equals_subscription_counters(
@@ -219,7 +219,7 @@ async def test_range_checks(client: httpx.AsyncClient, engine: AsyncEngine) -> N
     assert r.status_code == 422
     r = await client.get(URL, headers=acc.headers, params={"start_date": "2020-01-01"})
     assert r.status_code == 200
-    assert r.json()["data"]["period_start"] == "2020-01-01T00:00:00+00:00"
+    assert r.json()["data"]["period_start"] == "2020-01-01T00:00:00Z"
 
 
 async def test_privacy_and_api_key(client: httpx.AsyncClient, engine: AsyncEngine) -> None:

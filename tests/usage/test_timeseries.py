@@ -34,17 +34,17 @@ async def test_daily_buckets_include_empty_days(client: httpx.AsyncClient, engin
     )
     assert r.status_code == 200, r.text
     assert r.json()["data"] == [
-        {"bucket_start": "2025-03-01T00:00:00+00:00", "invocations": 0, "tokens": 0},
-        {"bucket_start": "2025-03-02T00:00:00+00:00", "invocations": 2, "tokens": 15},
-        {"bucket_start": "2025-03-03T00:00:00+00:00", "invocations": 0, "tokens": 0},
-        {"bucket_start": "2025-03-04T00:00:00+00:00", "invocations": 1, "tokens": 0},
-        {"bucket_start": "2025-03-05T00:00:00+00:00", "invocations": 0, "tokens": 0},
+        {"bucket_start": "2025-03-01T00:00:00Z", "invocations": 0, "tokens": 0},
+        {"bucket_start": "2025-03-02T00:00:00Z", "invocations": 2, "tokens": 15},
+        {"bucket_start": "2025-03-03T00:00:00Z", "invocations": 0, "tokens": 0},
+        {"bucket_start": "2025-03-04T00:00:00Z", "invocations": 1, "tokens": 0},
+        {"bucket_start": "2025-03-05T00:00:00Z", "invocations": 0, "tokens": 0},
     ]
     # granularity defaults to day; a one-day range is one bucket
     r = await client.get(
         URL, headers=acc.headers, params={"start_date": "2025-03-02", "end_date": "2025-03-02"}
     )
-    assert r.json()["data"] == [{"bucket_start": "2025-03-02T00:00:00+00:00", "invocations": 2, "tokens": 15}]
+    assert r.json()["data"] == [{"bucket_start": "2025-03-02T00:00:00Z", "invocations": 2, "tokens": 15}]
 
 
 async def test_hourly_buckets(client: httpx.AsyncClient, engine: AsyncEngine) -> None:

@@ -26,3 +26,11 @@ clock = Clock()
 
 def utcnow() -> datetime:
     return clock.now()
+
+
+def iso_utc(value: datetime) -> str:
+    """ISO 8601 in UTC with a `Z` — how the API writes every timestamp (as pydantic does for UTC
+    datetimes); a naive value is taken to be UTC already."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")

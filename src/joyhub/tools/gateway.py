@@ -38,7 +38,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -48,7 +48,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from joyhub.core import metrics
-from joyhub.core.clock import utcnow
+from joyhub.core.clock import iso_utc, utcnow
 from joyhub.core.context import current_request_id
 from joyhub.core.errors import (
     IdempotencyConflict,
@@ -84,11 +84,6 @@ _FAILURES: dict[str, tuple[str, int, str, str]] = {
     "unavailable": ("error", 503, "TOOL_UNAVAILABLE", "The tool is unavailable"),
     "internal": ("error", 500, "INTERNAL_ERROR", "Internal server error"),
 }
-
-
-def iso_utc(value: datetime) -> str:
-    """ISO 8601 in UTC with a `Z`, as pydantic writes every other timestamp of the API."""
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)

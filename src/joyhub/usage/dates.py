@@ -30,6 +30,7 @@ from typing import Annotated
 from fastapi import Depends, Query
 from pydantic import PlainSerializer, WithJsonSchema
 
+from joyhub.core.clock import iso_utc
 from joyhub.core.errors import ValidationFailed, field_error
 
 DAY = timedelta(days=1)
@@ -41,18 +42,12 @@ _SPACE_FOR_PLUS_RE = re.compile(r"^(.*T.*\d)\s(\d{2}(:?\d{2})?)$")
 MAX_PARAM_LENGTH = 64
 
 
-def _to_utc_iso(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat()
-
-
 UtcDateTime = Annotated[
     datetime,
-    PlainSerializer(_to_utc_iso, return_type=str, when_used="json"),
+    PlainSerializer(iso_utc, return_type=str, when_used="json"),
     WithJsonSchema({"type": "string", "format": "date-time"}, mode="serialization"),
 ]
-"""A datetime that serialises as ISO 8601 in UTC with an explicit `+00:00` offset."""
+"""A datetime that serialises as ISO 8601 in UTC (`...Z`), whatever offset it was read with."""
 
 
 @dataclass(frozen=True)

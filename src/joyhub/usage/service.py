@@ -52,6 +52,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from joyhub.core.clock import iso_utc
 from joyhub.core.errors import ValidationFailed, field_error
 from joyhub.core.pagination import Page
 from joyhub.models import Plan, Subscription, Tool, UsageLog
@@ -521,7 +522,7 @@ async def export_csv(
                 [
                     (
                         str(r[0]),
-                        r[1].isoformat(),
+                        iso_utc(r[1]),
                         str(r[2]),
                         r[3],
                         r[4],
