@@ -33,7 +33,11 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": Envelope[None], "description": "PAYLOAD_TOO_LARGE: the body is over 1 MiB"},
     422: {"model": Envelope[None], "description": "VALIDATION_ERROR, with one detail per field"},
     500: {"model": Envelope[None], "description": "INTERNAL_ERROR (logged with the request id)"},
-    503: {"model": Envelope[None], "description": "SERVICE_UNAVAILABLE: the database is unreachable"},
+    503: {
+        "model": Envelope[None],
+        "description": "SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool"
+        " exhausted, or the password-hashing queue or the gateway's admission line is full",
+    },
 }
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sqlalchemy.util import await_
 from sqlalchemy.util import queue as sqla_queue
 
+from joyhub.core import metrics
 from joyhub.core.config import Settings
 
 
@@ -129,7 +130,8 @@ def ping_on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
 
 def make_engine(url: str, settings: Settings, **overrides: Any) -> AsyncEngine:
     """The engine with the seed's pool settings, pre-ping (`ping_on_checkout`), a fair bounded
-    wait for a connection (DB_POOL_TIMEOUT, then 503) and asyncpg's statement cache."""
+    wait for a connection (DB_POOL_TIMEOUT, then 503), asyncpg's statement cache, and the pool
+    gauges of /metrics kept current by the pool's events (`metrics.track_pool`)."""
     kwargs: dict[str, Any] = {
         "poolclass": FairAsyncQueuePool,
         "pool_size": settings.db_pool_size,
@@ -148,6 +150,7 @@ def make_engine(url: str, settings: Settings, **overrides: Any) -> AsyncEngine:
     engine = create_async_engine(url, pool_pre_ping=False, **kwargs)
     if pre_ping:
         event.listen(engine.sync_engine.pool, "checkout", ping_on_checkout)
+    metrics.track_pool(engine.sync_engine.pool)  # after the ping: count only checkouts that passed it
     return engine
 
 

@@ -16,17 +16,14 @@ router = APIRouter(tags=["operations"])
 READY_TIMEOUT_SECONDS = 1.0
 
 
-async def prometheus_metrics(request: Request) -> Response:
-    """Prometheus exposition (not enveloped). Pool usage is sampled at scrape time.
+async def prometheus_metrics() -> Response:
+    """Prometheus exposition (not enveloped).
 
-    Mounted by the app factory directly on the app (not through this router), outside the
-    OpenAPI schema.
+    Nothing is sampled here: the pool gauges are kept current by the pool's own events in every
+    process (`metrics.track_pool`), so a scrape answered by one worker reports every worker's
+    pool as it is, not as it was at that worker's last scrape. Mounted by the app factory
+    directly on the app (not through this router), outside the OpenAPI schema.
     """
-    pool = request.app.state.engine.pool
-    checked_out = getattr(pool, "checkedout", None)
-    if callable(checked_out):
-        metrics.DB_POOL_IN_USE.set(checked_out())
-        metrics.DB_POOL_SIZE.set(pool.size() + max(0, pool.overflow()))
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
 
