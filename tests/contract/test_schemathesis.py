@@ -23,11 +23,11 @@ from sqlalchemy import text
 
 from joyhub.core.security import new_api_key, token_digest
 from tests.factories import make_admin
-from tests.ops.test_shutdown import ServedDatabase, hub_process, served_database, wait_ready
+from tests.served_hub import ServedDatabase, hub_process, served_database, wait_ready
 
 pytestmark = pytest.mark.contract
 
-__all__ = ["served_database"]
+__all__ = ["served_database"]  # the fixture, used by name
 
 ST = Path(sys.executable).with_name("st")
 CHECKS = ",".join(
@@ -74,4 +74,5 @@ async def test_schemathesis_finds_nothing(served_database: ServedDatabase, tmp_p
             "20",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
-    assert proc.returncode == 0, proc.stdout[-12000:] + proc.stderr[-2000:]
+    # the hub's own log too: a 5xx found once under load is explained by its server-side cause
+    assert proc.returncode == 0, proc.stdout[-12000:] + proc.stderr[-2000:] + "\n--- hub log:\n" + hub.log()

@@ -3,9 +3,9 @@
 On SIGTERM the hub stops accepting connections, lets the invocations in flight finish and
 settle, closes its pool and exits 0. No admitted call is left `pending` by a normal shutdown.
 
-The hub runs as a subprocess on a fresh database of the test server; its upstream is a loopback
-server in this test's event loop that holds every answer until the test releases it, so "the
-calls are still in flight when SIGTERM arrives" is a fact, not a timing guess.
+The hub runs as a subprocess on a fresh database of the test server (tests/served_hub.py); its
+upstream is a loopback server in this test's event loop that holds every answer until the test
+releases it, so "the calls are still in flight when SIGTERM arrives" is a fact, not a timing guess.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,18 +24,15 @@ import httpx
 import psutil
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from joyhub.core.db import make_engine
-from joyhub.core.migrations import migrate_async
-from tests.conftest import TEST_SECRET
-from tests.conftest import test_settings as hub_settings
-from tests.db_server import fresh_database_name, server_url, with_database
+from tests.served_hub import Hub, ServedDatabase, hub_process, served_database, wait_ready
 from tests.tools.helpers import make_caller, make_tool
 
 pytestmark = pytest.mark.integration
 
-JOYHUB = Path(sys.executable).with_name("joyhub")
+__all__ = ["served_database"]  # the fixture, used by name
+
 CALLS = 10
 TOKENS_PER_CALL = 5
 GATE_SAFETY_SECONDS = 10.0  # the upstream answers by itself after this, so a bug cannot hang the run
@@ -114,111 +108,13 @@ async def gated_upstream() -> AsyncIterator[GatedUpstream]:
     await up.stop()
 
 
-# ------------------------------------------------------------------ database and hub process
-
-
-@dataclass
-class ServedDatabase:
-    url: str
-    engine: AsyncEngine  # ours: application_name "joyhub-test", so the hub's connections stand apart
-
-
-@pytest.fixture
-async def served_database(worker_id_str: str) -> AsyncIterator[ServedDatabase]:
-    """A fresh, migrated database of its own for the hub subprocess; dropped afterwards."""
-    admin_url = await asyncio.to_thread(server_url)
-    name = fresh_database_name(f"{worker_id_str}_serve")
-    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = with_database(admin_url, name)
-    await migrate_async(url)
-    engine = make_engine(
-        url,
-        hub_settings(),
-        pool_size=5,
-        connect_args={"server_settings": {"application_name": "joyhub-test", "timezone": "UTC"}},
-    )
-    try:
-        yield ServedDatabase(url, engine)
-    finally:
-        await engine.dispose()
-        async with admin.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        await admin.dispose()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# ------------------------------------------------------------------ the hub process
 
 
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@dataclass
-class Hub:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-
-@contextlib.contextmanager
-def hub_process(
-    database_url: str, data_dir: Path, *, workers: int = 1, log_level: str = "WARNING"
-) -> Iterator[Hub]:
-    """`joyhub serve` on a free port; killed (whole process group) if the test left it running."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "ADMIN_", "PROMETHEUS_"))}
-    env.update(
-        DATABASE_URL=database_url,
-        JWT_SECRET_KEY=TEST_SECRET,
-        LOG_LEVEL=log_level,
-        DATA_DIR=str(data_dir),
-        ENVIRONMENT="development",
-        SWEEP_INTERVAL_SECONDS="3600",
-    )
-    log_path = data_dir / "hub.log"
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(JOYHUB), "serve", "--port", str(port), "--workers", str(workers)],
-            env=env,
-            cwd=data_dir,  # no stray .env from the checkout
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    hub = Hub(proc, port, log_path)
-    try:
-        yield hub
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-async def wait_ready(hub: Hub, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=hub.base_url, timeout=2) as c:
-        while time.monotonic() < deadline:
-            assert hub.proc.poll() is None, f"hub exited during start-up:\n{hub.log()}"
-            with contextlib.suppress(httpx.HTTPError):
-                if (await c.get("/ready")).status_code == 200:
-                    return
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"hub not ready within {timeout} s:\n{hub.log()}")
 
 
 async def wait_exit(hub: Hub, timeout: float = 15.0) -> int:
