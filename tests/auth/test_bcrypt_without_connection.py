@@ -266,10 +266,11 @@ async def test_parallel_confirms_racing_past_the_check_have_one_winner(
     engine: AsyncEngine,
 ) -> None:
     """Both confirms pass the read-only check and hash; the consume decides, the loser leaves
-    nothing behind (its password, revocations and session roll back)."""
+    nothing behind (no password, revocation or session of its own) and logs no change."""
     c = await make_client(own_engine=True)
     account = await register(c)
     (token,) = await _reset_tokens(c, caplog, [account])
+    caplog.set_level(logging.INFO, logger="joyhub.auth")
     passwords = ["Racing-Password-1a", "Racing-Password-2b"]
     attempts = [
         c.post(f"{API}/auth/password-reset/confirm", json={"token": token, "new_password": pw})
@@ -289,6 +290,8 @@ async def test_parallel_confirms_racing_past_the_check_have_one_winner(
     # registration, the winner's reset and the login just made: no session of the loser
     assert await scalar(engine, "SELECT count(*) FROM auth_sessions") == 3
     assert await scalar(engine, "SELECT count(*) FROM audit_logs WHERE action = 'user.password_reset'") == 1
+    logged = [r.__dict__ for r in caplog.records if r.getMessage() == "password replaced"]
+    assert [r["reason"] for r in logged] == ["password_reset"]  # the winner's only
 
 
 async def test_start_up_hashes_the_admin_password_before_taking_a_connection(

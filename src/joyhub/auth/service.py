@@ -346,28 +346,25 @@ async def confirm_password_reset(
     The policy is checked first, so a weak password does not burn the token. Then the token is
     checked by reading only, and that read transaction ends before bcrypt hashes the new
     password, so no pooled connection waits on bcrypt's queue (and a bad token costs no hash).
-    The writes follow in one new transaction: the new password, the revoked sessions, the new
-    session, and last the consume — a conditional UPDATE, so the token is single use even under
-    parallel confirms: the loser finds it used, answers 400, and its whole transaction rolls
-    back. A token that is not the user's newest is refused even if it somehow escaped
-    retirement, and the account must still be active once its row is locked by the write.
+    The writes follow in one new transaction, as registration's do after its hash. The user row
+    is locked first (the order of every writer of a user's reset tokens, so a confirm cannot
+    deadlock with a reset request), then the token is consumed — a conditional UPDATE, so it
+    is single use even under parallel confirms: the loser finds it used and answers 400 before
+    writing anything. A token that is not the user's newest is refused even if it somehow
+    escaped retirement, and the account must still be active under the lock. Only then, with
+    nothing left to refuse, are the new password, the revoked sessions and the new session
+    written (and the change logged).
     """
     enforce_policy(new_password, "body.new_password")
     digest = token_digest(token)
     user = await _reset_token_owner(db, digest, now)
     await release_connection(db)
+    password_hash = await hash_password(new_password, settings.bcrypt_rounds)
     user_id = user.id
-    user.last_login_at = now
-    issued = await sessions.replace_password(
-        db,
-        user,
-        new_password,
-        reason="password_reset",
-        settings=settings,
-        user_agent=client.user_agent,
-        client_ip=client.address,
-        now=now,
-    )
+    # the write transaction: lock the user row, then the account's state as it is now
+    active = (
+        await db.execute(select(User.is_active).where(User.id == user_id).with_for_update())
+    ).scalar_one()
     consumed = (
         await db.execute(
             update(PasswordResetToken)
@@ -379,10 +376,16 @@ async def confirm_password_reset(
     ).scalar_one_or_none()
     if consumed is None or await _newer_reset_token_exists(db, user_id, consumed):
         raise InvalidResetToken()
-    # under the row lock (already held since the password write): the account's state now
-    active = (
-        await db.execute(select(User.is_active).where(User.id == user_id).with_for_update())
-    ).scalar_one()
     if not active:
         raise AccountDisabled()
-    return issued
+    user.last_login_at = now
+    return await sessions.replace_password(
+        db,
+        user,
+        password_hash,
+        reason="password_reset",
+        settings=settings,
+        user_agent=client.user_agent,
+        client_ip=client.address,
+        now=now,
+    )

@@ -27,7 +27,7 @@ from joyhub.auth import throttle
 from joyhub.core import audit
 from joyhub.core.config import Settings
 from joyhub.core.errors import InvalidRefreshToken
-from joyhub.core.security import create_access_token, hash_password, new_opaque_token, token_digest
+from joyhub.core.security import create_access_token, new_opaque_token, token_digest
 from joyhub.models import AuthSession, PasswordResetToken, RefreshToken, User
 
 log = logging.getLogger("joyhub.auth")
@@ -207,7 +207,7 @@ async def revoke_user_sessions(db: AsyncSession, user_id: uuid.UUID, *, reason: 
 async def replace_password(
     db: AsyncSession,
     user: User,
-    new_password: str,
+    new_hash: str,
     *,
     reason: str,
     settings: Settings,
@@ -217,8 +217,14 @@ async def replace_password(
 ) -> IssuedTokens:
     """The one rule for a new password (change or reset): store its hash, end every session of
     the user (so every old access and refresh token dies at once), audit it with the password
-    masked, and open a fresh session for the caller."""
-    user.password_hash = await hash_password(new_password, settings.bcrypt_rounds)
+    masked, and open a fresh session for the caller.
+
+    `new_hash` is the bcrypt hash of the new password, computed by the caller *before* its write
+    transaction, so bcrypt never runs while a pooled connection is held. Call this after every
+    check that could still refuse the request: it logs the change as made, and a caller that
+    raised afterwards would roll the change back with that line already written.
+    """
+    user.password_hash = new_hash
     user.updated_at = now
     revoked = await revoke_user_sessions(db, user.id, reason=reason, now=now)
     audit.record(

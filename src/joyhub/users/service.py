@@ -31,7 +31,13 @@ from joyhub.core.errors import (
     field_error,
 )
 from joyhub.core.pagination import Page
-from joyhub.core.security import ensure_bcrypt_capacity, new_api_key, token_digest, verify_password
+from joyhub.core.security import (
+    ensure_bcrypt_capacity,
+    hash_password,
+    new_api_key,
+    token_digest,
+    verify_password,
+)
 from joyhub.models import ApiKey, User
 from joyhub.users.schemas import ApiKeyOut
 
@@ -92,10 +98,11 @@ async def change_password(
         log.info("password change refused", extra={"reason": "credentials", "user_id": str(user_id)})
         raise InvalidCredentials("Current password is incorrect")
     await throttle.clear(bucket)
+    new_hash = await hash_password(new_password, settings.bcrypt_rounds)
     return await sessions.replace_password(
         db,
         user,
-        new_password,
+        new_hash,
         reason="password_change",
         settings=settings,
         user_agent=client.user_agent,
