@@ -10,8 +10,10 @@ the change from a baseline, taken once the engines of earlier tests are collecte
 from __future__ import annotations
 
 import gc
+import os
 import re
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -23,10 +25,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from joyhub.core import metrics
+from joyhub.core.config import Settings
 from joyhub.core.db import make_engine
 from tests.conftest import test_settings as hub_settings
+from tests.served_hub import ServedDatabase, hub_process, served_database, wait_ready
 
 pytestmark = pytest.mark.integration
+
+__all__ = ["served_database"]  # the fixture, used by name
 
 IN_USE = "joyhub_db_pool_connections_in_use"
 SIZE = "joyhub_db_pool_size"
@@ -182,3 +188,17 @@ async def test_connection_killed_in_the_pool_is_replaced_and_counted_once(
         assert gauge(IN_USE) == base
     finally:
         await own.dispose()
+
+
+async def test_two_workers_each_report_their_pool_without_being_scraped(
+    served_database: ServedDatabase, tmp_path: Path
+) -> None:
+    """`joyhub serve --workers 2`: one scrape, answered by one worker, sums both workers' pools.
+    Set only at scrape time, the other worker's size would still read 0 here."""
+    configured = int(os.environ.get("DB_POOL_SIZE", Settings.model_fields["db_pool_size"].default))
+    with hub_process(served_database.url, tmp_path, workers=2) as hub:
+        await wait_ready(hub)
+        async with httpx.AsyncClient(base_url=hub.base_url, timeout=5) as c:
+            exposition = (await c.get("/metrics")).text
+        assert scraped(exposition, SIZE) == 2 * configured, exposition
+        assert scraped(exposition, IN_USE) == 0
