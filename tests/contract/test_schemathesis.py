@@ -7,7 +7,7 @@ A short budget runs in `make test`; set `SCHEMATHESIS_MAX_EXAMPLES` (and, for ni
 The caller is an admin holding an API key — so every route is reachable, and fuzzing
 `/auth/logout-all` or a password change cannot end the run's own credentials. Checks: no 5xx,
 every status code and content type documented, every response matching its schema, and the
-`Allow` header of 405s. `positive_data_acceptance` is left out on purpose: the schema cannot
+`Allow` header of 405s. `/ready` is left out (see below). `positive_data_acceptance` is left out on purpose: the schema cannot
 express cross-field and database rules (a plan must exist, a date range must not be inverted).
 """
 
@@ -62,6 +62,11 @@ async def test_schemathesis_finds_nothing(served_database: ServedDatabase, tmp_p
             f"X-API-Key: {key}",
             "--checks",
             CHECKS,
+            # /ready answers its documented 503 when its 1 s database check is slow, which a
+            # loaded 2-core machine running two suites can make it — not a defect the fuzzer
+            # should fail on; it takes no input, and tests/core/test_readiness.py covers it
+            "--exclude-path",
+            "/ready",
             "--max-examples",
             os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "8"),
             "--phases",
