@@ -7,8 +7,9 @@ A short budget runs in `make test`; set `SCHEMATHESIS_MAX_EXAMPLES` (and, for ni
 The caller is an admin holding an API key — so every route is reachable, and fuzzing
 `/auth/logout-all` or a password change cannot end the run's own credentials. Checks: no 5xx,
 every status code and content type documented, every response matching its schema, and the
-`Allow` header of 405s. `/ready` is left out (see below). `positive_data_acceptance` is left out on purpose: the schema cannot
-express cross-field and database rules (a plan must exist, a date range must not be inverted).
+`Allow` header of 405s. `/ready` is left out (see below). `positive_data_acceptance` is left out
+on purpose: the schema cannot express cross-field and database rules (a plan must exist, a date
+range must not be inverted).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from joyhub.auth import throttle
 from joyhub.core import audit
 from joyhub.core.config import Settings
+from joyhub.core.db import after_commit
 from joyhub.core.errors import InvalidRefreshToken
 from joyhub.core.security import create_access_token, new_opaque_token, token_digest
 from joyhub.models import AuthSession, PasswordResetToken, RefreshToken, User
@@ -220,9 +221,8 @@ async def replace_password(
     masked, and open a fresh session for the caller.
 
     `new_hash` is the bcrypt hash of the new password, computed by the caller *before* its write
-    transaction, so bcrypt never runs while a pooled connection is held. Call this after every
-    check that could still refuse the request: it logs the change as made, and a caller that
-    raised afterwards would roll the change back with that line already written.
+    transaction, so bcrypt never runs while a pooled connection is held. The "password replaced"
+    log line is written when the transaction commits, never for a change that was rolled back.
     """
     user.password_hash = new_hash
     user.updated_at = now
@@ -236,9 +236,8 @@ async def replace_password(
         changes={"password": {"before": "***", "after": "***"}, "sessions_revoked": revoked},
     )
     issued = await start_session(db, user, settings, now=now, user_agent=user_agent, client_ip=client_ip)
-    log.info(
-        "password replaced", extra={"user_id": str(user.id), "reason": reason, "sessions_revoked": revoked}
-    )
+    details = {"user_id": str(user.id), "reason": reason, "sessions_revoked": revoked}
+    after_commit(db, lambda: log.info("password replaced", extra=details))
     return issued
 
 

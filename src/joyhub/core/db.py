@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -172,3 +172,26 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 DbSession = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+def after_commit(session: AsyncSession, action: Callable[[], None]) -> None:
+    """Run `action` once the session's current transaction commits; never if it rolls back.
+
+    For side effects that must follow only a change that stands — a log line saying a password
+    was replaced must not be written for a change a failing commit (or a lost race) undid.
+    """
+    sync = session.sync_session
+    settled = False
+
+    def committed(_: Any) -> None:
+        nonlocal settled
+        if not settled:
+            settled = True
+            action()
+
+    def rolled_back(_: Any) -> None:
+        nonlocal settled
+        settled = True
+
+    event.listen(sync, "after_commit", committed, once=True)
+    event.listen(sync, "after_rollback", rolled_back, once=True)
