@@ -104,6 +104,7 @@ async def _connection(
     start_at: float,
     deadline: float,
     think: float,
+    ramp: float,
     rng: random.Random,
     stats: dict[str, ClassStats],
     timeline: Counter[int],
@@ -111,7 +112,9 @@ async def _connection(
 ) -> None:
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
-    if think:  # users arrive spread over one think time, not all in the same millisecond
+    if ramp:  # connections open spread over the ramp, as users arrive, not in one millisecond
+        await asyncio.sleep(rng.uniform(0, ramp))
+    elif think:  # users arrive spread over one think time
         await asyncio.sleep(rng.uniform(0, 2 * think))
     while time.time() < deadline:
         if writer is not None and reader is not None and reader.at_eof():
@@ -181,6 +184,7 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
                 start_at,
                 deadline,
                 spec["think"],
+                spec.get("ramp", 0.0),
                 rng,
                 stats,
                 timeline,
@@ -274,6 +278,7 @@ def run_load(
     duration: float,
     procs: int = 2,
     think: float = 0.0,
+    ramp: float = 0.0,
     seed: int = 1,
 ) -> LoadReport:
     """`connections` connections (connection i acts for tokens[i % len]) split over `procs`
@@ -292,6 +297,7 @@ def run_load(
             "mix": mix,
             "duration": duration,
             "think": think,
+            "ramp": ramp,
             "start_at": start_at,
             "seed": seed * 1000 + k,
             "out": str(outdir / f"part-{k}.json"),

@@ -57,6 +57,7 @@ def phase(
         duration=duration,
         procs=args.procs,
         think=args.think,
+        ramp=args.ramp if connections == args.high else 0.0,
         seed=connections,
     )
     hub_cpu = hub.cpu_seconds() - cpu0
@@ -133,6 +134,12 @@ def main() -> int:
     parser.add_argument("--high-duration", type=float, default=180)
     parser.add_argument("--mix", default="me=3,summary=2,tools=2,invoke=3")
     parser.add_argument("--think", type=float, default=0.0, help="mean pause between a user's requests (s)")
+    parser.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        help="open the --high connections spread over this many seconds (0: all at once)",
+    )
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
     parser.add_argument("--rss-every", type=float, default=15)
     parser.add_argument(
