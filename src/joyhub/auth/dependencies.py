@@ -171,7 +171,7 @@ class ClientInfo:
     user_agent: str | None
 
 
-def client_info(request: Request) -> ClientInfo:
+async def client_info(request: Request) -> ClientInfo:
     return ClientInfo(
         address=request.client.host if request.client else "unknown",
         user_agent=request.headers.get("user-agent"),

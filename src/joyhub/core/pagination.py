@@ -14,7 +14,7 @@ class Page:
     limit: int
 
 
-def page_params(
+async def page_params(
     offset: Annotated[int, Query(ge=0, le=10_000_000, description="Rows to skip")] = 0,
     limit: Annotated[int, Query(ge=1, le=100, description="Rows to return (1-100)")] = 20,
 ) -> Page:

@@ -192,7 +192,7 @@ _PARAM_HELP = (
 )
 
 
-def range_params(
+async def range_params(
     start_date: Annotated[
         str | None, Query(max_length=MAX_PARAM_LENGTH, description=f"Range start: {_PARAM_HELP}")
     ] = None,
