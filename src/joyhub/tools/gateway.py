@@ -1,5 +1,7 @@
 """The invocation flow (API.md §5; DESIGN.md "Flows"): admit → call → settle.
 
+0. the route's first dependency takes a slot of the admission line (`admission.py`), which
+   bounds how many invocations per worker are in steps 1 to 3 at once; step 3 gives it back.
 1. **read and admit** — one statement (`ledger.READ_AND_ADMIT`) in the request's own transaction,
    right after authentication: it reads the tool (from the database on every call, so an admin's
    edit applies to the very next call on every worker), the subscription and plan limit, the
