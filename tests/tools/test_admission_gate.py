@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import httpx
@@ -103,17 +102,15 @@ async def test_the_slot_is_given_back_before_the_upstream_call(
     """A slow tool holds no slot: with one slot, a fast call overtakes a slow one in flight."""
     c: httpx.AsyncClient = await make_client(gateway_max_admissions=1, gateway_queue_timeout_seconds=5)
     caller = await make_caller(engine, "pro")
-    slow = await make_tool(engine, upstream.url("/slow?delay=1.0"))
+    # the slow tool answers after 3 s: ample margin for the fast call on a loaded machine
+    slow = await make_tool(engine, upstream.url("/slow?delay=3.0"))
     fast = await make_tool(engine, upstream.url("/fast"))
-    started = time.perf_counter()
     slow_call = asyncio.create_task(invoke(c, caller, slow))
     while upstream.total == 0:  # the slow call has reached its upstream
         await asyncio.sleep(0.01)
     r = await invoke(c, caller, fast)
-    fast_done = time.perf_counter() - started
     assert r.status_code == 200
-    assert not slow_call.done()
-    assert fast_done < 1.0
+    assert not slow_call.done()  # the fast call was admitted and answered during the slow one
     assert (await slow_call).status_code == 200
     await assert_settled(engine, caller)
 
