@@ -9,7 +9,8 @@ import pytest
 
 from joyhub.core.clock import utcnow
 from joyhub.tools import token_count, upstream
-from joyhub.tools.input_validation import ValidatorCache, input_errors, schema_problem
+from joyhub.tools.input_validation import input_errors, schema_problem
+from joyhub.tools.tool_versions import ToolVersions
 
 pytestmark = pytest.mark.unit
 
@@ -88,19 +89,23 @@ def test_schema_checks() -> None:
     assert "local references" in (schema_problem({"$ref": "http://x/y"}) or "")
 
 
-def test_validator_cache_and_error_paths() -> None:
+def test_tool_versions_cache_and_error_paths() -> None:
+    import json
     import uuid
 
-    cache = ValidatorCache(size=2)
+    cache = ToolVersions(size=2)
     now = utcnow()
     ids = [uuid.uuid4() for _ in range(3)]
-    v = cache.put(
-        ids[0], now, {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}}}}
-    )
-    assert cache.get(ids[0], now) is v
-    assert cache.get(ids[0], now + timedelta(seconds=1)) is None
-    cache.put(ids[1], now, {})
-    cache.put(ids[2], now, {})
-    assert cache.get(ids[0], now) is None  # evicted
+    schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}}}}
+    learnt = cache.learn(ids[0], now, 30, json.dumps(schema))
+    assert cache.get(ids[0]) is learnt and learnt.updated_at == now and learnt.timeout_seconds == 30
+    assert learnt.input_errors({"a": [1]}) == []
+    # "no schema" (SQL NULL or JSON null) takes any object
+    assert cache.learn(ids[1], now, 5, "null").input_errors({"a": "x"}) == []
+    assert cache.learn(ids[1], now, 5, None).validator is None
+    cache.learn(ids[2], now, 5, "{}")
+    assert cache.get(ids[0]) is None  # evicted: the least recently used
+    v = learnt.validator
+    assert v is not None
     errors = input_errors(v, {"a": [1, "x"]})
     assert errors == [{"field": "body.input.a[1]", "message": "'x' is not of type 'integer'"}]

@@ -73,28 +73,63 @@ _SESSION_USER = (
 )
 
 
-async def _from_access_token(session: DbSession, request: Request, token: str) -> Principal:
+@dataclass(frozen=True)
+class Credential:
+    """The credential a request presents, checked as far as it can be without the database.
+
+    An access token's signature and expiry are verified (`user_id`, `session_id` set); an API key
+    is only well-formed (`api_key_digest` set, the form stored at rest). Whether the session is
+    still live, the key still active and the user still enabled is the database's to say: the
+    principal dependencies below ask it, and so does the gateway's admission statement, which
+    folds that check into its one round trip (`tools/ledger.py`).
+    """
+
+    user_id: uuid.UUID | None = None
+    session_id: uuid.UUID | None = None
+    api_key_digest: bytes | None = None
+
+
+async def presented_credential(
+    request: Request,
+    bearer: Annotated[str | None, Depends(bearer_scheme)],
+    x_api_key: Annotated[str | None, Depends(api_key_scheme)],
+) -> Credential:
+    """The caller's `Authorization: Bearer …` (token or key) or `X-API-Key`; 401 when absent or bad."""
+    if bearer:
+        credential = bearer
+    elif x_api_key:
+        credential = x_api_key
+    else:
+        if request.headers.get("authorization"):
+            raise InvalidToken()
+        raise NotAuthenticated()
+    if credential.startswith(API_KEY_PREFIX):
+        if len(credential) > 200:
+            raise InvalidToken()
+        return Credential(api_key_digest=token_digest(credential))
     try:
-        claims = decode_access_token(token, request.app.state.settings.secret_key())
+        claims = decode_access_token(credential, request.app.state.settings.secret_key())
     except TokenError:
         raise InvalidToken() from None
+    return Credential(user_id=claims.user_id, session_id=claims.session_id)
+
+
+async def _from_access_token(session: DbSession, credential: Credential) -> Principal:
     row = (
-        await session.execute(_SESSION_USER, {"session_id": claims.session_id, "user_id": claims.user_id})
+        await session.execute(
+            _SESSION_USER, {"session_id": credential.session_id, "user_id": credential.user_id}
+        )
     ).scalar_one_or_none()
     if row is None or not row.is_active:
         raise InvalidToken()
-    return Principal(user=row, session_id=claims.session_id)
+    return Principal(user=row, session_id=credential.session_id)
 
 
-async def _from_api_key(session: DbSession, key: str) -> Principal:
-    if not key.startswith(API_KEY_PREFIX) or len(key) > 200:
-        raise InvalidToken()
+async def _from_api_key(session: DbSession, digest: bytes) -> Principal:
     now = utcnow()
     found = (
         await session.execute(
-            select(ApiKey, User)
-            .join(User, User.id == ApiKey.user_id)
-            .where(ApiKey.key_hash == token_digest(key))
+            select(ApiKey, User).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == digest)
         )
     ).one_or_none()
     if found is None:
@@ -123,22 +158,13 @@ async def _from_api_key(session: DbSession, key: str) -> Principal:
 async def current_principal(
     request: Request,
     session: DbSession,
-    bearer: Annotated[str | None, Depends(bearer_scheme)],
-    x_api_key: Annotated[str | None, Depends(api_key_scheme)],
+    credential: Annotated[Credential, Depends(presented_credential)],
 ) -> Principal:
     """Authenticate the caller from `Authorization: Bearer …` or `X-API-Key`."""
-    if bearer:
-        credential = bearer
-    elif x_api_key:
-        credential = x_api_key
+    if credential.api_key_digest is not None:
+        principal = await _from_api_key(session, credential.api_key_digest)
     else:
-        if request.headers.get("authorization"):
-            raise InvalidToken()
-        raise NotAuthenticated()
-    if credential.startswith(API_KEY_PREFIX):
-        principal = await _from_api_key(session, credential)
-    else:
-        principal = await _from_access_token(session, request, credential)
+        principal = await _from_access_token(session, credential)
     user_id_var.set(str(principal.user.id))
     request.state.principal = principal
     return principal
@@ -180,5 +206,8 @@ async def client_info(request: Request) -> ClientInfo:
 
 Client = Annotated[ClientInfo, Depends(client_info)]
 CurrentUser = Annotated[Principal, Depends(current_principal)]
+# the credential as presented, for the one route whose own statement checks it against the
+# database (the gateway's admission): see `Credential`
+PresentedCredential = Annotated[Credential, Depends(presented_credential)]
 AccessTokenUser = Annotated[Principal, Depends(access_token_principal)]
 AdminUser = Annotated[Principal, Depends(require_admin)]

@@ -2,28 +2,34 @@
 
 0. the route's first dependency takes a slot of the admission line (`admission.py`), which
    bounds how many invocations per worker are in steps 1 to 3 at once; step 3 gives it back.
-1. **read and admit** — one statement (`ledger.READ_AND_ADMIT`) in the request's own transaction,
-   right after authentication: it reads the tool (from the database on every call, so an admin's
-   edit applies to the very next call on every worker), the subscription and plan limit, the
-   tool's minimum plan and any live idempotency record, and — only when every check SQL can make
-   passes — atomically reserves the call's tokens and writes its `pending` usage log. A
-   subscription whose period is over is rolled forward first (`ensure_current`) and the
-   statement re-run.
-2. **checks**, in the contract's order, none of which touches the upstream or leaves a trace:
-   tool live and active (404) → active subscription (402 SUBSCRIPTION_REQUIRED) → plan rank (402
-   PLAN_UPGRADE_REQUIRED) → tokens left (429 QUOTA_EXCEEDED) → input against the tool's schema
-   (422 TOOL_INPUT_INVALID) → circuit closed (503 TOOL_UNAVAILABLE + Retry-After). The first four
-   are decided by the statement (nothing was admitted); a refusal at the last two rolls the
-   admission back, so it leaves no log and no reservation. A repeated Idempotency-Key is answered
-   before all of these (replay or 409) — the first request already passed them.
-3. the idempotency claim (when a key is given), then **commit**: the admission is durable and the
-   request's connection is back in the pool before the upstream is called.
-4. **call** the upstream (`upstream.call`) with no transaction open, reporting every attempt to
-   the circuit breaker.
-5. **settle** (`ledger.settle`) in one transaction.
+   The route's credential dependency verifies an access token's signature and expiry (or an API
+   key's form) without the database.
+1. **checks only Python can make**, for the tool version this process knows
+   (`tool_versions.py`): the input against the tool's input schema, then the circuit breaker
+   (`breaker.acquire`). Their outcome is an input to step 2, not yet an answer.
+2. **authenticate, read and admit** — one statement (`ledger.READ_AND_ADMIT`), one round trip:
+   it checks the credential's session or API key and the user (as every other route's principal
+   dependency does), reads the tool (from the database on every call, so an admin's edit applies
+   to the very next call on every worker), the subscription and plan limit, the tool's minimum
+   plan and any live idempotency record, and — only when every check passes, including step 1's
+   for this very tool version — atomically reserves the call's tokens and writes its `pending`
+   usage log. Without an Idempotency-Key the statement commits on its own (no BEGIN/COMMIT round
+   trips): a refusal writes nothing, so there is nothing to undo. A subscription whose period is
+   over is rolled forward first (`ensure_current`), and a tool this process has not seen in its
+   current version is learnt, and the statement re-run (at most `MAX_ADMIT_TRIES` times).
+3. **refusals**, in the contract's order, none of which touches the upstream or leaves a trace:
+   credential (401) → tool live and active (404) → active subscription (402
+   SUBSCRIPTION_REQUIRED) → plan rank (402 PLAN_UPGRADE_REQUIRED) → tokens left (429
+   QUOTA_EXCEEDED) → input (422 TOOL_INPUT_INVALID) → circuit closed (503 TOOL_UNAVAILABLE +
+   Retry-After). A repeated Idempotency-Key is answered before all but the first (replay or
+   409): the first request already passed them. With a key, the statement and the key's claim
+   run in one transaction, committed before the call.
+4. **call** the upstream (`upstream.call`) with no transaction open and the connection back in
+   the pool, reporting every attempt to the circuit breaker.
+5. **settle** (`ledger.settle`) in one statement.
 
-Steps 4 and 5 run in a task the request only *waits for* (`asyncio.shield`): a client that hangs
-up mid-call cancels nothing — the call completes, is charged or not, is logged exactly once, and
+Steps 2 to 5 run in a task the request only *waits for* (`asyncio.shield`): a client that hangs
+up cancels nothing — an admitted call completes, is charged or not, is logged exactly once, and
 its response is stored under its Idempotency-Key for the client's retry.
 
 Quota headers (`X-Quota-Limit`, `X-Quota-Remaining`, `X-Quota-Reset`) go on every answer to a
@@ -46,17 +52,18 @@ from typing import Any, cast
 
 from fastapi import FastAPI
 from fastapi.responses import Response
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from joyhub.auth.dependencies import Credential
 from joyhub.core import metrics
 from joyhub.core.clock import iso_utc, utcnow
-from joyhub.core.context import current_request_id
+from joyhub.core.context import current_request_id, user_id_var
 from joyhub.core.errors import (
     IdempotencyConflict,
+    InvalidToken,
     NotFound,
     PlanUpgradeRequired,
     QuotaExceeded,
+    ServiceUnavailable,
     SubscriptionRequired,
     ToolInputInvalid,
     ToolUnavailable,
@@ -69,14 +76,11 @@ from joyhub.tools import idempotency, ledger, token_count, upstream
 from joyhub.tools.admission import AdmissionSlot
 from joyhub.tools.breaker import Breakers, Permit
 from joyhub.tools.driver import driver_of
-from joyhub.tools.input_validation import input_errors, validators
 from joyhub.tools.runtime import Runtime
 
 log = logging.getLogger("joyhub.tools.gateway")
 
 TRIAL_LEASE_SLACK_SECONDS = 5.0
-
-_SCHEMA = "SELECT input_schema::text FROM tools WHERE id = $1"
 
 # outcome -> (usage status, HTTP status, error code, message)
 _FAILURES: dict[str, tuple[str, int, str, str]] = {
@@ -135,19 +139,6 @@ def render(status: int, data: Any = None, error: dict[str, Any] | None = None) -
         return json.dumps(doc, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-async def _driver(session: AsyncSession) -> Any:
-    """The asyncpg connection under the request's session, inside its open transaction.
-
-    The hot-path statements go to the driver directly (one round trip, no ORM or statement
-    compilation on top); they share the session's connection and transaction, so the session's
-    commit or rollback covers them.
-    """
-    driver = await driver_of(await session.connection())
-    if not driver.is_in_transaction():  # the session's transaction starts with its first statement
-        await session.execute(text("SELECT 1"))
-    return driver
-
-
 def _is_due(row: Any, now: datetime) -> bool:
     """The rollover rule (`rollover.is_due`) applied to the subscription columns of the read."""
     if row["sub_id"] is None:
@@ -157,18 +148,6 @@ def _is_due(row: Any, now: datetime) -> bool:
         status=row["sub_status"], current_period_end=row["current_period_end"], expires_at=row["expires_at"]
     )
     return is_due(cast(Subscription, probe), now)
-
-
-async def _validator_errors(driver: Any, row: Any, value: dict[str, Any]) -> list[dict[str, Any]]:
-    tool_id = uuid.UUID(str(row["tool_id"]))
-    validator = validators.get(tool_id, row["tool_updated_at"])
-    if validator is None:
-        schema_text = await driver.fetchval(_SCHEMA, tool_id)
-        schema = json.loads(schema_text) if schema_text is not None else None
-        if not isinstance(schema, dict):  # JSON null is stored for "no schema" too
-            return []
-        validator = validators.put(tool_id, row["tool_updated_at"], schema)
-    return input_errors(validator, value)
 
 
 class _Hooks:
@@ -193,9 +172,8 @@ class _Hooks:
 
 async def invoke(
     app: FastAPI,
-    session: AsyncSession,
     *,
-    user_id: uuid.UUID,
+    credential: Credential,
     tool_id: uuid.UUID,
     value: dict[str, Any],
     idempotency_key: str | None,
@@ -204,131 +182,40 @@ async def invoke(
     """Run one invocation end to end and return the HTTP response (success or failure).
 
     `admission_slot` (the admission gate's, `admission.py`) is given back once the admission
-    is committed, before the upstream call."""
+    is committed, before the upstream call. From the admission statement on, the work runs in a
+    task the request only waits for: a client hanging up while its call is being admitted cannot
+    leave an admitted call that is never made (the statement commits on its own)."""
     rt: Runtime = app.state.tools
-    now = utcnow()
     body = encode_input(value)
     if b"\\u0000" in body and _has_nul(value):
         raise ValidationFailed(details=[field_error("body.input", "must not contain NUL characters")])
-    digest = idempotency.request_hash(tool_id, value) if idempotency_key is not None else None
-
-    driver = await _driver(session)
-
-    async def read_and_admit() -> tuple[Any, uuid.UUID]:
-        log_id = uuid.uuid4()
-        found = await ledger.read_and_admit(
-            driver,
-            user_id=user_id,
-            tool_id=tool_id,
-            key=idempotency_key,
-            now=now,
-            reserve=token_count.reservation(len(body)),
-            log_id=log_id,
-            request_id=current_request_id(),
-        )
-        return found, log_id
-
-    row, log_id = await read_and_admit()
-    if _is_due(row, now):
-        await ensure_current(session, user_id, now)
-        row, log_id = await read_and_admit()
-    active = row["sub_id"] is not None and row["sub_status"] == "active"
-    quota = Quota(row["token_limit"], row["tokens_used"], row["current_period_end"]) if active else None
-    headers = quota.headers() if quota else {}
-
-    if not row["admitted"]:
-        # nothing was written but a possible rollover: keep that, then say why
-        await session.commit()
-        if row["idem_state"] is not None and digest is not None:
-            stored = idempotency.StoredKey(
-                row["idem_state"], bytes(row["idem_hash"]), row["idem_status"], row["idem_body"]
-            )
-            return idempotency.replay(stored, digest, headers)
-        if row["tool_id"] is None:
-            raise NotFound("Tool not found", headers=headers)
-        if not active:
-            raise SubscriptionRequired()
-        if row["min_rank"] is not None and row["plan_rank"] < row["min_rank"]:
-            raise PlanUpgradeRequired(headers=headers)
-        metrics.QUOTA_DENIALS.labels(row["plan_code"] or "").inc()
-        raise _quota_exceeded(row["token_limit"], row["tokens_used"], row["current_period_end"], headers)
-
-    tool_key = str(tool_id)
-    permit: Permit | None = None
-    committed = False
-    try:
-        errors = await _validator_errors(driver, row, value) if row["has_schema"] else []
-        if errors:
-            raise ToolInputInvalid(
-                "The input does not match the tool's input schema", details=errors, headers=headers
-            )
-        permit = await rt.breakers.acquire(
-            tool_key, lease_seconds=row["timeout_seconds"] + TRIAL_LEASE_SLACK_SECONDS
-        )
-        if permit.trial:
-            metrics.CIRCUIT_STATE.labels(tool_key).set(metrics.CIRCUIT_STATE_VALUES["half_open"])
-        if not permit.allowed:
-            metrics.INVOCATIONS.labels(tool_key, "circuit_open").inc()
-            raise ToolUnavailable(
-                "The tool is temporarily unavailable (circuit open)",
-                headers={**headers, "Retry-After": str(max(1, math.ceil(permit.retry_after)))},
-            )
-        idem_id = None
-        if idempotency_key is not None and digest is not None:
-            idem_id = await idempotency.claim(
-                driver, user_id=user_id, key=idempotency_key, digest=digest, tool_id=tool_id, now=now
-            )
-            if idem_id is None:  # another request claimed it since our read
-                raise _KeyTaken(
-                    await idempotency.lookup(driver, user_id=user_id, key=idempotency_key, now=now)
-                )
-            await ledger.link_key(driver, idem_id, log_id)
-        # the admission is durable, and the connection back in the pool, before the upstream call
-        await session.commit()
-        committed = True
-        if admission_slot is not None:
-            admission_slot.release()
-    except _KeyTaken as taken:
-        await session.rollback()  # our admission goes; the other request's stands
-        if permit is not None:
-            await rt.breakers.release(tool_key, permit)
-        if taken.stored is None or digest is None:
-            raise IdempotencyConflict(
-                "A request with this Idempotency-Key is still in progress", headers=headers
-            ) from None
-        return idempotency.replay(taken.stored, digest, headers)
-    except BaseException:
-        if not committed:
-            await session.rollback()  # undo the reservation and the pending log: no trace
-        if permit is not None:
-            await rt.breakers.release(tool_key, permit)
-        raise
-    admission = ledger.Admission(log_id, row["admitted_plan"], idem_id)
-
-    target = upstream.Target(
-        url=row["api_endpoint"],
-        timeout_seconds=row["timeout_seconds"],
-        max_attempts=1 if permit.trial else row["max_attempts"],
-        label=tool_key,
-        secret_header=(row["auth_header_name"], row["auth_header_value"])
-        if row["auth_header_name"] and row["auth_header_value"]
-        else None,
-    )
-    call = _Call(
+    attempt = _Invocation(
         app=app,
         rt=rt,
-        admission=admission,
-        permit=permit,
-        target=target,
-        body=body,
-        user_id=user_id,
+        credential=credential,
         tool_id=tool_id,
-        tool_key=tool_key,
-        quota=quota,
-        request_id=current_request_id() or "-",
+        value=value,
+        body=body,
+        idempotency_key=idempotency_key,
+        digest=idempotency.request_hash(tool_id, value) if idempotency_key is not None else None,
+        now=utcnow(),
+        admission_slot=admission_slot,
     )
-    task = rt.track(call.run())
-    return await asyncio.shield(task)
+    try:
+        return await asyncio.shield(rt.track(attempt.run()))
+    finally:
+        if attempt.user_id is not None:  # for the access log line
+            user_id_var.set(str(attempt.user_id))
+
+
+MAX_ADMIT_TRIES = 3  # a subscription rollover and a tool version learnt: at most two re-runs
+
+
+@dataclass
+class _Admitted:
+    row: Any
+    log_id: uuid.UUID
+    permit: Permit
 
 
 class _KeyTaken(Exception):
@@ -337,6 +224,214 @@ class _KeyTaken(Exception):
     def __init__(self, stored: idempotency.StoredKey | None) -> None:
         super().__init__("idempotency key taken")
         self.stored = stored
+
+
+@dataclass
+class _Invocation:
+    """Steps 1 to 3 for one request, then the call (`_Call`)."""
+
+    app: FastAPI
+    rt: Runtime
+    credential: Credential
+    tool_id: uuid.UUID
+    value: dict[str, Any]
+    body: bytes
+    idempotency_key: str | None
+    digest: bytes | None
+    now: datetime
+    admission_slot: AdmissionSlot | None
+    user_id: uuid.UUID | None = None
+
+    @property
+    def tool_key(self) -> str:
+        return str(self.tool_id)
+
+    async def run(self) -> Response:
+        async with self.app.state.engine.connect() as conn:
+            driver = await driver_of(conn)
+            if self.idempotency_key is None:
+                # one statement, committed on its own: nothing to roll back if it refuses
+                admitted = await self._admit(driver)
+            else:
+                admitted = await self._admit_with_key(driver)
+        # the admission is durable, and the connection back in the pool, before the upstream call
+        if self.admission_slot is not None:
+            self.admission_slot.release()
+        if isinstance(admitted, Response):
+            return admitted
+        return await self._call(admitted)
+
+    async def _admit_with_key(self, driver: Any) -> _Admitted | Response:
+        """The admission and the key's claim in one transaction: both or neither."""
+        assert self.idempotency_key is not None and self.digest is not None
+        admitted: _Admitted | Response | None = None
+        try:
+            async with driver.transaction():
+                admitted = await self._admit(driver)
+                if isinstance(admitted, Response):
+                    return admitted
+                assert self.user_id is not None
+                idem_id = await idempotency.claim(
+                    driver,
+                    user_id=self.user_id,
+                    key=self.idempotency_key,
+                    digest=self.digest,
+                    tool_id=self.tool_id,
+                    now=self.now,
+                )
+                if idem_id is None:  # another request claimed it since our read
+                    raise _KeyTaken(
+                        await idempotency.lookup(
+                            driver, user_id=self.user_id, key=self.idempotency_key, now=self.now
+                        )
+                    )
+                await ledger.link_key(driver, idem_id, admitted.log_id)
+                admitted.row = {**admitted.row, "idem_id": idem_id}
+                return admitted
+        except BaseException as exc:  # rolled back: our admission goes, the other request's stands
+            if isinstance(admitted, _Admitted):
+                await self.rt.breakers.release(self.tool_key, admitted.permit)
+            if not isinstance(exc, _KeyTaken):
+                raise
+            quota = _quota(admitted.row) if isinstance(admitted, _Admitted) else None
+            headers = quota.headers() if quota else {}
+            if exc.stored is None:
+                raise IdempotencyConflict(
+                    "A request with this Idempotency-Key is still in progress", headers=headers
+                ) from None
+            return idempotency.replay(exc.stored, self.digest, headers)
+
+    async def _admit(self, driver: Any) -> _Admitted | Response:
+        """READ_AND_ADMIT, after the checks only Python can make (input, circuit) for the tool
+        version this process knows; re-run after a rollover or when the tool turned out to be
+        new or edited. Returns the admission, or an idempotent replay; raises every refusal."""
+        for tries_left in reversed(range(MAX_ADMIT_TRIES)):
+            version = self.rt.tool_versions.get(self.tool_id)
+            errors: list[dict[str, Any]] = []
+            permit: Permit | None = None
+            if version is not None:
+                errors = version.input_errors(self.value)
+                if not errors:
+                    permit = await self.rt.breakers.acquire(
+                        self.tool_key, lease_seconds=version.timeout_seconds + TRIAL_LEASE_SLACK_SECONDS
+                    )
+            log_id = uuid.uuid4()
+            try:
+                row = await ledger.read_and_admit(
+                    driver,
+                    ledger.AdmitRequest(
+                        tool_id=self.tool_id,
+                        credential=self.credential,
+                        idempotency_key=self.idempotency_key,
+                        now=self.now,
+                        reserve=token_count.reservation(len(self.body)),
+                        request_id=current_request_id(),
+                        tool_version=version.updated_at if version is not None else None,
+                        go=permit is not None and permit.allowed,
+                    ),
+                    log_id,
+                )
+            except BaseException:
+                if permit is not None:
+                    await self.rt.breakers.release(self.tool_key, permit)
+                raise
+            self.user_id = row["user_id"]
+            if row["admitted"]:
+                assert permit is not None
+                if permit.trial:
+                    metrics.CIRCUIT_STATE.labels(self.tool_key).set(metrics.CIRCUIT_STATE_VALUES["half_open"])
+                return _Admitted(dict(row), log_id, permit)
+            if permit is not None:
+                await self.rt.breakers.release(self.tool_key, permit)
+            if row["user_id"] is None:
+                raise InvalidToken()  # the session was revoked, the key disabled, the user disabled
+            if tries_left and _is_due(row, self.now):
+                await self._roll_over(row["user_id"])
+                continue
+            if tries_left and row["tool_id"] is not None and row["tool_changed"]:
+                self.rt.tool_versions.learn(
+                    self.tool_id, row["tool_updated_at"], row["timeout_seconds"], row["schema_text"]
+                )
+                continue
+            return self._refusal(row, errors, permit)
+        raise AssertionError("unreachable: the last try always answers")
+
+    async def _roll_over(self, user_id: uuid.UUID) -> None:
+        """Roll a subscription whose period is over forward (rare: once a period), then re-run."""
+        async with self.app.state.sessionmaker() as session:
+            await ensure_current(session, user_id, self.now)
+            await session.commit()
+
+    def _refusal(self, row: Any, errors: list[dict[str, Any]], permit: Permit | None) -> Response:
+        """Why the statement admitted nothing, in the contract's order (or the replay)."""
+        quota = _quota(row)
+        headers = quota.headers() if quota else {}
+        if row["idem_state"] is not None and self.digest is not None:
+            stored = idempotency.StoredKey(
+                row["idem_state"], bytes(row["idem_hash"]), row["idem_status"], row["idem_body"]
+            )
+            return idempotency.replay(stored, self.digest, headers)
+        if row["tool_id"] is None:
+            raise NotFound("Tool not found", headers=headers)
+        if quota is None:
+            raise SubscriptionRequired()
+        if row["min_rank"] is not None and row["plan_rank"] < row["min_rank"]:
+            raise PlanUpgradeRequired(headers=headers)
+        if row["tokens_used"] + row["tokens_reserved"] >= row["token_limit"]:
+            metrics.QUOTA_DENIALS.labels(row["plan_code"] or "").inc()
+            raise _quota_exceeded(row["token_limit"], row["tokens_used"], row["current_period_end"], headers)
+        if row["tool_changed"]:
+            # the tool was edited again and again while this call was being admitted
+            raise ServiceUnavailable(
+                "The tool changed while the call was admitted; retry", headers={**headers, "Retry-After": "1"}
+            )
+        if errors:
+            raise ToolInputInvalid(
+                "The input does not match the tool's input schema", details=errors, headers=headers
+            )
+        if permit is not None and not permit.allowed:
+            metrics.INVOCATIONS.labels(self.tool_key, "circuit_open").inc()
+            raise ToolUnavailable(
+                "The tool is temporarily unavailable (circuit open)",
+                headers={**headers, "Retry-After": str(max(1, math.ceil(permit.retry_after)))},
+            )
+        # every check passed on the read, but the row lock saw the quota taken by calls in flight
+        metrics.QUOTA_DENIALS.labels(row["plan_code"] or "").inc()
+        raise _quota_exceeded(row["token_limit"], row["tokens_used"], row["current_period_end"], headers)
+
+    async def _call(self, admitted: _Admitted) -> Response:
+        row, permit = admitted.row, admitted.permit
+        target = upstream.Target(
+            url=row["api_endpoint"],
+            timeout_seconds=row["timeout_seconds"],
+            max_attempts=1 if permit.trial else row["max_attempts"],
+            label=self.tool_key,
+            secret_header=(row["auth_header_name"], row["auth_header_value"])
+            if row["auth_header_name"] and row["auth_header_value"]
+            else None,
+        )
+        assert self.user_id is not None
+        call = _Call(
+            app=self.app,
+            rt=self.rt,
+            admission=ledger.Admission(admitted.log_id, row["admitted_plan"], row.get("idem_id")),
+            permit=permit,
+            target=target,
+            body=self.body,
+            user_id=self.user_id,
+            tool_id=self.tool_id,
+            tool_key=self.tool_key,
+            quota=_quota(row),
+            request_id=current_request_id() or "-",
+        )
+        return await call.run()
+
+
+def _quota(row: Any) -> Quota | None:
+    """The caller's quota as the statement read it; None without an active subscription."""
+    if row["sub_id"] is None or row["sub_status"] != "active":
+        return None
+    return Quota(row["token_limit"], row["tokens_used"], row["current_period_end"])
 
 
 def _quota_exceeded(limit: int, used: int, period_end: datetime, headers: dict[str, str]) -> QuotaExceeded:

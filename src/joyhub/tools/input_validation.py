@@ -1,18 +1,13 @@
-"""Tool input schemas: checked as JSON Schema (Draft 2020-12) on write, compiled once per version.
+"""Tool input schemas: checked as JSON Schema (Draft 2020-12) on write; inputs checked against them.
 
-Compiled validators are cached by (tool id, updated_at): a PATCH changes `updated_at`, so the
-very next invocation on every worker compiles the new schema — no stale cache to invalidate.
+The gateway compiles each tool version's schema once (`tool_versions.py`).
 Only local `$ref`s (`#...`) are accepted, so validating an input can never reach the network or
 fail on an unresolvable reference.
 """
 
 from __future__ import annotations
 
-import threading
-import uuid
-from collections import OrderedDict
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -20,7 +15,6 @@ from jsonschema.exceptions import SchemaError
 
 from joyhub.core.errors import field_error
 
-CACHE_SIZE = 1024
 MAX_ERRORS = 20
 MESSAGE_CHARS = 300
 MAX_SCHEMA_DEPTH = 64
@@ -55,32 +49,6 @@ def schema_problem(schema: Any) -> str | None:
     return None
 
 
-class ValidatorCache:
-    """A small LRU of compiled validators keyed by (tool id, updated_at)."""
-
-    def __init__(self, size: int = CACHE_SIZE) -> None:
-        self.size = size
-        self._items: OrderedDict[tuple[uuid.UUID, datetime], Draft202012Validator] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, tool_id: uuid.UUID, updated_at: datetime) -> Draft202012Validator | None:
-        key = (tool_id, updated_at)
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-            return found
-
-    def put(self, tool_id: uuid.UUID, updated_at: datetime, schema: dict[str, Any]) -> Draft202012Validator:
-        validator = Draft202012Validator(schema)
-        with self._lock:
-            self._items[(tool_id, updated_at)] = validator
-            self._items.move_to_end((tool_id, updated_at))
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return validator
-
-
 def _path(parts: Any) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
 
@@ -98,6 +66,3 @@ def input_errors(validator: Draft202012Validator, value: Any) -> list[dict[str, 
     except Exception as exc:  # a schema feature that fails at validation time (e.g. a bad regex)
         details.append(field_error("body.input", f"input could not be validated ({type(exc).__name__})"))
     return details
-
-
-validators = ValidatorCache()

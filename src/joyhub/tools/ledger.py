@@ -4,8 +4,10 @@
   reserve the call's estimated tokens on the subscription *only if* `tokens_used +
   tokens_reserved` is still under the plan's limit, and insert the `pending` usage log — both or
   neither. Tokens of calls still in flight count, so concurrent calls at the edge cannot all
-  pass; the overshoot is bounded by the calls already in flight. It runs in the request's own
-  transaction, with the idempotency claim, and is committed before the upstream call.
+  pass; the overshoot is bounded by the calls already in flight. The same statement checks the
+  caller's credential and reads what the gateway needs, so an invocation is admitted in one
+  round trip; it commits on its own, or with the idempotency claim in one transaction, before
+  the upstream call.
 - **settle** is one transaction: the usage log gets its outcome (guarded by
   `status = 'pending'`, so a call is never settled twice), the subscription is charged and its
   reservation released, the idempotency record stores the response, and the daily/hourly
@@ -16,7 +18,7 @@
   backoff), and its reservation and idempotency claim are released.
 
 No transaction or pooled connection is held while the upstream is called: admit and settle each
-take a connection for a few statements and give it back.
+take a connection for one statement (a few with an idempotency key) and give it back.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from joyhub.auth.dependencies import API_KEY_TOUCH_INTERVAL, Credential
 from joyhub.core.config import Settings
 from joyhub.core.errors import is_db_unavailable, sqlstates
 from joyhub.tools import idempotency
@@ -42,43 +45,67 @@ log = logging.getLogger("joyhub.tools.ledger")
 
 STALE_SLACK_SECONDS = 60
 
-# The read and the admission in one statement, on the request's own connection and transaction:
-# `ctx` reads the tool, the caller's subscription and plan, the tool's minimum plan and any live
-# idempotency record; `adm` reserves the call's tokens only when every check that SQL can make
-# passes (tool live, no idempotency record, subscription active and current, plan rank, tokens
-# left counting those in flight), and `log` writes the pending usage log. The row lock `adm`
-# takes makes concurrent admissions at the quota edge wait and re-check the fresh row.
-# $1 tool, $2 user, $3 idempotency key, $4 now, $5 reservation, $6 log id, $7 request id.
+# The authentication, the read and the admission in one statement, in one round trip:
+# `who` checks the caller's credential as the principal dependencies would (an access token's
+# session still live, or an API key active and unexpired; the user enabled) and `touch` records an
+# API key's use at most once a minute; `ctx` reads the tool, the caller's subscription and plan,
+# the tool's minimum plan and any live idempotency record (and the tool's input schema when the
+# caller validated against another version, `tool_versions.py`); `adm` reserves the call's tokens
+# only when every check passes (caller known, tool live, no idempotency record, subscription
+# active and current, plan rank, tokens left counting those in flight, and — decided by the
+# caller before the statement — input valid for this very tool version and circuit closed), and
+# `log` writes the pending usage log. The row lock `adm` takes makes concurrent admissions at the
+# quota edge wait and re-check the fresh row.
+# $1 tool, $2 session id, $3 token's user id, $4 API key digest, $5 idempotency key, $6 now,
+# $7 reservation, $8 log id, $9 request id, $10 tool version validated against, $11 input valid
+# and circuit closed, $12 touch the API key if last used before this.
 READ_AND_ADMIT = """
-    WITH ctx AS (
-        SELECT t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
+    WITH who AS (
+        SELECT u.id AS user_id FROM auth_sessions AS a JOIN users AS u ON u.id = a.user_id
+        WHERE a.id = $2 AND u.id = $3 AND a.revoked_at IS NULL AND u.is_active
+        UNION ALL
+        SELECT u.id FROM api_keys AS k JOIN users AS u ON u.id = k.user_id
+        WHERE k.key_hash = $4 AND k.is_active AND (k.expires_at IS NULL OR k.expires_at > $6)
+          AND u.is_active
+    ), touch AS (
+        UPDATE api_keys AS k SET last_used_at = $6
+        FROM who
+        WHERE k.key_hash = $4 AND k.user_id = who.user_id
+          AND (k.last_used_at IS NULL OR k.last_used_at < $12)
+    ), ctx AS (
+        SELECT who.user_id, t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
                t.auth_header_name, t.auth_header_value, t.updated_at AS tool_updated_at,
-               jsonb_typeof(t.input_schema) = 'object' AS has_schema, mp.rank AS min_rank,
+               t.updated_at IS DISTINCT FROM $10 AS tool_changed,
+               CASE WHEN t.updated_at IS DISTINCT FROM $10 THEN t.input_schema::text END AS schema_text,
+               mp.rank AS min_rank,
                s.id AS sub_id, s.status AS sub_status, s.plan_code, s.tokens_used, s.tokens_reserved,
                s.current_period_end, s.expires_at, p.token_limit, p.rank AS plan_rank,
-               k.state AS idem_state, k.request_hash AS idem_hash,
-               k.response_status AS idem_status, k.response_body::text AS idem_body
+               kk.state AS idem_state, kk.request_hash AS idem_hash,
+               kk.response_status AS idem_status, kk.response_body::text AS idem_body
         FROM (SELECT 1) AS one
+        LEFT JOIN who ON true
         LEFT JOIN tools AS t ON t.id = $1 AND t.deleted_at IS NULL AND t.is_active
         LEFT JOIN plans AS mp ON mp.code = t.min_plan_code
-        LEFT JOIN subscriptions AS s ON s.user_id = $2
+        LEFT JOIN subscriptions AS s ON s.user_id = who.user_id
         LEFT JOIN plans AS p ON p.code = s.plan_code
-        LEFT JOIN idempotency_keys AS k ON k.user_id = $2 AND k.key = $3 AND k.expires_at > $4
+        LEFT JOIN idempotency_keys AS kk
+               ON kk.user_id = who.user_id AND kk.key = $5 AND kk.expires_at > $6
     ), adm AS (
         UPDATE subscriptions AS s
-        SET tokens_reserved = s.tokens_reserved + $5, inflight = s.inflight + 1
+        SET tokens_reserved = s.tokens_reserved + $7, inflight = s.inflight + 1
         FROM ctx
         WHERE s.id = ctx.sub_id AND ctx.tool_id IS NOT NULL AND ctx.idem_state IS NULL
-          AND s.status = 'active' AND s.current_period_end > $4
-          AND (s.expires_at IS NULL OR s.expires_at > $4)
+          AND ctx.tool_updated_at = $10 AND $11::boolean
+          AND s.status = 'active' AND s.current_period_end > $6
+          AND (s.expires_at IS NULL OR s.expires_at > $6)
           AND (ctx.min_rank IS NULL OR ctx.plan_rank >= ctx.min_rank)
           AND s.tokens_used + s.tokens_reserved
               < (SELECT p2.token_limit FROM plans AS p2 WHERE p2.code = s.plan_code)
-        RETURNING s.id, s.plan_code
+        RETURNING s.id, s.plan_code, s.user_id
     ), log AS (
         INSERT INTO usage_logs (id, user_id, tool_id, subscription_id, plan_code, status,
                                 started_at, "timestamp", tokens_used, tokens_reserved, request_id)
-        SELECT $6::uuid, $2, $1, adm.id, adm.plan_code, 'pending', $4, $4, 0, $5, $7::varchar
+        SELECT $8::uuid, adm.user_id, $1, adm.id, adm.plan_code, 'pending', $6, $6, 0, $7, $9::varchar
         FROM adm
         RETURNING plan_code
     )
@@ -147,19 +174,38 @@ class Admission:
     idem_id: uuid.UUID | None
 
 
-async def read_and_admit(
-    driver: Any,
-    *,
-    user_id: uuid.UUID,
-    tool_id: uuid.UUID,
-    key: str | None,
-    now: datetime,
-    reserve: int,
-    log_id: uuid.UUID,
-    request_id: str | None,
-) -> Any:
-    """Run READ_AND_ADMIT on the asyncpg connection of the caller's open transaction."""
-    return await driver.fetchrow(READ_AND_ADMIT, tool_id, user_id, key, now, reserve, log_id, request_id)
+@dataclass(frozen=True)
+class AdmitRequest:
+    """What READ_AND_ADMIT is asked: who calls which tool, and what was decided beforehand."""
+
+    tool_id: uuid.UUID
+    credential: Credential
+    idempotency_key: str | None
+    now: datetime
+    reserve: int
+    request_id: str | None
+    tool_version: datetime | None  # the tool's updated_at the input was validated against
+    go: bool  # the input is valid for that version and the circuit let the call through
+
+
+async def read_and_admit(driver: Any, req: AdmitRequest, log_id: uuid.UUID) -> Any:
+    """Run READ_AND_ADMIT on an asyncpg connection (autocommit, or the caller's transaction)."""
+    cred = req.credential
+    return await driver.fetchrow(
+        READ_AND_ADMIT,
+        req.tool_id,
+        cred.session_id,
+        cred.user_id,
+        cred.api_key_digest,
+        req.idempotency_key,
+        req.now,
+        req.reserve,
+        log_id,
+        req.request_id,
+        req.tool_version,
+        req.go,
+        req.now - API_KEY_TOUCH_INTERVAL,
+    )
 
 
 async def link_key(driver: Any, idem_id: uuid.UUID, log_id: uuid.UUID) -> None:

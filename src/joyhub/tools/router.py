@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 
-from joyhub.auth.dependencies import CurrentUser
+from joyhub.auth.dependencies import CurrentUser, PresentedCredential
 from joyhub.core.db import DbSession
 from joyhub.core.envelope import Envelope, ok, page
 from joyhub.core.pagination import PageParams
@@ -102,8 +102,9 @@ async def invoke_tool(
     tool_id: uuid.UUID,
     payload: InvokeRequest,
     request: Request,
-    session: DbSession,
-    principal: CurrentUser,
+    # authentication: the credential's signature or form here; its session or key, and the
+    # user, checked by the admission statement itself (`ledger.READ_AND_ADMIT`) — 401 first
+    caller: PresentedCredential,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -116,8 +117,7 @@ async def invoke_tool(
 ) -> Response:
     return await gateway.invoke(
         request.app,
-        session,
-        user_id=principal.id,
+        credential=caller,
         tool_id=tool_id,
         value=payload.input,
         idempotency_key=idempotency_key,

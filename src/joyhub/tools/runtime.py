@@ -2,7 +2,8 @@
 
 `start` puts on `app.state`: `http` (the shared upstream connection pool), `breakers` (Redis-backed when
 `app.state.redis` is set, in-process otherwise) and `tools` (this Runtime, which also tracks the
-invocations in flight and holds the admission gate, `admission.py`). With `JOYHUB_DEMO=1`
+invocations in flight and holds the admission gate, `admission.py`, and what it knows of each
+tool's current version, `tool_versions.py`). With `JOYHUB_DEMO=1`
 (`joyhub serve --demo`) it also registers the demo tools and makes sure an admin exists. On
 shutdown the invocations still running are given time to finish and settle before the client
 closes, so a deploy does not leave calls unaccounted.
@@ -26,6 +27,7 @@ from joyhub.core.config import Settings
 from joyhub.tools import upstream
 from joyhub.tools.admission import AdmissionGate
 from joyhub.tools.breaker import Breakers, InProcessBreakers, RedisBreakers
+from joyhub.tools.tool_versions import ToolVersions
 
 log = logging.getLogger("joyhub.tools")
 
@@ -38,6 +40,7 @@ class Runtime:
         self.http = http
         self.breakers = breakers
         self.gate = gate
+        self.tool_versions = ToolVersions()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def track(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -45,6 +48,7 @@ class Runtime:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve)
         return task
 
     @property
@@ -59,6 +63,12 @@ class Runtime:
         _, pending = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
         if pending:
             log.warning("invocations still running at shutdown", extra={"count": len(pending)})
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark the task's outcome as seen: a refusal raised after its client left is not news."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _skip_missing_sniffio() -> None:

@@ -1,0 +1,166 @@
+"""Authentication of the invoke route, which its admission statement checks in the same round trip
+(`ledger.READ_AND_ADMIT`): the same answers as every other route, before any other check, and a
+refused caller leaves nothing behind. Also the admission's tool-version rule (`tool_versions.py`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from joyhub.core.clock import utcnow
+from tests.tools.helpers import (
+    API,
+    assert_settled,
+    assert_untouched,
+    invoke,
+    make_caller,
+    make_tool,
+    usage_logs,
+)
+from tests.tools.upstream_server import Upstream
+
+pytestmark = pytest.mark.integration
+
+
+async def _sql(engine: AsyncEngine, sql: str, **params: Any) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text(sql), params)
+
+
+async def _new_key(client: httpx.AsyncClient, headers: dict[str, str]) -> tuple[str, str]:
+    r = await client.post(f"{API}/users/me/api-keys", json={"name": "script"}, headers=headers)
+    assert r.status_code == 201, r.text
+    return r.json()["data"]["id"], r.json()["data"]["key"]
+
+
+async def test_revoked_session_or_disabled_user_is_401_before_every_other_check(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    tool = await make_tool(engine, upstream.url("/fast"))
+    revoked = await make_caller(engine, "pro")
+    await _sql(
+        engine, "UPDATE auth_sessions SET revoked_at = now() WHERE id = :id", id=revoked.account.session_id
+    )
+    disabled = await make_caller(engine, "pro")
+    await _sql(engine, "UPDATE users SET is_active = false WHERE id = :id", id=disabled.user_id)
+    for caller in (revoked, disabled):
+        # 401 even for a tool that does not exist (authentication comes first)
+        for target in (tool, uuid.uuid4()):
+            r = await invoke(client, caller, target, {"text": "x"})
+            assert (r.status_code, r.json()["error"]["code"]) == (401, "INVALID_TOKEN")
+            assert "X-Quota-Limit" not in r.headers
+        await assert_untouched(engine, caller)
+    assert upstream.total == 0
+
+
+async def test_a_token_for_another_users_session_is_401(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    """The session must belong to the token's user: a forged pairing is refused."""
+    from joyhub.core.security import create_access_token
+    from tests.conftest import TEST_SECRET
+
+    tool = await make_tool(engine, upstream.url("/fast"))
+    one, other = await make_caller(engine, "pro"), await make_caller(engine, "pro")
+    token = create_access_token(
+        user_id=one.user_id,
+        session_id=other.account.session_id,
+        role="user",
+        secret=TEST_SECRET,
+        ttl=timedelta(minutes=5),
+    )
+    r = await client.post(
+        f"{API}/tools/{tool}/invoke", json={"input": {}}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (401, "INVALID_TOKEN")
+    await assert_untouched(engine, one)
+    await assert_untouched(engine, other)
+
+
+async def test_api_keys_invoke_and_are_touched_once_a_minute(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    tool = await make_tool(engine, upstream.url("/fast?tokens=3"))
+    caller = await make_caller(engine, "pro")
+    key_id, key = await _new_key(client, caller.headers)
+    for headers in ({"X-API-Key": key}, {"Authorization": f"Bearer {key}"}):
+        r = await client.post(f"{API}/tools/{tool}/invoke", json={"input": {"text": "x"}}, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["data"]["tokens_used"] == 3
+    async with engine.connect() as conn:
+        first = (
+            await conn.execute(text("SELECT last_used_at FROM api_keys WHERE id = :id"), {"id": key_id})
+        ).scalar_one()
+    assert first is not None and abs((utcnow() - first).total_seconds()) < 60
+    # an hour-old stamp is refreshed by the next call, even one that is then refused (404)
+    await _sql(
+        engine, "UPDATE api_keys SET last_used_at = now() - interval '1 hour' WHERE id = :id", id=key_id
+    )
+    r = await client.post(
+        f"{API}/tools/{uuid.uuid4()}/invoke", json={"input": {}}, headers={"X-API-Key": key}
+    )
+    assert r.status_code == 404
+    async with engine.connect() as conn:
+        touched = (
+            await conn.execute(text("SELECT last_used_at FROM api_keys WHERE id = :id"), {"id": key_id})
+        ).scalar_one()
+    assert abs((utcnow() - touched).total_seconds()) < 60
+    await assert_settled(engine, caller)
+    assert len(await usage_logs(engine, caller.user_id)) == 2
+
+
+@pytest.mark.parametrize("how", ["revoked", "expired", "unknown", "malformed"])
+async def test_unusable_api_keys_are_401_and_leave_nothing(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream, how: str
+) -> None:
+    tool = await make_tool(engine, upstream.url("/fast"))
+    caller = await make_caller(engine, "pro")
+    key_id, key = await _new_key(client, caller.headers)
+    if how == "revoked":
+        assert (
+            await client.delete(f"{API}/users/me/api-keys/{key_id}", headers=caller.headers)
+        ).status_code == 204
+    elif how == "expired":
+        await _sql(
+            engine, "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = :id", id=key_id
+        )
+    elif how == "unknown":
+        key = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
+    else:
+        key = key + "x" * 300
+    r = await client.post(f"{API}/tools/{tool}/invoke", json={"input": {}}, headers={"X-API-Key": key})
+    assert (r.status_code, r.json()["error"]["code"]) == (401, "INVALID_TOKEN")
+    await assert_untouched(engine, caller)
+    assert upstream.total == 0
+
+
+async def test_a_tool_version_never_settled_answers_503_and_admits_nothing(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement admits only against the tool version the input was checked for; a tool
+    edited on every try (simulated: this process never learns the version) is refused with a
+    retryable 503 after a bounded number of tries — never admitted unchecked."""
+    from joyhub.tools.tool_versions import ToolVersions
+
+    tool = await make_tool(engine, upstream.url("/fast"))
+    caller = await make_caller(engine, "pro")
+    seen: list[uuid.UUID] = []
+
+    def forgetful(self: ToolVersions, tool_id: uuid.UUID, *args: Any) -> None:
+        seen.append(tool_id)
+
+    monkeypatch.setattr(ToolVersions, "learn", forgetful)
+    r = await invoke(client, caller, tool, {"text": "x"})
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "SERVICE_UNAVAILABLE")
+    assert r.headers["Retry-After"] == "1"
+    assert r.headers["X-Quota-Limit"] == "50000"
+    assert seen == [tool, tool]  # three statements, two of them re-runs
+    assert upstream.total == 0
+    await assert_untouched(engine, caller)
