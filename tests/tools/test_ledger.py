@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -167,3 +168,62 @@ async def test_settle_retries_transient_errors(
 def test_which_settle_failures_are_retried(exc: BaseException, transient: bool) -> None:
     """The settle runs on the raw driver, so asyncpg's own exceptions must be recognised too."""
     assert ledger._transient(exc) is transient
+
+
+async def test_settle_on_a_connection_killed_since_its_last_use_still_settles_once(
+    database_url: str, engine: AsyncEngine, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settle takes its connection without the pre-ping when the connection was used within
+    the last second (`db.connect_retried`). One the server ended meanwhile, before this process
+    could notice, fails the first attempt; the retry settles on a fresh connection: charged
+    once, nothing left over. (Without the retry this test fails: the dead connection is used.)"""
+    from joyhub.core.db import make_engine
+    from tests.conftest import test_settings as hub_settings
+
+    caller = await make_caller(engine, "pro")
+    tool = await make_tool(engine, upstream.url("/fast"))
+    admission = await _pending(engine, caller, tool)
+    monkeypatch.setattr(ledger, "SETTLE_RETRY_DELAYS", (0.0, 0.0))
+    own = make_engine(database_url, hub_settings(), pool_size=1, max_overflow=0)
+    try:
+        async with own.connect() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        _terminate_unseen(database_url, pid)
+        result = await ledger.settle(own, **_settle_kw(admission, caller, tool))
+        assert result.settled
+        again = await ledger.settle(own, **_settle_kw(admission, caller, tool))
+        assert not again.settled  # settled once, whichever attempt did it
+    finally:
+        await own.dispose()
+    logs = await usage_logs(engine, caller.user_id)
+    assert [(log.status, log.tokens_used) for log in logs] == [("success", 9)]
+    await assert_settled(engine, caller)
+
+
+def _terminate_unseen(database_url: str, pid: int) -> None:
+    """End backend `pid` and wait until it is gone, from another thread while this event loop is
+    blocked: the loop cannot read the connection's FATAL message and EOF before its next use."""
+    import threading
+
+    dsn = database_url.replace("postgresql+asyncpg://", "postgresql://")
+
+    async def kill() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
+        finally:
+            await conn.close()
+
+    done: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(kill())
+            done.append(None)
+        except BaseException as exc:
+            done.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    assert done == [None], done

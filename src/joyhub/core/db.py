@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sqlalchemy.util import await_
 from sqlalchemy.util import queue as sqla_queue
@@ -113,6 +121,12 @@ class FairAsyncQueuePool(AsyncAdaptedQueuePool):
     _queue_class = FairAsyncQueue
 
 
+PING_AFTER_IDLE_SECONDS = 1.0
+_CHECKED_IN_AT = "joyhub_checked_in_at"
+# set by `connect_retried`: the caller retries its work on a fresh connection if this one is dead
+_retried_by_caller: ContextVar[bool] = ContextVar("retried_by_caller", default=False)
+
+
 def ping_on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
     """Pre-ping in one round trip: a connection the server dropped is replaced before use.
 
@@ -121,11 +135,42 @@ def ping_on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
     gateway's hot path — two checkouts per invocation — was six of its eleven round trips. This
     is the pessimistic check SQLAlchemy documents for a `checkout` event: raising
     `DisconnectionError` makes the pool discard the connection and check out a fresh one.
+
+    A checkout through `connect_retried` skips the ping when the connection was given back less
+    than PING_AFTER_IDLE_SECONDS ago and asyncpg has not seen it close: its caller retries on a
+    fresh connection anyway, so the ping would only buy what the retry already guarantees.
     """
+    driver = dbapi_connection.driver_connection
+    if driver.is_closed():
+        raise DisconnectionError("connection closed")
+    if _retried_by_caller.get():
+        checked_in = record.info.get(_CHECKED_IN_AT)
+        if checked_in is not None and time.monotonic() - checked_in < PING_AFTER_IDLE_SECONDS:
+            return
     try:
-        await_(dbapi_connection.driver_connection.fetchrow(";"))
+        await_(driver.fetchrow(";"))
     except Exception as exc:
         raise DisconnectionError("connection failed its ping") from exc
+
+
+def _note_checkin(dbapi_connection: Any, record: Any) -> None:
+    record.info[_CHECKED_IN_AT] = time.monotonic()
+
+
+@contextlib.asynccontextmanager
+async def connect_retried(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection for work its caller retries on a transient failure (the gateway's settle):
+    a connection used within the last second is handed out without the pre-ping round trip,
+    and one that turns out dead fails the attempt, which the retry makes on a fresh one."""
+    token = _retried_by_caller.set(True)
+    try:
+        conn = await engine.connect().start()
+    finally:
+        _retried_by_caller.reset(token)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 def make_engine(url: str, settings: Settings, **overrides: Any) -> AsyncEngine:
@@ -150,6 +195,7 @@ def make_engine(url: str, settings: Settings, **overrides: Any) -> AsyncEngine:
     engine = create_async_engine(url, pool_pre_ping=False, **kwargs)
     if pre_ping:
         event.listen(engine.sync_engine.pool, "checkout", ping_on_checkout)
+        event.listen(engine.sync_engine.pool, "checkin", _note_checkin)
     metrics.track_pool(engine.sync_engine.pool)  # after the ping: count only checkouts that passed it
     return engine
 

@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from joyhub.auth.dependencies import API_KEY_TOUCH_INTERVAL, Credential
 from joyhub.core.config import Settings
+from joyhub.core.db import connect_retried
 from joyhub.core.errors import is_db_unavailable, sqlstates
 from joyhub.tools import idempotency
 from joyhub.tools.driver import DriverSession, driver_of
@@ -290,7 +291,7 @@ async def settle_once(
         "error": int(status == "error"),
         "timeout": int(status == "timeout"),
     }
-    async with engine.connect() as conn:
+    async with connect_retried(engine) as conn:  # `settle` retries a dead connection
         row = await DriverSession(await driver_of(conn)).fetchrow(_SETTLE, params)
     if row is None:
         log.warning(
