@@ -159,3 +159,26 @@ async def test_redis_outage_fails_open() -> None:
         assert (await b.view("t")).state == "closed"
     finally:
         await client.aclose()
+
+
+async def test_a_caller_not_ready_to_call_does_not_take_the_trial(
+    breakers: tuple[Breakers, FakeClock],
+) -> None:
+    """`claim_trial=False` (the gateway before it knows the call will be admitted) learns that a
+    trial is due without claiming it, so a caller that is then refused cannot keep the one trial
+    from a caller that would make it."""
+    b, clock = breakers
+    for _ in range(3):
+        await b.record_failure("t", trial=False)
+    assert (await b.acquire("t", 5, claim_trial=False)).trial_due is False  # open: not due yet
+    clock.now += 11
+    for _ in range(3):
+        asked = await b.acquire("t", 5, claim_trial=False)
+        assert (asked.allowed, asked.trial_due) == (False, True)
+    trial = await b.acquire("t", 5)
+    assert trial.allowed and trial.trial and not trial.trial_due
+    others = await b.acquire("t", 5, claim_trial=False)
+    assert (others.allowed, others.trial_due) == (False, False)  # the trial is running
+    # closed: every caller passes, claiming or not
+    await b.record_success("t", trial=True, clean=False)
+    assert (await b.acquire("t", 5, claim_trial=False)).allowed

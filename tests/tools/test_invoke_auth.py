@@ -15,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from joyhub.core.clock import utcnow
+from joyhub.tools import gateway
 from tests.tools.helpers import (
     API,
     assert_settled,
@@ -161,6 +162,146 @@ async def test_a_tool_version_never_settled_answers_503_and_admits_nothing(
     assert (r.status_code, r.json()["error"]["code"]) == (503, "SERVICE_UNAVAILABLE")
     assert r.headers["Retry-After"] == "1"
     assert r.headers["X-Quota-Limit"] == "50000"
-    assert seen == [tool, tool]  # three statements, two of them re-runs
+    assert seen == [tool] * (gateway.MAX_ADMIT_TRIES - 1)  # bounded: the last try answers
     assert upstream.total == 0
     await assert_untouched(engine, caller)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "maxLength": 30000}},
+    "required": ["text"],
+}
+
+
+@pytest.mark.parametrize(
+    ("path_tool", "body", "extra_headers"),
+    [
+        (None, b"{}", {}),  # no input
+        (None, b'{"input": {}, "unknown": 1}', {}),  # unknown field
+        ("not-a-uuid", b'{"input": {}}', {}),  # malformed path
+        (None, b'{"input": {}}', {"Idempotency-Key": "k" * 300}),  # header too long
+        (None, b'{"input": {"a": NaN}}', {}),  # refused by the gateway's own encoding
+        (None, b'{"input": {"a": "nul \\u0000 here"}}', {}),  # NUL: refused by the gateway
+    ],
+)
+async def test_an_unusable_credential_is_401_before_any_validation_error(
+    client: httpx.AsyncClient,
+    engine: AsyncEngine,
+    upstream: Upstream,
+    path_tool: str | None,
+    body: bytes,
+    extra_headers: dict[str, str],
+) -> None:
+    """The route's dependency cannot know a session was revoked or a key is unknown; a request
+    refused before the admission statement still confirms the credential first (API.md §5:
+    authentication is the first check), and a good credential gets the validation error."""
+    tool = path_tool or str(await make_tool(engine, upstream.url("/fast")))
+    revoked = await make_caller(engine, "pro")
+    await _sql(
+        engine, "UPDATE auth_sessions SET revoked_at = now() WHERE id = :id", id=revoked.account.session_id
+    )
+    good = await make_caller(engine, "pro")
+    url = f"{API}/tools/{tool}/invoke"
+    for headers in (revoked.headers, {"X-API-Key": "jfui_" + "A" * 40}):
+        r = await client.post(
+            url, content=body, headers={**headers, **extra_headers, "Content-Type": "application/json"}
+        )
+        assert (r.status_code, r.json()["error"]["code"]) == (401, "INVALID_TOKEN"), r.text
+    r = await client.post(
+        url, content=body, headers={**good.headers, **extra_headers, "Content-Type": "application/json"}
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "VALIDATION_ERROR"), r.text
+    for caller in (revoked, good):
+        await assert_untouched(engine, caller)
+    assert upstream.total == 0
+
+
+async def test_big_inputs_are_validated_only_once_the_caller_is_known(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input over PRECHECK_MAX_BYTES is checked against the schema only after the statement
+    has authenticated the caller: a forged key cannot make the hub validate a megabyte."""
+    from joyhub.tools.tool_versions import ToolVersion
+
+    tool = await make_tool(engine, upstream.url("/fast"), input_schema=SCHEMA)
+    caller = await make_caller(engine, "pro")
+    assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200  # version known
+    validated: list[int] = []
+    real = ToolVersion.input_errors
+
+    def counting(self: ToolVersion, value: dict[str, Any]) -> list[dict[str, Any]]:
+        validated.append(len(str(value)))
+        return real(self, value)
+
+    monkeypatch.setattr(ToolVersion, "input_errors", counting)
+    big = "x" * (gateway.PRECHECK_MAX_BYTES + 10)
+    r = await client.post(
+        f"{API}/tools/{tool}/invoke", json={"input": {"text": big}}, headers={"X-API-Key": "jfui_" + "B" * 40}
+    )
+    assert r.status_code == 401
+    assert validated == []
+    r = await invoke(client, caller, tool, {"text": big})  # valid: admitted after the caller is known
+    assert r.status_code == 200, r.text
+    r = await invoke(client, caller, tool, {"text": big + "y" * 30000})  # over maxLength
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "TOOL_INPUT_INVALID")
+    assert len(validated) == 2
+    await assert_settled(engine, caller)
+
+
+async def test_a_refused_caller_never_claims_the_half_open_trial(
+    make_client: Any, engine: AsyncEngine, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In half-open the one trial goes to a call that will be made: callers the statement then
+    refuses (quota, credential) only ask whether a trial is due, without claiming it."""
+    import asyncio
+
+    c: httpx.AsyncClient = await make_client(circuit_failure_threshold=1, circuit_recovery_seconds=0.3)
+    tool = await make_tool(engine, upstream.url("/status?code=500"), max_attempts=1)
+    good = await make_caller(engine, "pro")
+    assert (await invoke(c, good, tool, {"text": "x"})).status_code == 503  # opens the circuit
+    await _sql(engine, "UPDATE tools SET api_endpoint = :u WHERE id = :id", u=upstream.url("/fast"), id=tool)
+    await asyncio.sleep(0.4)  # half-open
+    breakers = c.app.state.tools.breakers  # type: ignore[attr-defined]
+    claims: list[bool] = []
+    real = breakers.acquire
+
+    async def spy(tool_id: str, lease_seconds: float, *, claim_trial: bool = True) -> Any:
+        claims.append(claim_trial)
+        return await real(tool_id, lease_seconds, claim_trial=claim_trial)
+
+    monkeypatch.setattr(breakers, "acquire", spy)
+    empty = await make_caller(engine, "pro", tokens_used=50_000)
+    assert (await invoke(c, empty, tool, {"text": "x"})).status_code == 429
+    assert claims and not any(claims)
+    claims.clear()
+    r = await invoke(c, good, tool, {"text": "x"})  # the trial: cleared first, then claimed
+    assert r.status_code == 200, r.text
+    assert claims == [False, True]
+    assert (await breakers.view(str(tool))).state == "closed"
+    await assert_untouched(engine, empty, 50_000)
+    await assert_settled(engine, good)
+
+
+async def test_an_api_key_row_locked_elsewhere_does_not_hold_up_the_admission(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    """The last-used stamp is best effort (SKIP LOCKED): the admission, which holds the
+    subscription's row lock, never waits for the key's, so it cannot deadlock against a request
+    that holds the key's lock and waits for the subscription's."""
+    import asyncio
+
+    tool = await make_tool(engine, upstream.url("/fast"))
+    caller = await make_caller(engine, "pro")
+    key_id, key = await _new_key(client, caller.headers)
+    await _sql(
+        engine, "UPDATE api_keys SET last_used_at = now() - interval '1 hour' WHERE id = :id", id=key_id
+    )
+    async with engine.connect() as holder:
+        await holder.execute(text("SELECT 1 FROM api_keys WHERE id = :id FOR UPDATE"), {"id": key_id})
+        r = await asyncio.wait_for(
+            client.post(f"{API}/tools/{tool}/invoke", json={"input": {}}, headers={"X-API-Key": key}), 10
+        )
+        assert r.status_code == 200, r.text
+        await holder.rollback()
+    await assert_settled(engine, caller)

@@ -103,6 +103,9 @@ def test_tool_versions_cache_and_error_paths() -> None:
     # "no schema" (SQL NULL or JSON null) takes any object
     assert cache.learn(ids[1], now, 5, "null").input_errors({"a": "x"}) == []
     assert cache.learn(ids[1], now, 5, None).validator is None
+    # an older version read by a slow request does not replace a newer one
+    newer = cache.learn(ids[1], now + timedelta(seconds=1), 5, None)
+    assert cache.learn(ids[1], now, 9, None) is newer and cache.get(ids[1]) is newer
     cache.learn(ids[2], now, 5, "{}")
     assert cache.get(ids[0]) is None  # evicted: the least recently used
     v = learnt.validator

@@ -15,7 +15,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, OAuth2PasswordBearer
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import bindparam, or_, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from joyhub.core.clock import utcnow
 from joyhub.core.context import user_id_var
@@ -89,6 +90,43 @@ class Credential:
     api_key_digest: bytes | None = None
 
 
+def credential_user_sql(session_id: str, user_id: str, key_digest: str, now: str) -> str:
+    """The rule `current_principal` applies, as SQL for statements that check a credential
+    themselves: the user of a live session of that very user, or of an active, unexpired API
+    key; the user enabled. At most one row: a credential has a session or a key digest, not both,
+    and both lookups are by unique key. The arguments are the statement's placeholders."""
+    return f"""
+        SELECT u.id AS user_id FROM auth_sessions AS a JOIN users AS u ON u.id = a.user_id
+        WHERE a.id = {session_id} AND u.id = {user_id} AND a.revoked_at IS NULL AND u.is_active
+        UNION ALL
+        SELECT u.id FROM api_keys AS k JOIN users AS u ON u.id = k.user_id
+        WHERE k.key_hash = {key_digest} AND k.is_active
+          AND (k.expires_at IS NULL OR k.expires_at > {now}) AND u.is_active
+    """  # noqa: S608 (placeholders only: every value is a bound parameter)
+
+
+_CONFIRM = text(credential_user_sql(":session_id", ":user_id", ":key_digest", ":now"))
+
+
+async def confirm_credential(engine: AsyncEngine, credential: Credential) -> None:
+    """401 unless the credential is still good: for a request refused before its own statement
+    could check it (a validation error), so authentication still answers first (API.md §5)."""
+    async with engine.connect() as conn:
+        found = (
+            await conn.execute(
+                _CONFIRM,
+                {
+                    "session_id": credential.session_id,
+                    "user_id": credential.user_id,
+                    "key_digest": credential.api_key_digest,
+                    "now": utcnow(),
+                },
+            )
+        ).first()
+    if found is None:
+        raise InvalidToken()
+
+
 async def presented_credential(
     request: Request,
     bearer: Annotated[str | None, Depends(bearer_scheme)],
@@ -112,6 +150,20 @@ async def presented_credential(
     except TokenError:
         raise InvalidToken() from None
     return Credential(user_id=claims.user_id, session_id=claims.session_id)
+
+
+async def deferred_credential(
+    request: Request, credential: Annotated[Credential, Depends(presented_credential)]
+) -> Credential:
+    """`presented_credential` for a route whose own statement checks it in the database; a
+    validation error raised before that statement runs confirms it first (`confirm_credential`,
+    called by the error handler through `request.state.confirm_credential`)."""
+
+    async def confirm() -> None:
+        await confirm_credential(request.app.state.engine, credential)
+
+    request.state.confirm_credential = confirm
+    return credential
 
 
 async def _from_access_token(session: DbSession, credential: Credential) -> Principal:
@@ -208,6 +260,6 @@ Client = Annotated[ClientInfo, Depends(client_info)]
 CurrentUser = Annotated[Principal, Depends(current_principal)]
 # the credential as presented, for the one route whose own statement checks it against the
 # database (the gateway's admission): see `Credential`
-PresentedCredential = Annotated[Credential, Depends(presented_credential)]
+PresentedCredential = Annotated[Credential, Depends(deferred_credential)]
 AccessTokenUser = Annotated[Principal, Depends(access_token_principal)]
 AdminUser = Annotated[Principal, Depends(require_admin)]

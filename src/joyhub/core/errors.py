@@ -270,6 +270,12 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(400, "MALFORMED_JSON", "Request body is not valid JSON")
+        confirm = getattr(request.state, "confirm_credential", None)
+        if confirm is not None:  # a credential not yet checked in the database: 401 comes first
+            try:
+                await confirm()
+            except AppError as refused:
+                return await _app_error(request, refused)
         return error_response(422, "VALIDATION_ERROR", "Validation failed", _validation_details(exc))
 
     @app.exception_handler(StarletteHTTPException)

@@ -44,6 +44,7 @@ class Permit:
     trial: bool = False
     retry_after: float = 0.0
     clean: bool = False  # closed with no failures counted: a success needs no write
+    trial_due: bool = False  # half-open with the trial unclaimed, and the caller did not claim it
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,12 @@ class Breakers(Protocol):
     recovery_seconds: float
     clock: Clock
 
-    async def acquire(self, tool_id: str, lease_seconds: float) -> Permit: ...
+    async def acquire(self, tool_id: str, lease_seconds: float, *, claim_trial: bool = True) -> Permit:
+        """May a call go upstream? In half-open, the first caller gets the trial — unless it
+        passes `claim_trial=False` (it is not yet sure to make the call), which answers
+        `Permit(False, trial_due=True)` and claims nothing."""
+        ...
+
     async def record_failure(self, tool_id: str, *, trial: bool) -> bool: ...
     async def record_success(self, tool_id: str, *, trial: bool, clean: bool) -> None: ...
     async def release(self, tool_id: str, permit: Permit) -> None: ...
@@ -90,7 +96,7 @@ class InProcessBreakers:
         self.clock = clock
         self._states: dict[str, _State] = {}
 
-    async def acquire(self, tool_id: str, lease_seconds: float) -> Permit:
+    async def acquire(self, tool_id: str, lease_seconds: float, *, claim_trial: bool = True) -> Permit:
         st = self._states.get(tool_id)
         if st is None or st.opened_until is None:
             return Permit(True, clean=st is None or st.failures == 0)
@@ -99,6 +105,8 @@ class InProcessBreakers:
             return Permit(False, retry_after=st.opened_until - now)
         if st.trial_until is not None and st.trial_until > now:
             return Permit(False, retry_after=TRIAL_RETRY_AFTER)
+        if not claim_trial:
+            return Permit(False, trial_due=True)
         st.trial_until = now + lease_seconds
         return Permit(True, trial=True)
 
@@ -137,18 +145,20 @@ class InProcessBreakers:
         self._states.pop(tool_id, None)
 
 
-# KEYS[1] = the tool's hash; ARGV = now, lease. Returns {allowed, trial, failures, retry_after}.
+# KEYS[1] = the tool's hash; ARGV = now, lease, trial retry-after, claim the trial (1/0).
+# Returns {allowed, trial, failures, retry_after, trial_due}.
 _ACQUIRE = """
 local v = redis.call('HMGET', KEYS[1], 'f', 'o', 't')
 local f = tonumber(v[1]) or 0
 local o = tonumber(v[2])
 local t = tonumber(v[3])
 local now = tonumber(ARGV[1])
-if not o then return {1, 0, f, '0'} end
-if now < o then return {0, 0, f, tostring(o - now)} end
-if t and t > now then return {0, 0, f, ARGV[3]} end
+if not o then return {1, 0, f, '0', 0} end
+if now < o then return {0, 0, f, tostring(o - now), 0} end
+if t and t > now then return {0, 0, f, ARGV[3], 0} end
+if ARGV[4] ~= '1' then return {0, 0, f, '0', 1} end
 redis.call('HSET', KEYS[1], 't', tostring(now + tonumber(ARGV[2])))
-return {1, 1, f, '0'}
+return {1, 1, f, '0', 0}
 """
 
 # ARGV = now, threshold, recovery, trial (1/0), ttl. Returns 1 when the circuit is not closed.
@@ -208,11 +218,16 @@ class RedisBreakers:
             },
         )
 
-    async def acquire(self, tool_id: str, lease_seconds: float) -> Permit:
+    async def acquire(self, tool_id: str, lease_seconds: float, *, claim_trial: bool = True) -> Permit:
         try:
-            allowed, trial, failures, retry_after = await self._acquire(
+            allowed, trial, failures, retry_after, due = await self._acquire(
                 keys=[self._key(tool_id)],
-                args=[repr(self.clock()), repr(lease_seconds), repr(TRIAL_RETRY_AFTER)],
+                args=[
+                    repr(self.clock()),
+                    repr(lease_seconds),
+                    repr(TRIAL_RETRY_AFTER),
+                    "1" if claim_trial else "0",
+                ],
             )
         except Exception as exc:  # redis errors and connection failures alike
             self._unreachable("acquire", exc)
@@ -222,6 +237,7 @@ class RedisBreakers:
             trial=bool(int(trial)),
             retry_after=float(retry_after),
             clean=int(failures) == 0 and not int(trial),
+            trial_due=bool(int(due)),
         )
 
     async def record_failure(self, tool_id: str, *, trial: bool) -> bool:

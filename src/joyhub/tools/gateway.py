@@ -48,16 +48,17 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from joyhub.auth.dependencies import Credential
+from joyhub.auth.dependencies import Credential, confirm_credential
 from joyhub.core import metrics
 from joyhub.core.clock import iso_utc, utcnow
 from joyhub.core.context import current_request_id, user_id_var
 from joyhub.core.errors import (
+    AppError,
     IdempotencyConflict,
     InvalidToken,
     NotFound,
@@ -77,6 +78,7 @@ from joyhub.tools.admission import AdmissionSlot
 from joyhub.tools.breaker import Breakers, Permit
 from joyhub.tools.driver import driver_of
 from joyhub.tools.runtime import Runtime
+from joyhub.tools.tool_versions import ToolVersion
 
 log = logging.getLogger("joyhub.tools.gateway")
 
@@ -186,9 +188,13 @@ async def invoke(
     task the request only waits for: a client hanging up while its call is being admitted cannot
     leave an admitted call that is never made (the statement commits on its own)."""
     rt: Runtime = app.state.tools
-    body = encode_input(value)
-    if b"\\u0000" in body and _has_nul(value):
-        raise ValidationFailed(details=[field_error("body.input", "must not contain NUL characters")])
+    try:
+        body = encode_input(value)
+        if b"\\u0000" in body and _has_nul(value):
+            raise ValidationFailed(details=[field_error("body.input", "must not contain NUL characters")])
+    except ValidationFailed:
+        await confirm_credential(app.state.engine, credential)  # 401 comes first (API.md §5)
+        raise
     attempt = _Invocation(
         app=app,
         rt=rt,
@@ -208,7 +214,13 @@ async def invoke(
             user_id_var.set(str(attempt.user_id))
 
 
-MAX_ADMIT_TRIES = 3  # a subscription rollover and a tool version learnt: at most two re-runs
+# Tries of the admission statement in one request: a tool version to learn, a check deferred
+# until the caller is known (`_Invocation.cleared`), the answer — and one more for an edit racing.
+MAX_ADMIT_TRIES = 4
+# Inputs up to this size are checked against the schema before the statement; a bigger one only
+# once the statement has found its caller authenticated and every other check passing, so an
+# unauthenticated request cannot make the hub validate a megabyte.
+PRECHECK_MAX_BYTES = 16 * 1024
 
 
 @dataclass
@@ -226,6 +238,14 @@ class _KeyTaken(Exception):
         self.stored = stored
 
 
+class _RollOver(Exception):
+    """The caller's subscription period is over: roll it forward, then admit again."""
+
+    def __init__(self, user_id: uuid.UUID) -> None:
+        super().__init__("subscription period over")
+        self.user_id = user_id
+
+
 @dataclass
 class _Invocation:
     """Steps 1 to 3 for one request, then the call (`_Call`)."""
@@ -241,19 +261,30 @@ class _Invocation:
     now: datetime
     admission_slot: AdmissionSlot | None
     user_id: uuid.UUID | None = None
+    # a statement found the caller authenticated and every check SQL makes passing: a big input
+    # may now be validated, and a due trial call claimed
+    cleared: bool = False
 
     @property
     def tool_key(self) -> str:
         return str(self.tool_id)
 
     async def run(self) -> Response:
-        async with self.app.state.engine.connect() as conn:
-            driver = await driver_of(conn)
-            if self.idempotency_key is None:
-                # one statement, committed on its own: nothing to roll back if it refuses
-                admitted = await self._admit(driver)
-            else:
-                admitted = await self._admit_with_key(driver)
+        rolled = False
+        while True:
+            try:
+                async with self.app.state.engine.connect() as conn:
+                    driver = await driver_of(conn)
+                    if self.idempotency_key is None:
+                        # one statement, committed on its own: a refusal writes nothing but an
+                        # API key's last-used stamp
+                        admitted = await self._admit(driver, may_roll_over=not rolled)
+                    else:
+                        admitted = await self._admit_with_key(driver, may_roll_over=not rolled)
+                break
+            except _RollOver as due:  # with the connection given back first
+                await self._roll_over(due.user_id)
+                rolled = True
         # the admission is durable, and the connection back in the pool, before the upstream call
         if self.admission_slot is not None:
             self.admission_slot.release()
@@ -261,13 +292,13 @@ class _Invocation:
             return admitted
         return await self._call(admitted)
 
-    async def _admit_with_key(self, driver: Any) -> _Admitted | Response:
+    async def _admit_with_key(self, driver: Any, *, may_roll_over: bool) -> _Admitted | Response:
         """The admission and the key's claim in one transaction: both or neither."""
         assert self.idempotency_key is not None and self.digest is not None
         admitted: _Admitted | Response | None = None
         try:
             async with driver.transaction():
-                admitted = await self._admit(driver)
+                admitted = await self._admit(driver, may_roll_over=may_roll_over)
                 if isinstance(admitted, Response):
                     return admitted
                 assert self.user_id is not None
@@ -301,20 +332,29 @@ class _Invocation:
                 ) from None
             return idempotency.replay(exc.stored, self.digest, headers)
 
-    async def _admit(self, driver: Any) -> _Admitted | Response:
-        """READ_AND_ADMIT, after the checks only Python can make (input, circuit) for the tool
-        version this process knows; re-run after a rollover or when the tool turned out to be
-        new or edited. Returns the admission, or an idempotent replay; raises every refusal."""
+    async def _prechecks(self, version: ToolVersion | None) -> tuple[list[dict[str, Any]], Permit | None]:
+        """Step 1 for the tool version this process knows: the input's errors, then (input
+        valid) the breaker's permit. Neither when the version is unknown; a big input and a due
+        trial wait until the statement has cleared the caller (`cleared`)."""
+        if version is None or (len(self.body) > PRECHECK_MAX_BYTES and not self.cleared):
+            return [], None
+        errors = version.input_errors(self.value)
+        if errors:
+            return errors, None
+        permit = await self.rt.breakers.acquire(
+            self.tool_key,
+            lease_seconds=version.timeout_seconds + TRIAL_LEASE_SLACK_SECONDS,
+            claim_trial=self.cleared,
+        )
+        return [], permit
+
+    async def _admit(self, driver: Any, *, may_roll_over: bool) -> _Admitted | Response:
+        """READ_AND_ADMIT after the checks only Python can make; re-run when the tool turned out
+        new or edited, or when a deferred check may now be made. Returns the admission or an
+        idempotent replay; raises every refusal, and `_RollOver` when the period is over."""
         for tries_left in reversed(range(MAX_ADMIT_TRIES)):
             version = self.rt.tool_versions.get(self.tool_id)
-            errors: list[dict[str, Any]] = []
-            permit: Permit | None = None
-            if version is not None:
-                errors = version.input_errors(self.value)
-                if not errors:
-                    permit = await self.rt.breakers.acquire(
-                        self.tool_key, lease_seconds=version.timeout_seconds + TRIAL_LEASE_SLACK_SECONDS
-                    )
+            errors, permit = await self._prechecks(version)
             log_id = uuid.uuid4()
             try:
                 row = await ledger.read_and_admit(
@@ -335,7 +375,9 @@ class _Invocation:
                 if permit is not None:
                     await self.rt.breakers.release(self.tool_key, permit)
                 raise
-            self.user_id = row["user_id"]
+            if row["user_id"] is not None:
+                self.user_id = row["user_id"]
+                user_id_var.set(str(self.user_id))  # this task's log lines
             if row["admitted"]:
                 assert permit is not None
                 if permit.trial:
@@ -345,16 +387,24 @@ class _Invocation:
                 await self.rt.breakers.release(self.tool_key, permit)
             if row["user_id"] is None:
                 raise InvalidToken()  # the session was revoked, the key disabled, the user disabled
-            if tries_left and _is_due(row, self.now):
-                await self._roll_over(row["user_id"])
-                continue
-            if tries_left and row["tool_id"] is not None and row["tool_changed"]:
+            if row["idem_state"] is not None and self.digest is not None:
+                return self._replay(row)
+            if may_roll_over and _is_due(row, self.now):
+                raise _RollOver(row["user_id"])
+            if not tries_left:
+                break
+            if row["tool_id"] is not None and row["tool_changed"]:
                 self.rt.tool_versions.learn(
                     self.tool_id, row["tool_updated_at"], row["timeout_seconds"], row["schema_text"]
                 )
                 continue
-            return self._refusal(row, errors, permit)
-        raise AssertionError("unreachable: the last try always answers")
+            deferred = not errors and (permit is None or permit.trial_due)
+            if deferred and not self.cleared and self._sql_refusal(row) is None:
+                # every check SQL makes passed; what held the call back was deferred until now
+                self.cleared = True
+                continue
+            break
+        return self._refuse(row, errors, permit)
 
     async def _roll_over(self, user_id: uuid.UUID) -> None:
         """Roll a subscription whose period is over forward (rare: once a period), then re-run."""
@@ -362,25 +412,38 @@ class _Invocation:
             await ensure_current(session, user_id, self.now)
             await session.commit()
 
-    def _refusal(self, row: Any, errors: list[dict[str, Any]], permit: Permit | None) -> Response:
-        """Why the statement admitted nothing, in the contract's order (or the replay)."""
+    def _replay(self, row: Any) -> Response:
+        assert self.digest is not None
+        quota = _quota(row)
+        stored = idempotency.StoredKey(
+            row["idem_state"], bytes(row["idem_hash"]), row["idem_status"], row["idem_body"]
+        )
+        return idempotency.replay(stored, self.digest, quota.headers() if quota else {})
+
+    def _sql_refusal(self, row: Any) -> AppError | None:
+        """The first refusal the statement's own checks make, in the contract's order, or None."""
         quota = _quota(row)
         headers = quota.headers() if quota else {}
-        if row["idem_state"] is not None and self.digest is not None:
-            stored = idempotency.StoredKey(
-                row["idem_state"], bytes(row["idem_hash"]), row["idem_status"], row["idem_body"]
-            )
-            return idempotency.replay(stored, self.digest, headers)
         if row["tool_id"] is None:
-            raise NotFound("Tool not found", headers=headers)
+            return NotFound("Tool not found", headers=headers)
         if quota is None:
-            raise SubscriptionRequired()
+            return SubscriptionRequired()
         if row["min_rank"] is not None and row["plan_rank"] < row["min_rank"]:
-            raise PlanUpgradeRequired(headers=headers)
+            return PlanUpgradeRequired(headers=headers)
         if row["tokens_used"] + row["tokens_reserved"] >= row["token_limit"]:
+            return _quota_exceeded(row["token_limit"], row["tokens_used"], row["current_period_end"], headers)
+        return None
+
+    def _refuse(self, row: Any, errors: list[dict[str, Any]], permit: Permit | None) -> NoReturn:
+        """Why the statement admitted nothing, in the contract's order."""
+        refusal = self._sql_refusal(row)
+        if isinstance(refusal, QuotaExceeded):
             metrics.QUOTA_DENIALS.labels(row["plan_code"] or "").inc()
-            raise _quota_exceeded(row["token_limit"], row["tokens_used"], row["current_period_end"], headers)
-        if row["tool_changed"]:
+        if refusal is not None:
+            raise refusal
+        quota = _quota(row)
+        headers = quota.headers() if quota else {}
+        if row["tool_changed"] or (permit is None and not errors):
             # the tool was edited again and again while this call was being admitted
             raise ServiceUnavailable(
                 "The tool changed while the call was admitted; retry", headers={**headers, "Retry-After": "1"}
@@ -389,11 +452,12 @@ class _Invocation:
             raise ToolInputInvalid(
                 "The input does not match the tool's input schema", details=errors, headers=headers
             )
-        if permit is not None and not permit.allowed:
+        assert permit is not None
+        if not permit.allowed:
             metrics.INVOCATIONS.labels(self.tool_key, "circuit_open").inc()
             raise ToolUnavailable(
                 "The tool is temporarily unavailable (circuit open)",
-                headers={**headers, "Retry-After": str(max(1, math.ceil(permit.retry_after)))},
+                headers={**headers, "Retry-After": str(max(1, math.ceil(permit.retry_after or 1)))},
             )
         # every check passed on the read, but the row lock saw the quota taken by calls in flight
         metrics.QUOTA_DENIALS.labels(row["plan_code"] or "").inc()

@@ -34,7 +34,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from joyhub.auth.dependencies import API_KEY_TOUCH_INTERVAL, Credential
+from joyhub.auth.dependencies import API_KEY_TOUCH_INTERVAL, Credential, credential_user_sql
 from joyhub.core.config import Settings
 from joyhub.core.db import connect_retried
 from joyhub.core.errors import is_db_unavailable, sqlstates
@@ -47,32 +47,36 @@ log = logging.getLogger("joyhub.tools.ledger")
 STALE_SLACK_SECONDS = 60
 
 # The authentication, the read and the admission in one statement, in one round trip:
-# `who` checks the caller's credential as the principal dependencies would (an access token's
-# session still live, or an API key active and unexpired; the user enabled) and `touch` records an
-# API key's use at most once a minute; `ctx` reads the tool, the caller's subscription and plan,
-# the tool's minimum plan and any live idempotency record (and the tool's input schema when the
-# caller validated against another version, `tool_versions.py`); `adm` reserves the call's tokens
-# only when every check passes (caller known, tool live, no idempotency record, subscription
-# active and current, plan rank, tokens left counting those in flight, and — decided by the
-# caller before the statement — input valid for this very tool version and circuit closed), and
-# `log` writes the pending usage log. The row lock `adm` takes makes concurrent admissions at the
-# quota edge wait and re-check the fresh row.
+# - `who` checks the caller's credential as the principal dependencies would (an access token's
+#   session still live, or an API key active and unexpired; the user enabled:
+#   `auth.dependencies.credential_user_sql`);
+# - `touch` records an API key's use at most once a minute, best effort: a data-modifying CTE
+#   nothing reads runs after the main query, so it would take the key's row lock *after* `adm`
+#   took the subscription's — the reverse of every other route's order — and SKIP LOCKED means it
+#   never waits for it;
+# - `ctx` reads the tool, the caller's subscription and plan, the tool's minimum plan and any
+#   live idempotency record (and the tool's input schema when the caller validated against
+#   another version, `tool_versions.py`);
+# - `adm` reserves the call's tokens only when every check passes: caller known, tool live, no
+#   idempotency record, subscription active and current, plan rank, tokens left counting those
+#   in flight, and — decided by the caller before the statement — input valid for this very tool
+#   version and circuit closed. Its row lock makes concurrent admissions at the quota edge wait
+#   and re-check the fresh row;
+# - `log` writes the pending usage log.
 # $1 tool, $2 session id, $3 token's user id, $4 API key digest, $5 idempotency key, $6 now,
 # $7 reservation, $8 log id, $9 request id, $10 tool version validated against, $11 input valid
 # and circuit closed, $12 touch the API key if last used before this.
-READ_AND_ADMIT = """
-    WITH who AS (
-        SELECT u.id AS user_id FROM auth_sessions AS a JOIN users AS u ON u.id = a.user_id
-        WHERE a.id = $2 AND u.id = $3 AND a.revoked_at IS NULL AND u.is_active
-        UNION ALL
-        SELECT u.id FROM api_keys AS k JOIN users AS u ON u.id = k.user_id
-        WHERE k.key_hash = $4 AND k.is_active AND (k.expires_at IS NULL OR k.expires_at > $6)
-          AND u.is_active
+READ_AND_ADMIT = (
+    """
+    WITH who AS ("""  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
+    + credential_user_sql("$2", "$3", "$4", "$6")
+    + """
     ), touch AS (
         UPDATE api_keys AS k SET last_used_at = $6
-        FROM who
-        WHERE k.key_hash = $4 AND k.user_id = who.user_id
-          AND (k.last_used_at IS NULL OR k.last_used_at < $12)
+        WHERE k.id = (
+            SELECT tk.id FROM api_keys AS tk JOIN who ON who.user_id = tk.user_id
+            WHERE tk.key_hash = $4 AND (tk.last_used_at IS NULL OR tk.last_used_at < $12)
+            FOR NO KEY UPDATE OF tk SKIP LOCKED)
     ), ctx AS (
         SELECT who.user_id, t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
                t.auth_header_name, t.auth_header_value, t.updated_at AS tool_updated_at,
@@ -112,7 +116,8 @@ READ_AND_ADMIT = """
     )
     SELECT ctx.*, log.plan_code AS admitted_plan, log.plan_code IS NOT NULL AS admitted
     FROM ctx LEFT JOIN log ON true
-"""
+    """
+)
 
 _LINK_KEY = "UPDATE idempotency_keys SET usage_log_id = $2 WHERE id = $1"
 

@@ -64,7 +64,11 @@ class ToolVersions:
     def learn(
         self, tool_id: uuid.UUID, updated_at: datetime, timeout_seconds: int, schema_text: str | None
     ) -> ToolVersion:
-        """Remember the version the database just returned (its schema compiled once)."""
+        """Remember the version the database just returned (its schema compiled once) — unless a
+        newer one is known already: a slow request must not bring back the version it read."""
+        known = self.get(tool_id)
+        if known is not None and known.updated_at > updated_at:
+            return known
         version = ToolVersion(updated_at, timeout_seconds, _compile(schema_text))
         with self._lock:
             self._items[tool_id] = version
