@@ -6,7 +6,11 @@
    key's form) without the database.
 1. **checks only Python can make**, for the tool version this process knows
    (`tool_versions.py`): the input against the tool's input schema, then the circuit breaker
-   (`breaker.acquire`). Their outcome is an input to step 2, not yet an answer.
+   (`breaker.acquire`). Their outcome is an input to step 2, not yet an answer. Two of them wait
+   until a statement has found the caller authenticated and every SQL check passing (one more
+   statement, rarely): an input over PRECHECK_MAX_BYTES, so a forged credential cannot make the
+   hub validate a megabyte, and the half-open circuit's one trial, so a caller refused anyway
+   cannot hold it.
 2. **authenticate, read and admit** — one statement (`ledger.READ_AND_ADMIT`), one round trip:
    it checks the credential's session or API key and the user (as every other route's principal
    dependency does), reads the tool (from the database on every call, so an admin's edit applies
@@ -14,7 +18,8 @@
    plan and any live idempotency record, and — only when every check passes, including step 1's
    for this very tool version — atomically reserves the call's tokens and writes its `pending`
    usage log. Without an Idempotency-Key the statement commits on its own (no BEGIN/COMMIT round
-   trips): a refusal writes nothing, so there is nothing to undo. A subscription whose period is
+   trips): a refusal writes nothing (but an API key's last-used stamp), so there is nothing to
+   undo. A subscription whose period is
    over is rolled forward first (`ensure_current`), and a tool this process has not seen in its
    current version is learnt, and the statement re-run (at most `MAX_ADMIT_TRIES` times).
 3. **refusals**, in the contract's order, none of which touches the upstream or leaves a trace:
@@ -22,7 +27,9 @@
    SUBSCRIPTION_REQUIRED) → plan rank (402 PLAN_UPGRADE_REQUIRED) → tokens left (429
    QUOTA_EXCEEDED) → input (422 TOOL_INPUT_INVALID) → circuit closed (503 TOOL_UNAVAILABLE +
    Retry-After). A repeated Idempotency-Key is answered before all but the first (replay or
-   409): the first request already passed them. With a key, the statement and the key's claim
+   409): the first request already passed them. A request refused before the statement (a
+   validation error) has its credential confirmed first (`auth.dependencies.confirm_credential`),
+   so 401 still comes first. With a key, the statement and the key's claim
    run in one transaction, committed before the call.
 4. **call** the upstream (`upstream.call`) with no transaction open and the connection back in
    the pool, reporting every attempt to the circuit breaker.
