@@ -150,6 +150,59 @@ async def test_settle_retries_transient_errors(
         await ledger.settle(engine, **_settle_kw(admission, caller, tool))
 
 
+async def test_a_settle_whose_reply_was_lost_is_reported_as_charged(
+    engine: AsyncEngine, upstream: Upstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first attempt commits but its reply is lost (a transient error after the commit); the
+    retry finds nothing pending. That is our own charge, not the sweep's doing: the settle says
+    so and returns the quota as charged, once."""
+    import logging
+
+    caller = await make_caller(engine, "pro")
+    tool = await make_tool(engine, upstream.url("/fast"))
+    admission = await _pending(engine, caller, tool)
+    real = ledger.settle_once
+    calls = {"n": 0}
+
+    async def lost_reply(*args: Any, **kw: Any) -> ledger.Settlement:
+        calls["n"] += 1
+        result = await real(*args, **kw)
+        if calls["n"] == 1:
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("closed mid-operation")
+        return result
+
+    monkeypatch.setattr(ledger, "settle_once", lost_reply)
+    monkeypatch.setattr(ledger, "SETTLE_RETRY_DELAYS", (0.0, 0.0))
+    with caplog.at_level(logging.INFO, logger="joyhub.tools.ledger"):
+        result = await ledger.settle(engine, **_settle_kw(admission, caller, tool))
+    assert result.settled and result.tokens_used == 9 and result.token_limit == 50_000
+    assert calls["n"] == 2
+    assert "settled by an earlier attempt whose reply was lost" in caplog.text
+    assert "closed by the sweep" not in caplog.text
+    await assert_settled(engine, caller)
+
+
+async def test_a_settle_after_the_sweep_says_so_and_charges_nothing(
+    engine: AsyncEngine, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from tests.conftest import test_settings as hub_settings
+
+    caller = await make_caller(engine, "pro")
+    tool = await make_tool(engine, upstream.url("/fast"))
+    admission = await _pending(engine, caller, tool)
+    async with make_sessionmaker(engine)() as db, db.begin():
+        closed = await ledger.close_stale(db, hub_settings(), utcnow() + timedelta(hours=1))
+    assert closed == 1
+    with caplog.at_level(logging.INFO, logger="joyhub.tools.ledger"):
+        result = await ledger.settle(engine, **_settle_kw(admission, caller, tool))
+    assert not result.settled
+    assert "closed by the sweep; not charged" in caplog.text
+    assert (await sub_state(engine, caller.user_id)).tokens_used == 0
+    await assert_settled(engine, caller)
+
+
 @pytest.mark.parametrize(
     ("exc", "transient"),
     [

@@ -45,6 +45,7 @@ from joyhub.usage import rollups
 log = logging.getLogger("joyhub.tools.ledger")
 
 STALE_SLACK_SECONDS = 60
+ABANDONED = "ABANDONED"  # the error code of a call the sweep closed
 
 # The authentication, the read and the admission in one statement, in one round trip:
 # - `who` checks the caller's credential as the principal dependencies would (an access token's
@@ -246,11 +247,14 @@ async def settle(engine: AsyncEngine, **kw: Any) -> Settlement:
 
     A blip must not turn a completed call into one the sweep closes as abandoned. Retrying is
     safe: a first attempt that committed without us hearing back leaves nothing `pending`, so
-    the retry settles nothing twice (it answers `settled=False`).
+    the retry settles nothing twice — and `_settled_before` then tells that case (charged, by the
+    attempt whose reply was lost) from a call the sweep closed meanwhile (not charged).
     """
+    retried = False
     for delay in SETTLE_RETRY_DELAYS:
         try:
-            return await settle_once(engine, **kw)
+            result = await settle_once(engine, **kw)
+            break
         except Exception as exc:
             if not _transient(exc):
                 raise
@@ -258,8 +262,41 @@ async def settle(engine: AsyncEngine, **kw: Any) -> Settlement:
                 "settle failed; retrying",
                 extra={"invocation_id": str(kw["admission"].log_id), "error": type(exc).__name__},
             )
+            retried = True
             await asyncio.sleep(delay)
-    return await settle_once(engine, **kw)
+    else:
+        result = await settle_once(engine, **kw)
+    if result.settled:
+        return result
+    return await _settled_before(engine, kw["admission"].log_id, retried=retried, outcome=kw["status"])
+
+
+_OUTCOME = text(
+    """
+    SELECT u.status, u.error_code, s.tokens_used, s.current_period_end,
+           (SELECT p.token_limit FROM plans AS p WHERE p.code = s.plan_code) AS token_limit
+    FROM usage_logs AS u LEFT JOIN subscriptions AS s ON s.id = u.subscription_id
+    WHERE u.id = :log_id
+    """
+)
+
+
+async def _settled_before(
+    engine: AsyncEngine, log_id: uuid.UUID, *, retried: bool, outcome: str
+) -> Settlement:
+    """Why a settle found nothing pending: the sweep closed the call (not charged), or an
+    earlier attempt of this very settle committed and only its reply was lost (charged)."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(_OUTCOME, {"log_id": log_id})).first()
+    context = {"invocation_id": str(log_id), "outcome": outcome}
+    if row is not None and retried and row.error_code != ABANDONED:
+        log.info("settled by an earlier attempt whose reply was lost", extra=context)
+        return Settlement(True, row.tokens_used, row.token_limit, row.current_period_end)
+    if row is not None and row.error_code == ABANDONED:
+        log.warning("invocation was already closed by the sweep; not charged", extra=context)
+    else:
+        log.warning("invocation was already settled; not charged again", extra=context)
+    return Settlement(False)
 
 
 async def settle_once(
@@ -298,11 +335,7 @@ async def settle_once(
     }
     async with connect_retried(engine) as conn:  # `settle` retries a dead connection
         row = await DriverSession(await driver_of(conn)).fetchrow(_SETTLE, params)
-    if row is None:
-        log.warning(
-            "invocation was already closed by the sweep; not charged",
-            extra={"invocation_id": str(admission.log_id), "outcome": status},
-        )
+    if row is None:  # nothing pending: see `settle`
         return Settlement(False)
     return Settlement(True, row["tokens_used"], row["token_limit"], row["current_period_end"])
 
@@ -311,7 +344,7 @@ _CLOSE_STALE = text(
     """
     WITH stale AS (
         UPDATE usage_logs AS u
-        SET status = 'error', error_code = 'ABANDONED', tokens_used = 0, "timestamp" = :now,
+        SET status = 'error', error_code = :abandoned, tokens_used = 0, "timestamp" = :now,
             duration_ms = LEAST(EXTRACT(EPOCH FROM (CAST(:now AS timestamptz) - u.started_at)) * 1000,
                                 2147483647)::int
         WHERE u.id IN (
@@ -342,7 +375,10 @@ async def close_stale(session: AsyncSession, settings: Settings, now: datetime) 
     """Sweep job: close invocations whose worker died before settling them (guarantee 2)."""
     cutoff = now - timedelta(seconds=settings.stale_invocation_seconds)
     rows = (
-        await session.execute(_CLOSE_STALE, {"now": now, "cutoff": cutoff, "slack": STALE_SLACK_SECONDS})
+        await session.execute(
+            _CLOSE_STALE,
+            {"now": now, "cutoff": cutoff, "slack": STALE_SLACK_SECONDS, "abandoned": ABANDONED},
+        )
     ).all()
 
     # the stable order rollups asks for (tool, plan, shard), so two sweepers bumping shared
