@@ -68,6 +68,23 @@ async def test_release_is_idempotent_and_a_cancelled_waiter_takes_no_slot() -> N
     a.release()
 
 
+async def test_a_transferred_slot_is_freed_only_by_its_new_owner() -> None:
+    """The gateway's shielded task takes the request's slot over: the request's own release
+    (its dependency ending, e.g. when the client hangs up) must not free a place whose
+    admission is still running."""
+    gate = AdmissionGate(slots=1, timeout_seconds=0.05)
+    request_slot = await gate.enter()
+    task_slot = request_slot.transfer()
+    request_slot.release()
+    assert gate.in_use == 1
+    with pytest.raises(ServiceUnavailable):
+        await gate.enter()  # still held, by the task
+    task_slot.release()
+    task_slot.release()
+    assert gate.in_use == 0
+    (await gate.enter()).release()
+
+
 # --------------------------------------------------------------------------- through the API
 
 

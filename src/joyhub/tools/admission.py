@@ -37,6 +37,13 @@ class AdmissionSlot:
             gate, self._gate = self._gate, None
             gate._release()
 
+    def transfer(self) -> AdmissionSlot:
+        """Hand the place to a new owner (the gateway's shielded task); this one no longer holds
+        it, so its `release` is a no-op and only the new owner's gives the place back."""
+        taken = AdmissionSlot.__new__(AdmissionSlot)
+        taken._gate, self._gate = self._gate, None
+        return taken
+
 
 class AdmissionGate:
     def __init__(self, slots: int, timeout_seconds: float) -> None:

@@ -212,7 +212,9 @@ async def invoke(
         idempotency_key=idempotency_key,
         digest=idempotency.request_hash(tool_id, value) if idempotency_key is not None else None,
         now=utcnow(),
-        admission_slot=admission_slot,
+        # the task holds the slot from here: a request cancelled while its call is being admitted
+        # must not free the slot while the admission still runs
+        admission_slot=admission_slot.transfer() if admission_slot is not None else None,
     )
     try:
         return await asyncio.shield(rt.track(attempt.run()))
@@ -278,23 +280,26 @@ class _Invocation:
 
     async def run(self) -> Response:
         rolled = False
-        while True:
-            try:
-                async with self.app.state.engine.connect() as conn:
-                    driver = await driver_of(conn)
-                    if self.idempotency_key is None:
-                        # one statement, committed on its own: a refusal writes nothing but an
-                        # API key's last-used stamp
-                        admitted = await self._admit(driver, may_roll_over=not rolled)
-                    else:
-                        admitted = await self._admit_with_key(driver, may_roll_over=not rolled)
-                break
-            except _RollOver as due:  # with the connection given back first
-                await self._roll_over(due.user_id)
-                rolled = True
-        # the admission is durable, and the connection back in the pool, before the upstream call
-        if self.admission_slot is not None:
-            self.admission_slot.release()
+        try:
+            while True:
+                try:
+                    async with self.app.state.engine.connect() as conn:
+                        driver = await driver_of(conn)
+                        if self.idempotency_key is None:
+                            # one statement, committed on its own: a refusal writes nothing but
+                            # an API key's last-used stamp
+                            admitted = await self._admit(driver, may_roll_over=not rolled)
+                        else:
+                            admitted = await self._admit_with_key(driver, may_roll_over=not rolled)
+                    break
+                except _RollOver as due:  # with the connection given back first
+                    await self._roll_over(due.user_id)
+                    rolled = True
+        finally:
+            # the admission is durable (or refused), and the connection back in the pool: the
+            # slot goes back before the upstream call
+            if self.admission_slot is not None:
+                self.admission_slot.release()
         if isinstance(admitted, Response):
             return admitted
         return await self._call(admitted)
