@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from joyhub.core.clock import utcnow
-from joyhub.tools import gateway
+from joyhub.tools import admit
 from tests.tools.helpers import (
     API,
     assert_settled,
@@ -162,7 +162,7 @@ async def test_a_tool_version_never_settled_answers_503_and_admits_nothing(
     assert (r.status_code, r.json()["error"]["code"]) == (503, "SERVICE_UNAVAILABLE")
     assert r.headers["Retry-After"] == "1"
     assert r.headers["X-Quota-Limit"] == "50000"
-    assert seen == [tool] * (gateway.MAX_ADMIT_TRIES - 1)  # bounded: the last try answers
+    assert seen == [tool] * (admit.MAX_ADMIT_TRIES - 1)  # bounded: the last try answers
     assert upstream.total == 0
     await assert_untouched(engine, caller)
 
@@ -235,7 +235,7 @@ async def test_big_inputs_are_validated_only_once_the_caller_is_known(
         return real(self, value)
 
     monkeypatch.setattr(ToolVersion, "input_errors", counting)
-    big = "x" * (gateway.PRECHECK_MAX_BYTES + 10)
+    big = "x" * (admit.PRECHECK_MAX_BYTES + 10)
     r = await client.post(
         f"{API}/tools/{tool}/invoke", json={"input": {"text": big}}, headers={"X-API-Key": "jfui_" + "B" * 40}
     )
