@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from datetime import timedelta
 from typing import Annotated
 
@@ -159,10 +160,9 @@ async def deferred_credential(
     validation error raised before that statement runs confirms it first (`confirm_credential`,
     called by the error handler through `request.state.confirm_credential`)."""
 
-    async def confirm() -> None:
-        await confirm_credential(request.app.state.engine, credential)
-
-    request.state.confirm_credential = confirm
+    # a partial, not a closure over `request`: that would make request and state a reference
+    # cycle, which only the cyclic GC frees (seen as RSS growth under load)
+    request.state.confirm_credential = partial(confirm_credential, request.app.state.engine, credential)
     return credential
 
 
