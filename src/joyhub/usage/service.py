@@ -98,10 +98,16 @@ class LogFilter:
 # --- predicates -------------------------------------------------------------------------------
 
 
+# Built once: SQLAlchemy's `in_()` makes an expanding bind parameter that refers to itself, a
+# reference cycle per call that only the cyclic GC frees (the expression is immutable: sharing it
+# across statements is safe).
+_IS_SETTLED = UsageLog.status.in_(SETTLED)
+
+
 def _raw_window(
     user_id: uuid.UUID, start: datetime | None, end: datetime | None
 ) -> list[ColumnElement[bool]]:
-    conds: list[ColumnElement[bool]] = [UsageLog.user_id == user_id, UsageLog.status.in_(SETTLED)]
+    conds: list[ColumnElement[bool]] = [UsageLog.user_id == user_id, _IS_SETTLED]
     if start is not None:
         conds.append(UsageLog.timestamp >= start)
     if end is not None:
