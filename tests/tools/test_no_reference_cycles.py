@@ -66,7 +66,8 @@ async def test_invocations_leave_no_cycles(
         r = await client.post(f"{API}/tools/{tool}/invoke", json={"wrong": 1}, headers=caller.headers)
         assert r.status_code == 422
 
-    assert await _server_garbage(calls) == []
+    found = await _server_garbage(calls)
+    assert found == [], found
 
 
 async def test_reads_and_refusals_leave_no_cycles(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
@@ -78,4 +79,5 @@ async def test_reads_and_refusals_leave_no_cycles(client: httpx.AsyncClient, eng
         assert (await client.get(f"{API}/users/me")).status_code == 401
         assert (await client.get(f"{API}/no-such-route", headers=caller.headers)).status_code == 404
 
-    assert await _server_garbage(calls) == []
+    found = await _server_garbage(calls)
+    assert found == [], found
