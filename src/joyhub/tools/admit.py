@@ -6,20 +6,23 @@ in the pool), an idempotent replay, or a refusal raised.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, NoReturn, cast
 
 from fastapi import FastAPI
 from fastapi.responses import Response
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from joyhub.auth.dependencies import Credential
 from joyhub.core import metrics
 from joyhub.core.clock import iso_utc
 from joyhub.core.context import current_request_id, user_id_var
+from joyhub.core.db import connect_retried
 from joyhub.core.errors import (
     AppError,
     IdempotencyConflict,
@@ -31,6 +34,7 @@ from joyhub.core.errors import (
     SubscriptionRequired,
     ToolInputInvalid,
     ToolUnavailable,
+    is_db_unavailable,
 )
 from joyhub.models import Subscription
 from joyhub.subscriptions.rollover import ensure_current, is_due
@@ -120,6 +124,7 @@ class AdmissionRun:
     # a statement found the caller authenticated and every check SQL makes passing: a big input
     # may now be validated, and a due trial call claimed
     cleared: bool = False
+    tried_log_ids: list[uuid.UUID] = field(default_factory=list)  # the statements' usage log ids
 
     @property
     def tool_key(self) -> str:
@@ -128,28 +133,50 @@ class AdmissionRun:
     async def run(self) -> Admitted | Response:
         """Admit the call (the admission committed, the connection and the line's slot given
         back), or answer an idempotent replay; refusals are raised."""
-        rolled = False
+        rolled = recovered = False
         try:
             while True:
                 try:
-                    async with self.app.state.engine.connect() as conn:
-                        driver = await driver_of(conn)
-                        if self.idempotency_key is None:
-                            # one statement, committed on its own: a refusal writes nothing but
-                            # an API key's last-used stamp
-                            admitted = await self._admit(driver, may_roll_over=not rolled)
-                        else:
-                            admitted = await self._admit_with_key(driver, may_roll_over=not rolled)
+                    admitted = await self._admit_once(may_roll_over=not rolled, ping=recovered)
                     break
                 except _RollOver as due:  # with the connection given back first
                     await self._roll_over(due.user_id)
                     rolled = True
+                except Exception as exc:
+                    if self.idempotency_key is not None or not _connection_lost(exc):
+                        raise
+                    # the statement's connection failed under it: undo whatever it may have
+                    # admitted, then admit again (once) on a connection that passed its ping
+                    if recovered:
+                        with contextlib.suppress(Exception):  # best effort; else the sweep's
+                            await ledger.undo_admissions(self.app.state.engine, self.tried_log_ids)
+                        raise
+                    await ledger.undo_admissions(self.app.state.engine, self.tried_log_ids)
+                    recovered = True
         finally:
             # the admission is durable (or refused), and the connection back in the pool: the
             # slot goes back before the upstream call
             if self.admission_slot is not None:
                 self.admission_slot.release()
         return admitted
+
+    async def _admit_once(self, *, may_roll_over: bool, ping: bool) -> Admitted | Response:
+        """One connection's worth of admitting. Without an Idempotency-Key the connection comes
+        without the pre-ping when it was used within the last second (`db.connect_retried`):
+        `run` undoes and retries an admission whose connection turns out dead. With a key the
+        statement runs in a transaction with the claim, on a pinged connection, as before."""
+        engine = self.app.state.engine
+        if self.idempotency_key is None and not ping:
+            connection = connect_retried(engine)
+        else:
+            connection = engine.connect()
+        async with connection as conn:
+            driver = await driver_of(conn)
+            if self.idempotency_key is None:
+                # one statement, committed on its own: a refusal writes nothing but an API
+                # key's last-used stamp
+                return await self._admit(driver, may_roll_over=may_roll_over)
+            return await self._admit_with_key(driver, may_roll_over=may_roll_over)
 
     async def _admit_with_key(self, driver: Any, *, may_roll_over: bool) -> Admitted | Response:
         """The admission and the key's claim in one transaction: both or neither."""
@@ -215,6 +242,7 @@ class AdmissionRun:
             version = self.rt.tool_versions.get(self.tool_id)
             errors, permit = await self._prechecks(version)
             log_id = uuid.uuid4()
+            self.tried_log_ids.append(log_id)
             try:
                 row = await ledger.read_and_admit(
                     driver,
@@ -321,6 +349,12 @@ class AdmissionRun:
         # every check passed on the read, but the row lock saw the quota taken by calls in flight
         metrics.QUOTA_DENIALS.labels(row["plan_code"] or "").inc()
         raise _quota_exceeded(row["token_limit"], row["tokens_used"], row["current_period_end"], headers)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """The connection failed under the statement (not a pool that ran dry: waiting again for a
+    connection to undo and retry would only wait longer)."""
+    return is_db_unavailable(exc) and not isinstance(exc, PoolTimeout)
 
 
 def quota_of(row: Any) -> Quota | None:

@@ -219,6 +219,32 @@ async def link_key(driver: Any, idem_id: uuid.UUID, log_id: uuid.UUID) -> None:
     await driver.execute(_LINK_KEY, idem_id, log_id)
 
 
+# Undo admissions whose reply was lost (their connection failed under the statement): their
+# pending logs go, with their reservations. A no-op for a statement that never ran. Nothing else
+# refers to such a log — no call was made for it, and without an Idempotency-Key no key names it.
+_UNDO_ADMISSIONS = text(
+    """
+    WITH l AS (
+        DELETE FROM usage_logs WHERE id = ANY(CAST(:log_ids AS uuid[])) AND status = 'pending'
+        RETURNING subscription_id, tokens_reserved
+    )
+    UPDATE subscriptions AS s
+    SET tokens_reserved = GREATEST(s.tokens_reserved - x.reserved, 0),
+        inflight = GREATEST(s.inflight - x.calls, 0)
+    FROM (SELECT subscription_id, SUM(tokens_reserved) AS reserved, COUNT(*) AS calls
+          FROM l GROUP BY subscription_id) AS x
+    WHERE s.id = x.subscription_id
+    """
+)
+
+
+async def undo_admissions(engine: AsyncEngine, log_ids: list[uuid.UUID]) -> None:
+    """Take back admissions made without an Idempotency-Key whose outcome is unknown."""
+    if log_ids:
+        async with engine.begin() as conn:
+            await conn.execute(_UNDO_ADMISSIONS, {"log_ids": log_ids})
+
+
 @dataclass(frozen=True)
 class Settlement:
     settled: bool  # False when the sweep had already closed this call

@@ -1,0 +1,96 @@
+"""An admission whose connection fails under it (API.md §5, guarantees 1-3).
+
+Without an Idempotency-Key the admission statement takes a connection used within the last
+second without the pre-ping (`db.connect_retried`). When that connection turns out dead — or any
+connection fails under the statement — the gateway cannot know whether the statement committed,
+so it undoes whatever it may have admitted (`ledger.undo_admissions`) and admits again on a
+pinged connection: the caller sees one success, one log, one charge.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from joyhub.tools import ledger
+from tests.tools.helpers import assert_settled, invoke, make_caller, make_tool, usage_logs
+from tests.tools.test_ledger import _terminate_unseen
+from tests.tools.upstream_server import Upstream
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_pooled_connection_killed_unseen_costs_the_call_nothing(
+    make_client: Any, database_url: str, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    c: httpx.AsyncClient = await make_client(own_engine=True, db_pool_size=1, db_max_overflow=0)
+    tool = await make_tool(engine, upstream.url("/fast?tokens=3"))
+    caller = await make_caller(engine, "pro")
+    assert (await invoke(c, caller, tool, {"text": "x"})).status_code == 200
+    app_engine: AsyncEngine = c.app.state.engine  # type: ignore[attr-defined]
+    async with app_engine.connect() as conn:  # the pool's one connection, given back fresh
+        pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    _terminate_unseen(database_url, pid)
+    r = await invoke(c, caller, tool, {"text": "x"})
+    assert r.status_code == 200, r.text
+    logs = await usage_logs(engine, caller.user_id)
+    assert [(log.status, log.tokens_used) for log in logs] == [("success", 3), ("success", 3)]
+    await assert_settled(engine, caller)
+
+
+async def test_an_admission_whose_reply_was_lost_is_undone_and_made_once(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement committed, then its connection failed before the reply: the pending log
+    and the reservation it made are taken back, and the retry admits the call once."""
+    tool = await make_tool(engine, upstream.url("/fast?tokens=4"))
+    caller = await make_caller(engine, "pro")
+    assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200  # version known
+    real = ledger.read_and_admit
+    committed: list[Any] = []
+
+    async def reply_lost(driver: Any, req: ledger.AdmitRequest, log_id: Any) -> Any:
+        row = await real(driver, req, log_id)
+        if not committed:
+            committed.append(row)
+            raise asyncpg.exceptions.ConnectionDoesNotExistError(
+                "connection was closed in the middle of operation"
+            )
+        return row
+
+    monkeypatch.setattr(ledger, "read_and_admit", reply_lost)
+    r = await invoke(client, caller, tool, {"text": "x"})
+    assert r.status_code == 200, r.text
+    assert committed and committed[0]["admitted"]  # the lost statement had admitted the call
+    logs = await usage_logs(engine, caller.user_id)
+    assert [(log.status, log.tokens_used) for log in logs] == [("success", 4), ("success", 4)]
+    await assert_settled(engine, caller)
+
+
+async def test_a_failure_that_persists_is_503_and_leaves_nothing(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tool = await make_tool(engine, upstream.url("/fast"))
+    caller = await make_caller(engine, "pro")
+    assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200
+    real = ledger.read_and_admit
+
+    async def always_lost(driver: Any, req: ledger.AdmitRequest, log_id: Any) -> Any:
+        await real(driver, req, log_id)
+        raise asyncpg.exceptions.ConnectionDoesNotExistError(
+            "connection was closed in the middle of operation"
+        )
+
+    monkeypatch.setattr(ledger, "read_and_admit", always_lost)
+    r = await invoke(client, caller, tool, {"text": "x"})
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "SERVICE_UNAVAILABLE")
+    assert upstream.count("/fast") == 1  # only the warm-up call went upstream
+    # both lost admissions were undone: only the warm-up call is on record
+    logs = await usage_logs(engine, caller.user_id)
+    assert [log.status for log in logs] == ["success"]
+    await assert_settled(engine, caller)
