@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from joyhub.core import metrics
 from joyhub.tools import ledger
 from tests.tools.helpers import assert_settled, invoke, make_caller, make_tool, usage_logs
 from tests.tools.test_ledger import _terminate_unseen
@@ -64,8 +65,10 @@ async def test_an_admission_whose_reply_was_lost_is_undone_and_made_once(
         return row
 
     monkeypatch.setattr(ledger, "read_and_admit", reply_lost)
+    recoveries = metrics.ADMISSION_RECOVERIES._value.get()
     r = await invoke(client, caller, tool, {"text": "x"})
     assert r.status_code == 200, r.text
+    assert metrics.ADMISSION_RECOVERIES._value.get() == recoveries + 1  # counted for operators
     assert committed and committed[0]["admitted"]  # the lost statement had admitted the call
     logs = await usage_logs(engine, caller.user_id)
     assert [(log.status, log.tokens_used) for log in logs] == [("success", 4), ("success", 4)]

@@ -46,6 +46,10 @@ CIRCUIT_STATE = Gauge(
     multiprocess_mode="max",
 )
 QUOTA_DENIALS = Counter("joyhub_quota_denials_total", "Invocations refused for quota", ["plan"])
+ADMISSION_RECOVERIES = Counter(
+    "joyhub_gateway_admission_recoveries_total",
+    "Admissions whose connection failed under the statement, undone and made again",
+)
 DB_POOL_IN_USE = Gauge(
     "joyhub_db_pool_connections_in_use",
     "Database connections checked out of the pool",

@@ -7,6 +7,7 @@ in the pool), an idempotent replay, or a refusal raised.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from joyhub.tools.breaker import Permit
 from joyhub.tools.driver import driver_of
 from joyhub.tools.runtime import Runtime
 from joyhub.tools.tool_versions import ToolVersion
+
+log = logging.getLogger("joyhub.tools.gateway")
 
 TRIAL_LEASE_SLACK_SECONDS = 5.0
 
@@ -151,6 +154,11 @@ class AdmissionRun:
                         with contextlib.suppress(Exception):  # best effort; else the sweep's
                             await ledger.undo_admissions(self.app.state.engine, self.tried_log_ids)
                         raise
+                    log.warning(
+                        "admission connection failed; undoing and admitting again",
+                        extra={"tool_id": self.tool_key, "error": type(exc).__name__},
+                    )
+                    metrics.ADMISSION_RECOVERIES.inc()
                     await ledger.undo_admissions(self.app.state.engine, self.tried_log_ids)
                     recovered = True
         finally:
@@ -164,19 +172,32 @@ class AdmissionRun:
         """One connection's worth of admitting. Without an Idempotency-Key the connection comes
         without the pre-ping when it was used within the last second (`db.connect_retried`):
         `run` undoes and retries an admission whose connection turns out dead. With a key the
-        statement runs in a transaction with the claim, on a pinged connection, as before."""
+        statement runs in a transaction with the claim, on a pinged connection, as before.
+
+        Known limit of the undo: it sees what the lost statement committed before the undo ran.
+        A statement still running on a live backend while only our side of the connection failed
+        (a reset between us and a pooler, say) can commit after the undo; its pending log is then
+        left to the sweep (closed as ABANDONED, 0 tokens, its reservation released), as a lost
+        reply was before. When the server ends the connection — a restart, a terminated
+        backend — the statement has committed or been rolled back by then."""
         engine = self.app.state.engine
         if self.idempotency_key is None and not ping:
             connection = connect_retried(engine)
         else:
             connection = engine.connect()
         async with connection as conn:
-            driver = await driver_of(conn)
-            if self.idempotency_key is None:
-                # one statement, committed on its own: a refusal writes nothing but an API
-                # key's last-used stamp
-                return await self._admit(driver, may_roll_over=may_roll_over)
-            return await self._admit_with_key(driver, may_roll_over=may_roll_over)
+            try:
+                driver = await driver_of(conn)
+                if self.idempotency_key is None:
+                    # one statement, committed on its own: a refusal writes nothing but an API
+                    # key's last-used stamp
+                    return await self._admit(driver, may_roll_over=may_roll_over)
+                return await self._admit_with_key(driver, may_roll_over=may_roll_over)
+            except Exception as exc:
+                if _connection_lost(exc):
+                    # asyncpg raised it, not SQLAlchemy: tell the pool this connection is done
+                    await conn.invalidate()
+                raise
 
     async def _admit_with_key(self, driver: Any, *, may_roll_over: bool) -> Admitted | Response:
         """The admission and the key's claim in one transaction: both or neither."""

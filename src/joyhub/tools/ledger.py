@@ -312,9 +312,15 @@ async def _settled_before(
 ) -> Settlement:
     """Why a settle found nothing pending: the sweep closed the call (not charged), or an
     earlier attempt of this very settle committed and only its reply was lost (charged)."""
-    async with engine.connect() as conn:
-        row = (await conn.execute(_OUTCOME, {"log_id": log_id})).first()
     context = {"invocation_id": str(log_id), "outcome": outcome}
+    try:
+        async with engine.connect() as conn:
+            row = (await conn.execute(_OUTCOME, {"log_id": log_id})).first()
+    except Exception as exc:  # only to say which it was: the call's outcome is settled either way
+        log.warning(
+            "could not tell how a settled call was settled", extra={**context, "error": type(exc).__name__}
+        )
+        return Settlement(False)
     if row is not None and retried and row.error_code != ABANDONED:
         log.info("settled by an earlier attempt whose reply was lost", extra=context)
         return Settlement(True, row.tokens_used, row.token_limit, row.current_period_end)
@@ -360,7 +366,12 @@ async def settle_once(
         "timeout": int(status == "timeout"),
     }
     async with connect_retried(engine) as conn:  # `settle` retries a dead connection
-        row = await DriverSession(await driver_of(conn)).fetchrow(_SETTLE, params)
+        try:
+            row = await DriverSession(await driver_of(conn)).fetchrow(_SETTLE, params)
+        except Exception as exc:
+            if is_db_unavailable(exc) and not isinstance(exc, PoolTimeout):
+                await conn.invalidate()  # asyncpg raised it, not SQLAlchemy: the pool must know
+            raise
     if row is None:  # nothing pending: see `settle`
         return Settlement(False)
     return Settlement(True, row["tokens_used"], row["token_limit"], row["current_period_end"])
