@@ -222,19 +222,26 @@ async def link_key(driver: Any, idem_id: uuid.UUID, log_id: uuid.UUID) -> None:
 # Undo admissions whose reply was lost (their connection failed under the statement): their
 # pending logs go, with their reservations. A no-op for a statement that never ran. Nothing else
 # refers to such a log — no call was made for it, and without an Idempotency-Key no key names it.
+def _release_reservations(logs: str) -> str:
+    """SQL giving back what the pending logs of the CTE `logs` hold on their subscriptions (the
+    reserved tokens and the in-flight count): one rule for the sweep and the admission undo."""
+    return f"""
+        UPDATE subscriptions AS s
+        SET tokens_reserved = GREATEST(s.tokens_reserved - x.reserved, 0),
+            inflight = GREATEST(s.inflight - x.calls, 0)
+        FROM (SELECT subscription_id, SUM(tokens_reserved) AS reserved, COUNT(*) AS calls
+              FROM {logs} GROUP BY subscription_id) AS x
+        WHERE s.id = x.subscription_id
+    """  # noqa: S608 (a CTE name of ours, never a value)
+
+
 _UNDO_ADMISSIONS = text(
     """
     WITH l AS (
         DELETE FROM usage_logs WHERE id = ANY(CAST(:log_ids AS uuid[])) AND status = 'pending'
         RETURNING subscription_id, tokens_reserved
-    )
-    UPDATE subscriptions AS s
-    SET tokens_reserved = GREATEST(s.tokens_reserved - x.reserved, 0),
-        inflight = GREATEST(s.inflight - x.calls, 0)
-    FROM (SELECT subscription_id, SUM(tokens_reserved) AS reserved, COUNT(*) AS calls
-          FROM l GROUP BY subscription_id) AS x
-    WHERE s.id = x.subscription_id
-    """
+    )"""  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
+    + _release_reservations("l")
 )
 
 
@@ -392,13 +399,9 @@ _CLOSE_STALE = text(
             ORDER BY l.started_at LIMIT 1000
             FOR UPDATE OF l SKIP LOCKED)
         RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u.subscription_id, u.tokens_reserved
-    ), released AS (
-        UPDATE subscriptions AS s
-        SET tokens_reserved = GREATEST(s.tokens_reserved - x.reserved, 0),
-            inflight = GREATEST(s.inflight - x.calls, 0)
-        FROM (SELECT subscription_id, SUM(tokens_reserved) AS reserved, COUNT(*) AS calls
-              FROM stale GROUP BY subscription_id) AS x
-        WHERE s.id = x.subscription_id
+    ), released AS ("""  # noqa: S608 (constant SQL pieces joined at import; values are bound)
+    + _release_reservations("stale")
+    + """
     ), unclaimed AS (
         DELETE FROM idempotency_keys AS k USING stale
         WHERE k.usage_log_id = stale.id AND k.state = 'in_flight'
