@@ -97,3 +97,40 @@ async def test_a_failure_that_persists_is_503_and_leaves_nothing(
     logs = await usage_logs(engine, caller.user_id)
     assert [log.status for log in logs] == ["success"]
     await assert_settled(engine, caller)
+
+
+async def test_a_lost_statement_that_commits_late_cannot_admit_the_call_twice(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our side of the connection failed while the statement was still on its way (a backend
+    that outlives it, behind a pooler say). The retry reuses the statement's usage log id, so
+    when the lost statement finally runs it fails on the log's primary key and rolls back whole:
+    one log, one reservation, one charge."""
+    from joyhub.tools.driver import driver_of
+
+    tool = await make_tool(engine, upstream.url("/fast?tokens=5"))
+    caller = await make_caller(engine, "pro")
+    assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200  # version known
+    real = ledger.read_and_admit
+    lost: list[tuple[ledger.AdmitRequest, Any]] = []
+
+    async def not_yet(driver: Any, req: ledger.AdmitRequest, log_id: Any) -> Any:
+        if not lost:
+            lost.append((req, log_id))  # "sent", but it has not reached the server yet
+            raise asyncpg.exceptions.ConnectionDoesNotExistError(
+                "connection was closed in the middle of operation"
+            )
+        return await real(driver, req, log_id)
+
+    monkeypatch.setattr(ledger, "read_and_admit", not_yet)
+    r = await invoke(client, caller, tool, {"text": "x"})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"]["invocation_id"] == str(lost[0][1])  # the retry reused the log id
+
+    req, log_id = lost[0]
+    async with engine.connect() as conn:  # now the lost statement runs, late
+        with pytest.raises(asyncpg.exceptions.UniqueViolationError):
+            await real(await driver_of(conn), req, log_id)
+    logs = await usage_logs(engine, caller.user_id)
+    assert [(log.status, log.tokens_used) for log in logs] == [("success", 5), ("success", 5)]
+    await assert_settled(engine, caller)

@@ -15,6 +15,7 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, NoReturn, cast
 
+import asyncpg
 from fastapi import FastAPI
 from fastapi.responses import Response
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -128,6 +129,8 @@ class AdmissionRun:
     # may now be validated, and a due trial call claimed
     cleared: bool = False
     tried_log_ids: list[uuid.UUID] = field(default_factory=list)  # the statements' usage log ids
+    fence: uuid.UUID | None = None  # the lost statement's log id, reused by the retry (`_recover`)
+    fence_freed: bool = False  # the lost statement had committed, and was taken back
 
     @property
     def tool_key(self) -> str:
@@ -136,31 +139,23 @@ class AdmissionRun:
     async def run(self) -> Admitted | Response:
         """Admit the call (the admission committed, the connection and the line's slot given
         back), or answer an idempotent replay; refusals are raised."""
-        rolled = recovered = False
+        rolled = False
         try:
             while True:
                 try:
-                    admitted = await self._admit_once(may_roll_over=not rolled, ping=recovered)
+                    admitted = await self._admit_once(may_roll_over=not rolled, ping=self.fence is not None)
                     break
                 except _RollOver as due:  # with the connection given back first
                     await self._roll_over(due.user_id)
                     rolled = True
                 except Exception as exc:
-                    if self.idempotency_key is not None or not _connection_lost(exc):
+                    if not await self._recover(exc):
                         raise
-                    # the statement's connection failed under it: undo whatever it may have
-                    # admitted, then admit again (once) on a connection that passed its ping
-                    if recovered:
-                        with contextlib.suppress(Exception):  # best effort; else the sweep's
-                            await ledger.undo_admissions(self.app.state.engine, self.tried_log_ids)
-                        raise
-                    log.warning(
-                        "admission connection failed; undoing and admitting again",
-                        extra={"tool_id": self.tool_key, "error": type(exc).__name__},
-                    )
-                    metrics.ADMISSION_RECOVERIES.inc()
-                    await ledger.undo_admissions(self.app.state.engine, self.tried_log_ids)
-                    recovered = True
+        except BaseException:
+            if self.fence is not None:  # refused or failed after a lost statement: take it back
+                with contextlib.suppress(Exception):  # best effort; else the sweep closes it
+                    await ledger.undo_admissions(self.app.state.engine, [self.fence])
+            raise
         finally:
             # the admission is durable (or refused), and the connection back in the pool: the
             # slot goes back before the upstream call
@@ -168,18 +163,39 @@ class AdmissionRun:
                 self.admission_slot.release()
         return admitted
 
+    async def _recover(self, exc: Exception) -> bool:
+        """Whether to admit again after `exc`: once after a statement whose connection failed
+        under it (without an Idempotency-Key), and once more when that lost statement turns out
+        to have committed.
+
+        We cannot know whether the lost statement committed, or whether it is still running on a
+        backend that outlived our side of the connection. So the retry reuses its usage log id
+        (`fence`): the log's primary key lets at most one of the two statements commit. A lost
+        statement that commits later fails on the key and rolls back whole, reservation and all;
+        one that committed first makes the retry fail on the key instead, and being committed it
+        can be taken back (`ledger.undo_admissions`) before the last try.
+        """
+        if self.idempotency_key is not None:
+            return False
+        if self.fence is None and _connection_lost(exc):
+            self.fence = self.tried_log_ids[-1] if self.tried_log_ids else uuid.uuid4()
+            log.warning(
+                "admission connection failed; admitting again under the same usage log id",
+                extra={"tool_id": self.tool_key, "error": type(exc).__name__},
+            )
+            metrics.ADMISSION_RECOVERIES.inc()
+            return True
+        if self.fence is not None and not self.fence_freed and _fence_taken(exc):
+            await ledger.undo_admissions(self.app.state.engine, [self.fence])
+            self.fence_freed = True
+            return True
+        return False
+
     async def _admit_once(self, *, may_roll_over: bool, ping: bool) -> Admitted | Response:
         """One connection's worth of admitting. Without an Idempotency-Key the connection comes
         without the pre-ping when it was used within the last second (`db.connect_retried`):
-        `run` undoes and retries an admission whose connection turns out dead. With a key the
-        statement runs in a transaction with the claim, on a pinged connection, as before.
-
-        Known limit of the undo: it sees what the lost statement committed before the undo ran.
-        A statement still running on a live backend while only our side of the connection failed
-        (a reset between us and a pooler, say) can commit after the undo; its pending log is then
-        left to the sweep (closed as ABANDONED, 0 tokens, its reservation released), as a lost
-        reply was before. When the server ends the connection — a restart, a terminated
-        backend — the statement has committed or been rolled back by then."""
+        `run` admits again when the connection turns out dead (`_recover`). With a key the
+        statement runs in a transaction with the claim, on a pinged connection, as before."""
         engine = self.app.state.engine
         if self.idempotency_key is None and not ping:
             connection = connect_retried(engine)
@@ -262,7 +278,7 @@ class AdmissionRun:
         for tries_left in reversed(range(MAX_ADMIT_TRIES)):
             version = self.rt.tool_versions.get(self.tool_id)
             errors, permit = await self._prechecks(version)
-            log_id = uuid.uuid4()
+            log_id = self.fence or uuid.uuid4()
             self.tried_log_ids.append(log_id)
             try:
                 row = await ledger.read_and_admit(
@@ -370,6 +386,11 @@ class AdmissionRun:
         # every check passed on the read, but the row lock saw the quota taken by calls in flight
         metrics.QUOTA_DENIALS.labels(row["plan_code"] or "").inc()
         raise _quota_exceeded(row["token_limit"], row["tokens_used"], row["current_period_end"], headers)
+
+
+def _fence_taken(exc: BaseException) -> bool:
+    """The statement failed on the usage log's primary key: its id was taken (`_recover`)."""
+    return isinstance(exc, asyncpg.exceptions.UniqueViolationError) and exc.constraint_name == "pk_usage_logs"
 
 
 def _connection_lost(exc: BaseException) -> bool:
