@@ -23,6 +23,7 @@ from joyhub.core.envelope import Envelope
 from joyhub.core.errors import install_error_handlers
 from joyhub.core.logging import install_record_factory
 from joyhub.core.middleware import RequestPipelineMiddleware
+from joyhub.core.security import set_bcrypt_max_pending
 
 log = logging.getLogger("joyhub")
 API_PREFIX = "/api/v1"
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
         swagger_ui_parameters={"persistAuthorization": True},
     )
     app.state.settings = settings
+    set_bcrypt_max_pending(settings.bcrypt_max_pending)  # the process's password-hash queue bound
     for key, value in state.items():
         setattr(app.state, key, value)
 

@@ -332,14 +332,17 @@ async def test_start_up_does_not_hash_for_an_existing_admin(
 
 @pytest.fixture
 def small_queue(monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(security, "BCRYPT_MAX_PENDING", 2)
+    """A queue of 2; the app sets it from its settings (BCRYPT_MAX_PENDING) when it is made, and
+    the monkeypatch puts the process default back afterwards."""
+    monkeypatch.setattr(security, "BCRYPT_MAX_PENDING", security.BCRYPT_MAX_PENDING)
     return 2
 
 
 async def test_a_full_bcrypt_queue_answers_503_with_retry_after_and_counts_no_failure(
     make_client: Callable[..., Any], slow_bcrypt: SlowBcrypt, small_queue: int
 ) -> None:
-    c = await make_client(login_max_failures=1)
+    c = await make_client(login_max_failures=1, bcrypt_max_pending=small_queue)
+    assert small_queue == security.BCRYPT_MAX_PENDING
     queued = [await register(c) for _ in range(small_queue)]
     refused = await register(c)
     await wait_for_pending(0)

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     refresh_token_expire_days: int = Field(7, ge=1, le=365)
     password_reset_expire_hours: int = Field(24, ge=1, le=168)
     bcrypt_rounds: int = Field(12, ge=4, le=31)
+    bcrypt_max_pending: int = Field(64, ge=1, le=10_000)
     login_max_failures: int = Field(5, ge=1, le=1000)
     login_failure_window_seconds: int = Field(900, ge=1, le=86400)
     password_reset_max_per_hour: int = Field(3, ge=1, le=1000)

@@ -69,8 +69,16 @@ _bcrypt_pool = ThreadPoolExecutor(max_workers=BCRYPT_THREADS, thread_name_prefix
 # The queue in front of that pool is bounded: with more than this many hashes waiting or running
 # in this process, a new one is refused at once with 503 and a Retry-After, rather than queued
 # behind minutes of work its client will have given up on long before (64 hashes at ~0.25 s on
-# one thread is already ~16 s of waiting).
+# one thread is already ~16 s of waiting). BCRYPT_MAX_PENDING (settings) sets it at start-up.
 BCRYPT_MAX_PENDING = 64
+
+
+def set_bcrypt_max_pending(limit: int) -> None:
+    """The process's bound on queued hashes (`Settings.bcrypt_max_pending`, set by `create_app`)."""
+    global BCRYPT_MAX_PENDING
+    BCRYPT_MAX_PENDING = limit
+
+
 _INITIAL_SECONDS_PER_HASH = 0.25  # the estimate until real hashes have been timed
 _pending_lock = threading.Lock()
 _pending = 0
