@@ -247,8 +247,7 @@ class AdmissionRun:
                 await self.rt.breakers.release(self.tool_key, admitted.permit)
             if not isinstance(exc, _KeyTaken):
                 raise
-            quota = quota_of(admitted.row) if isinstance(admitted, Admitted) else None
-            headers = quota.headers() if quota else {}
+            headers = quota_headers(admitted.row) if isinstance(admitted, Admitted) else {}
             if exc.stored is None:
                 raise IdempotencyConflict(
                     "A request with this Idempotency-Key is still in progress", headers=headers
@@ -338,11 +337,10 @@ class AdmissionRun:
 
     def _replay(self, row: Any) -> Response:
         assert self.digest is not None
-        quota = quota_of(row)
         stored = idempotency.StoredKey(
             row["idem_state"], bytes(row["idem_hash"]), row["idem_status"], row["idem_body"]
         )
-        return idempotency.replay(stored, self.digest, quota.headers() if quota else {})
+        return idempotency.replay(stored, self.digest, quota_headers(row))
 
     def _sql_refusal(self, row: Any) -> AppError | None:
         """The first refusal the statement's own checks make, in the contract's order, or None."""
@@ -365,8 +363,7 @@ class AdmissionRun:
             metrics.QUOTA_DENIALS.labels(row["plan_code"] or "").inc()
         if refusal is not None:
             raise refusal
-        quota = quota_of(row)
-        headers = quota.headers() if quota else {}
+        headers = quota_headers(row)
         if row["tool_changed"] or (permit is None and not errors):
             # the tool was edited again and again while this call was being admitted
             raise ServiceUnavailable(
@@ -397,6 +394,12 @@ def _connection_lost(exc: BaseException) -> bool:
     """The connection failed under the statement (not a pool that ran dry: waiting again for a
     connection to undo and retry would only wait longer)."""
     return is_db_unavailable(exc) and not isinstance(exc, PoolTimeout)
+
+
+def quota_headers(row: Any) -> dict[str, str]:
+    """The quota headers for the caller the statement read (none without an active subscription)."""
+    quota = quota_of(row)
+    return quota.headers() if quota else {}
 
 
 def quota_of(row: Any) -> Quota | None:
