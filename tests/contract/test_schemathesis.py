@@ -72,8 +72,12 @@ async def test_schemathesis_finds_nothing(served_database: ServedDatabase, tmp_p
             os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "8"),
             "--phases",
             os.environ.get("SCHEMATHESIS_PHASES", "examples,coverage,fuzzing"),
+            # one worker: schemathesis's worker threads build ASTs at once, and CPython 3.11 before
+            # 3.11.8 keeps that recursion count per interpreter, so threads can trip a spurious
+            # "SystemError: AST constructor recursion depth mismatch" (cpython gh-106905); it
+            # failed this test once, with every API check passing
             "--workers",
-            "2",
+            "1",
             "--seed",
             os.environ.get("SCHEMATHESIS_SEED", "20261126"),
             "--request-timeout",
