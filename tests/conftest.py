@@ -36,8 +36,14 @@ def redis_url() -> str | None:
     if not url:
         return None
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    number = 1 + int("".join(ch for ch in worker if ch.isdigit()) or 0)
-    return url.rsplit("/", 1)[0] + f"/{number}" if url.count("/") >= 3 else f"{url}/{number}"
+    # REDIS_URL's own database number is the base: runs from several checkouts at once can
+    # then be given disjoint numbers (redis://…/4 → workers on 5 and 6)
+    head, _, tail = url.rpartition("/")
+    base = int(tail) if url.count("/") >= 3 and tail.isdigit() else 0
+    if url.count("/") < 3 or not tail.isdigit():
+        head = url.rstrip("/")
+    number = base + 1 + int("".join(ch for ch in worker if ch.isdigit()) or 0)
+    return f"{head}/{number}"
 
 
 def test_settings(tmp_path: Path | None = None, **overrides: Any) -> Settings:
