@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
     for router, name in api:
         app.include_router(router, prefix=f"{API_PREFIX}/{name}", tags=[name], responses=COMMON_RESPONSES)
     if os.environ.get("JOYHUB_DEMO") == "1":  # `joyhub serve --demo`: the built-in demo tools
-        from joyhub.tools.demo import router as demo_router
+        from joyhub.demo import router as demo_router
 
         app.include_router(demo_router, prefix="/demo", include_in_schema=False)
 

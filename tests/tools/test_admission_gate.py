@@ -93,7 +93,7 @@ async def test_a_full_line_answers_503_without_a_trace_while_reads_go_past(
     make_client: Any, engine: AsyncEngine, upstream: Upstream
 ) -> None:
     c: httpx.AsyncClient = await make_client(gateway_max_admissions=1, gateway_queue_timeout_seconds=0.3)
-    gate: AdmissionGate = c.app.state.tools.gate  # type: ignore[attr-defined]
+    gate: AdmissionGate = c.app.state.gateway.gate  # type: ignore[attr-defined]
     caller = await make_caller(engine, "pro")
     tool = await make_tool(engine, upstream.url("/fast"))
     held = await gate.enter()  # the only slot: taken
@@ -137,7 +137,7 @@ async def test_refused_invocations_give_their_slot_back(
     make_client: Any, engine: AsyncEngine, upstream: Upstream
 ) -> None:
     c: httpx.AsyncClient = await make_client(gateway_max_admissions=1, gateway_queue_timeout_seconds=0.5)
-    gate: AdmissionGate = c.app.state.tools.gate  # type: ignore[attr-defined]
+    gate: AdmissionGate = c.app.state.gateway.gate  # type: ignore[attr-defined]
     caller = await make_caller(engine, "pro")
     stranger = await make_caller(engine, None)
     tool = await make_tool(engine, upstream.url("/fast"))

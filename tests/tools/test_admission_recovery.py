@@ -3,7 +3,7 @@
 Without an Idempotency-Key the admission statement takes a connection used within the last
 second without the pre-ping (`db.connect_retried`). When that connection turns out dead — or any
 connection fails under the statement — the gateway cannot know whether the statement committed,
-so it undoes whatever it may have admitted (`ledger.undo_admissions`) and admits again on a
+so it undoes whatever it may have admitted (`MeteringStore.undo_admissions`) and admits again on a
 pinged connection: the caller sees one success, one log, one charge.
 """
 
@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from joyhub.core import metrics
-from joyhub.tools import ledger
+from joyhub.tools.metering import AdmitRequest, AdmitResult, MeteringConnection
 from tests.tools.helpers import assert_settled, invoke, make_caller, make_tool, usage_logs
 from tests.tools.test_ledger import _terminate_unseen
 from tests.tools.upstream_server import Upstream
@@ -52,24 +52,24 @@ async def test_an_admission_whose_reply_was_lost_is_undone_and_made_once(
     tool = await make_tool(engine, upstream.url("/fast?tokens=4"))
     caller = await make_caller(engine, "pro")
     assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200  # version known
-    real = ledger.read_and_admit
-    committed: list[Any] = []
+    real = MeteringConnection.admit
+    committed: list[AdmitResult] = []
 
-    async def reply_lost(driver: Any, req: ledger.AdmitRequest, log_id: Any) -> Any:
-        row = await real(driver, req, log_id)
+    async def reply_lost(conn: MeteringConnection, req: AdmitRequest) -> AdmitResult:
+        result = await real(conn, req)
         if not committed:
-            committed.append(row)
+            committed.append(result)
             raise asyncpg.exceptions.ConnectionDoesNotExistError(
                 "connection was closed in the middle of operation"
             )
-        return row
+        return result
 
-    monkeypatch.setattr(ledger, "read_and_admit", reply_lost)
+    monkeypatch.setattr(MeteringConnection, "admit", reply_lost)
     recoveries = metrics.ADMISSION_RECOVERIES._value.get()
     r = await invoke(client, caller, tool, {"text": "x"})
     assert r.status_code == 200, r.text
     assert metrics.ADMISSION_RECOVERIES._value.get() == recoveries + 1  # counted for operators
-    assert committed and committed[0]["admitted"]  # the lost statement had admitted the call
+    assert committed and committed[0].admission is not None  # the lost statement had admitted the call
     logs = await usage_logs(engine, caller.user_id)
     assert [(log.status, log.tokens_used) for log in logs] == [("success", 4), ("success", 4)]
     await assert_settled(engine, caller)
@@ -81,15 +81,15 @@ async def test_a_failure_that_persists_is_503_and_leaves_nothing(
     tool = await make_tool(engine, upstream.url("/fast"))
     caller = await make_caller(engine, "pro")
     assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200
-    real = ledger.read_and_admit
+    real = MeteringConnection.admit
 
-    async def always_lost(driver: Any, req: ledger.AdmitRequest, log_id: Any) -> Any:
-        await real(driver, req, log_id)
+    async def always_lost(conn: MeteringConnection, req: AdmitRequest) -> AdmitResult:
+        await real(conn, req)
         raise asyncpg.exceptions.ConnectionDoesNotExistError(
             "connection was closed in the middle of operation"
         )
 
-    monkeypatch.setattr(ledger, "read_and_admit", always_lost)
+    monkeypatch.setattr(MeteringConnection, "admit", always_lost)
     r = await invoke(client, caller, tool, {"text": "x"})
     assert (r.status_code, r.json()["error"]["code"]) == (503, "SERVICE_UNAVAILABLE")
     assert upstream.count("/fast") == 1  # only the warm-up call went upstream
@@ -106,31 +106,30 @@ async def test_a_lost_statement_that_commits_late_cannot_admit_the_call_twice(
     that outlives it, behind a pooler say). The retry reuses the statement's usage log id, so
     when the lost statement finally runs it fails on the log's primary key and rolls back whole:
     one log, one reservation, one charge."""
-    from joyhub.tools.driver import driver_of
+    from joyhub.tools.driver import DriverSession, driver_of
 
     tool = await make_tool(engine, upstream.url("/fast?tokens=5"))
     caller = await make_caller(engine, "pro")
     assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200  # version known
-    real = ledger.read_and_admit
-    lost: list[tuple[ledger.AdmitRequest, Any]] = []
+    real = MeteringConnection.admit
+    lost: list[AdmitRequest] = []
 
-    async def not_yet(driver: Any, req: ledger.AdmitRequest, log_id: Any) -> Any:
+    async def not_yet(conn: MeteringConnection, req: AdmitRequest) -> AdmitResult:
         if not lost:
-            lost.append((req, log_id))  # "sent", but it has not reached the server yet
+            lost.append(req)  # "sent", but it has not reached the server yet
             raise asyncpg.exceptions.ConnectionDoesNotExistError(
                 "connection was closed in the middle of operation"
             )
-        return await real(driver, req, log_id)
+        return await real(conn, req)
 
-    monkeypatch.setattr(ledger, "read_and_admit", not_yet)
+    monkeypatch.setattr(MeteringConnection, "admit", not_yet)
     r = await invoke(client, caller, tool, {"text": "x"})
     assert r.status_code == 200, r.text
-    assert r.json()["data"]["invocation_id"] == str(lost[0][1])  # the retry reused the log id
+    assert r.json()["data"]["invocation_id"] == str(lost[0].log_id)  # the retry reused the log id
 
-    req, log_id = lost[0]
     async with engine.connect() as conn:  # now the lost statement runs, late
         with pytest.raises(asyncpg.exceptions.UniqueViolationError):
-            await real(await driver_of(conn), req, log_id)
+            await real(MeteringConnection(DriverSession(await driver_of(conn))), lost[0])
     logs = await usage_logs(engine, caller.user_id)
     assert [(log.status, log.tokens_used) for log in logs] == [("success", 5), ("success", 5)]
     await assert_settled(engine, caller)

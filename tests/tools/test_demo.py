@@ -14,10 +14,10 @@ import uvicorn
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from joyhub import demo
 from joyhub.core.db import make_sessionmaker
 from joyhub.main import create_app
 from joyhub.models import Tool, User
-from joyhub.tools import demo
 from tests import conftest
 from tests.factories import make_account, make_subscription
 from tests.tools.helpers import usage_logs

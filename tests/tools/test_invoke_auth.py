@@ -1,5 +1,5 @@
 """Authentication of the invoke route, which its admission statement checks in the same round trip
-(`ledger.READ_AND_ADMIT`): the same answers as every other route, before any other check, and a
+(`MeteringConnection.admit`): the same answers as every other route, before any other check, and a
 refused caller leaves nothing behind. Also the admission's tool-version rule (`tool_versions.py`).
 """
 
@@ -262,7 +262,7 @@ async def test_a_refused_caller_never_claims_the_half_open_trial(
     assert (await invoke(c, good, tool, {"text": "x"})).status_code == 503  # opens the circuit
     await _sql(engine, "UPDATE tools SET api_endpoint = :u WHERE id = :id", u=upstream.url("/fast"), id=tool)
     await asyncio.sleep(0.4)  # half-open
-    breakers = c.app.state.tools.breakers  # type: ignore[attr-defined]
+    breakers = c.app.state.gateway.breakers  # type: ignore[attr-defined]
     claims: list[bool] = []
     real = breakers.acquire
 

@@ -17,7 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from joyhub.core.clock import utcnow
 from joyhub.core.db import make_sessionmaker
 from joyhub.models import UsageLog
-from joyhub.tools import ledger
+from joyhub.tools import metering
+from joyhub.tools.metering import Admission, MeteringStore, Settlement, SettleRequest, ToolRead
 from tests.tools.helpers import assert_settled, invoke, make_caller, make_tool, sub_state, usage_logs
 from tests.tools.upstream_server import Upstream
 
@@ -50,7 +51,7 @@ async def test_invoke_rolls_an_ended_period_forward_first(
     assert r.headers["X-Quota-Remaining"] == "997"
 
 
-async def _pending(engine: AsyncEngine, caller: Any, tool: uuid.UUID, reserve: int = 4) -> ledger.Admission:
+async def _pending(engine: AsyncEngine, caller: Any, tool: uuid.UUID, reserve: int = 4) -> Admission:
     log_id = uuid.uuid4()
     async with make_sessionmaker(engine)() as db, db.begin():
         await db.execute(
@@ -74,13 +75,14 @@ async def _pending(engine: AsyncEngine, caller: Any, tool: uuid.UUID, reserve: i
                 tokens_reserved=reserve,
             )
         )
-    return ledger.Admission(log_id, "pro", None)
+    now = utcnow()
+    read = ToolRead(tool, "http://unused", 5, 1, None, now, False, None, None)
+    return Admission(log_id, caller.user_id, caller.subscription_id, "pro", read, None, now)
 
 
-def _settle_kw(admission: ledger.Admission, caller: Any, tool: uuid.UUID, **over: Any) -> dict[str, Any]:
+def _settle_kw(admission: Admission, caller: Any, tool: uuid.UUID, **over: Any) -> SettleRequest:
     kw: dict[str, Any] = {
         "admission": admission,
-        "user_id": caller.user_id,
         "status": "success",
         "tokens": 9,
         "duration_ms": 5,
@@ -90,7 +92,7 @@ def _settle_kw(admission: ledger.Admission, caller: Any, tool: uuid.UUID, **over
         "response_body": b"{}",
     }
     kw.update(over)
-    return kw
+    return SettleRequest(**kw)
 
 
 async def test_settle_after_the_period_ended_keeps_the_log_in_the_charged_period(
@@ -103,8 +105,8 @@ async def test_settle_after_the_period_ended_keeps_the_log_in_the_charged_period
     tool = await make_tool(engine, upstream.url("/fast"))
     admission = await _pending(engine, caller, tool)
     later = now + timedelta(seconds=5)  # the call ended after the period did; no rollover yet
-    result = await ledger.settle(engine, **_settle_kw(admission, caller, tool, now=later))
-    assert result.settled and result.tokens_used == 9
+    result = await MeteringStore(engine).settle(_settle_kw(admission, caller, tool, now=later))
+    assert result.settled and result.quota is not None and result.quota.used == 9
     logs = await usage_logs(engine, caller.user_id)
     assert logs[0].timestamp == now - timedelta(microseconds=1)  # inside [start, end)
     await assert_settled(engine, caller)
@@ -114,8 +116,8 @@ async def test_settling_twice_charges_once(engine: AsyncEngine, upstream: Upstre
     caller = await make_caller(engine, "pro")
     tool = await make_tool(engine, upstream.url("/fast"))
     admission = await _pending(engine, caller, tool)
-    first = await ledger.settle(engine, **_settle_kw(admission, caller, tool))
-    second = await ledger.settle(engine, **_settle_kw(admission, caller, tool))
+    first = await MeteringStore(engine).settle(_settle_kw(admission, caller, tool))
+    second = await MeteringStore(engine).settle(_settle_kw(admission, caller, tool))
     assert first.settled and not second.settled
     assert (await sub_state(engine, caller.user_id)).tokens_used == 9
     await assert_settled(engine, caller)
@@ -127,27 +129,27 @@ async def test_settle_retries_transient_errors(
     caller = await make_caller(engine, "pro")
     tool = await make_tool(engine, upstream.url("/fast"))
     admission = await _pending(engine, caller, tool)
-    real = ledger.settle_once
+    real = MeteringStore.settle_once
     calls = {"n": 0}
 
-    async def flaky(*args: Any, **kw: Any) -> ledger.Settlement:
+    async def flaky(*args: Any, **kw: Any) -> Settlement:
         calls["n"] += 1
         if calls["n"] == 1:
             raise OperationalError("SELECT 1", {}, ConnectionResetError("connection reset"))
         return await real(*args, **kw)
 
-    monkeypatch.setattr(ledger, "settle_once", flaky)
-    monkeypatch.setattr(ledger, "SETTLE_RETRY_DELAYS", (0.0, 0.0))
-    result = await ledger.settle(engine, **_settle_kw(admission, caller, tool))
+    monkeypatch.setattr(MeteringStore, "settle_once", flaky)
+    monkeypatch.setattr(metering, "SETTLE_RETRY_DELAYS", (0.0, 0.0))
+    result = await MeteringStore(engine).settle(_settle_kw(admission, caller, tool))
     assert result.settled and calls["n"] == 2
     await assert_settled(engine, caller)
 
-    async def broken(*args: Any, **kw: Any) -> ledger.Settlement:
+    async def broken(*args: Any, **kw: Any) -> Settlement:
         raise ValueError("a bug, not a blip")
 
-    monkeypatch.setattr(ledger, "settle_once", broken)
+    monkeypatch.setattr(MeteringStore, "settle_once", broken)
     with pytest.raises(ValueError):
-        await ledger.settle(engine, **_settle_kw(admission, caller, tool))
+        await MeteringStore(engine).settle(_settle_kw(admission, caller, tool))
 
 
 async def test_a_settle_whose_reply_was_lost_is_reported_as_charged(
@@ -161,21 +163,22 @@ async def test_a_settle_whose_reply_was_lost_is_reported_as_charged(
     caller = await make_caller(engine, "pro")
     tool = await make_tool(engine, upstream.url("/fast"))
     admission = await _pending(engine, caller, tool)
-    real = ledger.settle_once
+    real = MeteringStore.settle_once
     calls = {"n": 0}
 
-    async def lost_reply(*args: Any, **kw: Any) -> ledger.Settlement:
+    async def lost_reply(*args: Any, **kw: Any) -> Settlement:
         calls["n"] += 1
         result = await real(*args, **kw)
         if calls["n"] == 1:
             raise asyncpg.exceptions.ConnectionDoesNotExistError("closed mid-operation")
         return result
 
-    monkeypatch.setattr(ledger, "settle_once", lost_reply)
-    monkeypatch.setattr(ledger, "SETTLE_RETRY_DELAYS", (0.0, 0.0))
-    with caplog.at_level(logging.INFO, logger="joyhub.tools.ledger"):
-        result = await ledger.settle(engine, **_settle_kw(admission, caller, tool))
-    assert result.settled and result.tokens_used == 9 and result.token_limit == 50_000
+    monkeypatch.setattr(MeteringStore, "settle_once", lost_reply)
+    monkeypatch.setattr(metering, "SETTLE_RETRY_DELAYS", (0.0, 0.0))
+    with caplog.at_level(logging.INFO, logger="joyhub.tools.metering"):
+        result = await MeteringStore(engine).settle(_settle_kw(admission, caller, tool))
+    assert result.settled and result.quota is not None
+    assert (result.quota.used, result.quota.limit) == (9, 50_000)
     assert calls["n"] == 2
     assert "settled by an earlier attempt whose reply was lost" in caplog.text
     assert "closed by the sweep" not in caplog.text
@@ -193,10 +196,10 @@ async def test_a_settle_after_the_sweep_says_so_and_charges_nothing(
     tool = await make_tool(engine, upstream.url("/fast"))
     admission = await _pending(engine, caller, tool)
     async with make_sessionmaker(engine)() as db, db.begin():
-        closed = await ledger.close_stale(db, hub_settings(), utcnow() + timedelta(hours=1))
+        closed = await MeteringStore.close_stale(db, hub_settings(), utcnow() + timedelta(hours=1))
     assert closed == 1
-    with caplog.at_level(logging.INFO, logger="joyhub.tools.ledger"):
-        result = await ledger.settle(engine, **_settle_kw(admission, caller, tool))
+    with caplog.at_level(logging.INFO, logger="joyhub.tools.metering"):
+        result = await MeteringStore(engine).settle(_settle_kw(admission, caller, tool))
     assert not result.settled
     assert "closed by the sweep; not charged" in caplog.text
     assert (await sub_state(engine, caller.user_id)).tokens_used == 0
@@ -220,7 +223,7 @@ async def test_a_settle_after_the_sweep_says_so_and_charges_nothing(
 )
 def test_which_settle_failures_are_retried(exc: BaseException, transient: bool) -> None:
     """The settle runs on the raw driver, so asyncpg's own exceptions must be recognised too."""
-    assert ledger._transient(exc) is transient
+    assert metering.transient(exc) is transient
 
 
 async def test_settle_on_a_connection_killed_since_its_last_use_still_settles_once(
@@ -236,15 +239,15 @@ async def test_settle_on_a_connection_killed_since_its_last_use_still_settles_on
     caller = await make_caller(engine, "pro")
     tool = await make_tool(engine, upstream.url("/fast"))
     admission = await _pending(engine, caller, tool)
-    monkeypatch.setattr(ledger, "SETTLE_RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(metering, "SETTLE_RETRY_DELAYS", (0.0, 0.0))
     own = make_engine(database_url, hub_settings(), pool_size=1, max_overflow=0)
     try:
         async with own.connect() as conn:
             pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
         _terminate_unseen(database_url, pid)
-        result = await ledger.settle(own, **_settle_kw(admission, caller, tool))
+        result = await MeteringStore(own).settle(_settle_kw(admission, caller, tool))
         assert result.settled
-        again = await ledger.settle(own, **_settle_kw(admission, caller, tool))
+        again = await MeteringStore(own).settle(_settle_kw(admission, caller, tool))
         assert not again.settled  # settled once, whichever attempt did it
     finally:
         await own.dispose()

@@ -31,7 +31,7 @@ _CONFLICT: dict[int | str, dict[str, Any]] = {
 
 
 def _breakers(request: Request) -> Breakers:
-    breakers: Breakers = request.app.state.breakers
+    breakers: Breakers = request.app.state.gateway.breakers
     return breakers
 
 

@@ -1,10 +1,17 @@
-"""The response envelope `{data, error, meta}` every JSON answer wears (API.md §1)."""
+"""The response envelope `{data, error, meta}` every JSON answer wears (API.md §1).
+
+Routes return `ok(...)`/`page(...)` and FastAPI serialises the model. Answers made outside a
+route's return value — every error, and the gateway's invocation answers, whose exact bytes are
+also stored for an idempotent replay — are encoded by `encode_envelope`, the one renderer of
+those bytes.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Generic, TypeVar
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from joyhub.core.context import current_request_id
@@ -55,16 +62,28 @@ def page(items: list[T], *, offset: int, limit: int, total: int) -> Envelope[lis
     return ok(items, pagination=Pagination(offset=offset, limit=limit, total=total))
 
 
+def encode_envelope(data: Any = None, error: dict[str, Any] | None = None) -> bytes:
+    """The envelope as compact UTF-8 JSON bytes, with this request's id in `meta`."""
+    doc = {"data": data, "error": error, "meta": {"request_id": current_request_id() or "-"}}
+    try:
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except UnicodeEncodeError:  # lone surrogates (an upstream's): ASCII escapes are still JSON
+        return json.dumps(doc, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def error_document(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"code": code, "message": message, "details": details or []}
+
+
+def json_response(body: bytes, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(content=body, status_code=status, media_type="application/json", headers=headers)
+
+
 def error_response(
     status: int,
     code: str,
     message: str,
     details: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {
-        "data": None,
-        "error": {"code": code, "message": message, "details": details or []},
-        "meta": {"request_id": current_request_id() or "-"},
-    }
-    return JSONResponse(body, status_code=status, headers=headers)
+) -> Response:
+    return json_response(encode_envelope(error=error_document(code, message, details)), status, headers)

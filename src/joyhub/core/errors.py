@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,10 +45,6 @@ class AppError(Exception):
         if status:
             self.status = status
         super().__init__(self.message)
-
-
-class BadRequest(AppError):
-    status, code, message = 400, "BAD_REQUEST", "Bad request"
 
 
 class MalformedJson(AppError):
@@ -145,6 +141,14 @@ class ToolUnavailable(AppError):
 
 class ServiceUnavailable(AppError):
     status, code, message = 503, "SERVICE_UNAVAILABLE", "A required service is unavailable"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    message = "The database is unavailable"
+
+    def __init__(self, message: str | None = None, **kw: Any) -> None:
+        kw.setdefault("headers", {"Retry-After": "2"})
+        super().__init__(message, **kw)
 
 
 class ToolTimeout(AppError):
@@ -260,16 +264,20 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(allowed)
 
 
+def render_error(exc: AppError) -> Response:
+    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+        return render_error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(400, "MALFORMED_JSON", "Request body is not valid JSON")
+            return render_error(MalformedJson())
         confirm = getattr(request.state, "confirm_credential", None)
         if confirm is not None:  # a credential not yet checked in the database: 401 comes first
             try:
@@ -284,23 +292,16 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's answer to a body it cannot decode (e.g. invalid UTF-8): not JSON
-            return error_response(400, "MALFORMED_JSON", "Request body is not valid JSON")
+            return render_error(MalformedJson())
         if exc.status_code == 405:
-            headers["Allow"] = _allowed_methods(request)
-        message = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, str(exc.detail))
+            return render_error(MethodNotAllowed(headers={**headers, "Allow": _allowed_methods(request)}))
+        message = "Not found" if exc.status_code == 404 else str(exc.detail)
         return error_response(exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         if is_db_unavailable(exc):
             log.error("database unavailable: %s", type(exc).__name__, exc_info=exc)
-            return error_response(
-                503, "SERVICE_UNAVAILABLE", "The database is unavailable", headers={"Retry-After": "2"}
-            )
+            return render_error(DatabaseUnavailable())
         log.error("unhandled exception", exc_info=exc)
-        return error_response(500, "INTERNAL_ERROR", "Internal server error")
-
-
-def problem(status: int, code: str, message: str) -> JSONResponse:
-    """An envelope error response for code paths outside the handlers (middleware)."""
-    return error_response(status, code, message)
+        return render_error(AppError())

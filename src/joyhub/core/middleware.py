@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from joyhub.core import metrics
 from joyhub.core.context import request_id_var, user_id_var
 from joyhub.core.envelope import error_response
+from joyhub.core.errors import AppError, DatabaseUnavailable, PayloadTooLarge, is_db_unavailable
 
 MAX_BODY_BYTES = 1024 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -67,14 +68,14 @@ class RequestPipelineMiddleware:
             if status_holder["too_large"]:
                 # the app answered a body it could not finish reading (FastAPI says 400): say 413
                 if not status_holder["started"]:
-                    await self._reply(emit, 413, "PAYLOAD_TOO_LARGE", "Request body is too large")
+                    await self._reply(emit, PayloadTooLarge())
                 return
             await emit(message)
 
         try:
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                await self._reply(emit, 413, "PAYLOAD_TOO_LARGE", "Request body is too large")
+                await self._reply(emit, PayloadTooLarge())
                 return
             received = 0
 
@@ -92,24 +93,16 @@ class RequestPipelineMiddleware:
                 await self.app(scope, limited_receive, send_wrapper)
             except _BodyTooLarge:
                 if not status_holder["started"]:
-                    await self._reply(emit, 413, "PAYLOAD_TOO_LARGE", "Request body is too large")
+                    await self._reply(emit, PayloadTooLarge())
             except Exception as exc:
-                from joyhub.core.errors import is_db_unavailable
-
                 if status_holder["started"]:
                     log.error("exception after the response started", exc_info=exc)
                 elif is_db_unavailable(exc):
                     log.error("database unavailable: %s", type(exc).__name__, exc_info=exc)
-                    await self._reply(
-                        emit,
-                        503,
-                        "SERVICE_UNAVAILABLE",
-                        "The database is unavailable",
-                        {"Retry-After": "2"},
-                    )
+                    await self._reply(emit, DatabaseUnavailable())
                 else:
                     log.error("unhandled exception", exc_info=exc)
-                    await self._reply(emit, 500, "INTERNAL_ERROR", "Internal server error")
+                    await self._reply(emit, AppError())
         finally:
             elapsed = time.perf_counter() - started
             duration_ms = round(elapsed * 1000, 2)
@@ -152,9 +145,7 @@ class RequestPipelineMiddleware:
         return "unmatched"
 
     @staticmethod
-    async def _reply(
-        send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        response = error_response(status, code, message, headers=headers)
-        await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    async def _reply(send: Send, error: AppError) -> None:
+        response = error_response(error.status, error.code, error.message, headers=error.headers)
+        await send({"type": "http.response.start", "status": error.status, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})

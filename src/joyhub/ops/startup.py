@@ -6,6 +6,7 @@ Domains add one line each below.
 
 from __future__ import annotations
 
+import os
 from contextlib import AsyncExitStack
 
 from fastapi import FastAPI
@@ -17,10 +18,18 @@ async def run(app: FastAPI, stack: AsyncExitStack) -> None:
     from joyhub.auth.bootstrap import ensure_admin_from_settings
 
     await ensure_admin_from_settings(app)
-    # gateway: shared upstream HTTP client, circuit breakers, demo tools (--demo)
-    from joyhub.tools import runtime as tools_runtime
+    # gateway: metering store, shared upstream HTTP client, circuit breakers, admission line
+    from joyhub.tools.runtime import build_gateway
 
-    await tools_runtime.start(app, stack)
+    gateway = build_gateway(app.state.settings, app.state.engine, app.state.sessionmaker, app.state.redis)
+    stack.push_async_callback(gateway.upstream.aclose)
+    stack.push_async_callback(gateway.drain)  # runs before the client closes (LIFO)
+    app.state.gateway = gateway
+    # demo tools (`joyhub serve --demo`): registered in the catalog, served by the hub itself
+    if os.environ.get("JOYHUB_DEMO") == "1":
+        from joyhub import demo
+
+        await demo.setup(app)
     # sweep: the periodic rollover/cleanup task
     from joyhub.ops import sweeper
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -31,7 +32,18 @@ SWEEP_BATCH_SIZE = 200
 _TICK = timedelta(microseconds=1)  # PostgreSQL's timestamp resolution
 
 
-def is_due(sub: Subscription, now: datetime) -> bool:
+class Dated(Protocol):
+    """What the rollover rule looks at: a subscription row, or the gateway's read of one."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def expires_at(self) -> datetime | None: ...
+    @property
+    def current_period_end(self) -> datetime: ...
+
+
+def is_due(sub: Dated, now: datetime) -> bool:
     """Whether time has changed anything for this subscription."""
     if sub.status != "active":
         return False

@@ -17,10 +17,6 @@ Retry-After: the line stays bounded and nothing was admitted or charged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Annotated
-
-from fastapi import Depends, Request
 
 from joyhub.core import metrics
 from joyhub.core.errors import ServiceUnavailable
@@ -74,18 +70,3 @@ class AdmissionGate:
     def _release(self) -> None:
         self.in_use -= 1
         self._free.release()
-
-
-async def admission_slot(request: Request) -> AsyncIterator[AdmissionSlot]:
-    """The invoke route's first dependency: a slot before authentication touches the database,
-    given back when the admission commits (the gateway releases it) or at the latest when the
-    request ends."""
-    gate: AdmissionGate = request.app.state.tools.gate
-    slot = await gate.enter()
-    try:
-        yield slot
-    finally:
-        slot.release()
-
-
-AdmissionSlotDep = Annotated[AdmissionSlot, Depends(admission_slot, scope="function")]

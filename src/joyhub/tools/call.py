@@ -1,48 +1,66 @@
 """Steps 4 and 5 of an invocation (the whole flow: `gateway.py`): the upstream call under the
-tool's circuit breaker, then the settle — the response rendered once, sent and stored for an
-idempotent replay.
+tool's circuit breaker, then the settle — the answer rendered once (by the request's presenter),
+stored for an idempotent replay, and returned (`Completed`) or raised (a failed call's `AppError`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-import uuid
 from dataclasses import dataclass
-from typing import Any
-
-from fastapi import FastAPI
-from fastapi.responses import Response
+from typing import TYPE_CHECKING
 
 from joyhub.core import metrics
 from joyhub.core.clock import utcnow
-from joyhub.core.context import current_request_id
-from joyhub.tools import ledger, token_count, upstream
-from joyhub.tools.admit import AdmissionRun, Admitted, Quota, quota_of
+from joyhub.core.errors import AppError, ToolBadResponse, ToolInputInvalid, ToolTimeout, ToolUnavailable
+from joyhub.tools import token_count, upstream
 from joyhub.tools.breaker import Breakers, Permit
-from joyhub.tools.runtime import Runtime
+from joyhub.tools.metering import Admission, Quota, SettleRequest, ToolRead
+from joyhub.tools.outcomes import CallResult, Completed, Presenter, quota_headers
+
+if TYPE_CHECKING:
+    from joyhub.tools.gateway import Gateway
 
 log = logging.getLogger("joyhub.tools.gateway")
 
-# outcome -> (usage status, HTTP status, error code, message)
-_FAILURES: dict[str, tuple[str, int, str, str]] = {
-    "rejected": ("error", 422, "TOOL_INPUT_INVALID", "The tool rejected the input"),
-    "bad_response": ("error", 502, "TOOL_BAD_RESPONSE", "The tool returned an invalid response"),
-    "timeout": ("timeout", 504, "TOOL_TIMEOUT", "The tool did not answer in time"),
-    "unavailable": ("error", 503, "TOOL_UNAVAILABLE", "The tool is unavailable"),
-    "internal": ("error", 500, "INTERNAL_ERROR", "Internal server error"),
+# what each way an upstream call can fail answers (API.md §5, "Upstream call"); the messages are
+# the error classes' own, but for a rejected input
+_FAILURES: dict[str, type[AppError]] = {
+    "rejected": ToolInputInvalid,
+    "bad_response": ToolBadResponse,
+    "timeout": ToolTimeout,
+    "unavailable": ToolUnavailable,
+    "internal": AppError,  # a bug of ours: 500 INTERNAL_ERROR
 }
+_REJECTED_MESSAGE = "The tool rejected the input"
 
 
-def render(status: int, data: Any = None, error: dict[str, Any] | None = None) -> bytes:
-    """The envelope as bytes, once: the same bytes are sent and stored for idempotent replay."""
-    doc = {"data": data, "error": error, "meta": {"request_id": current_request_id() or "-"}}
-    try:
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-    except UnicodeEncodeError:  # lone surrogates from the upstream: ASCII escapes are still JSON
-        return json.dumps(doc, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode()
+def failure(outcome: str, result: upstream.UpstreamResult, invocation_id: str) -> AppError:
+    """The error a failed call answers, with the call's id and attempts in its details."""
+    error_class = _FAILURES[outcome]
+    message = _REJECTED_MESSAGE if outcome == "rejected" else error_class.message
+    detail: dict[str, object] = {
+        "field": "body.input" if outcome == "rejected" else None,
+        "message": result.message or message,
+        "invocation_id": invocation_id,
+        "attempts": result.attempts,
+    }
+    if result.upstream_status is not None:
+        detail["upstream_status"] = result.upstream_status
+    return error_class(message, details=[detail])
+
+
+def target_for(tool: ToolRead, permit: Permit) -> upstream.Target:
+    """The call an admission made: the target as the statement read the tool (a half-open
+    circuit's trial gets one attempt)."""
+    return upstream.Target(
+        url=tool.api_endpoint,
+        timeout_seconds=tool.timeout_seconds,
+        max_attempts=1 if permit.trial else tool.max_attempts,
+        label=str(tool.id),
+        secret_header=tool.secret_header,
+    )
 
 
 class _Hooks:
@@ -65,56 +83,31 @@ class _Hooks:
         return (await self.breakers.view(self.tool_key)).state == "closed"
 
 
-def call_for(run: AdmissionRun, admitted: Admitted) -> Call:
-    """The call an admission made: the target as the statement read the tool, at this version."""
-    row, permit = admitted.row, admitted.permit
-    target = upstream.Target(
-        url=row["api_endpoint"],
-        timeout_seconds=row["timeout_seconds"],
-        max_attempts=1 if permit.trial else row["max_attempts"],
-        label=run.tool_key,
-        secret_header=(row["auth_header_name"], row["auth_header_value"])
-        if row["auth_header_name"] and row["auth_header_value"]
-        else None,
-    )
-    assert run.user_id is not None
-    return Call(
-        app=run.app,
-        rt=run.rt,
-        admission=ledger.Admission(admitted.log_id, row["admitted_plan"], row.get("idem_id")),
-        permit=permit,
-        target=target,
-        body=run.body,
-        user_id=run.user_id,
-        tool_id=run.tool_id,
-        tool_key=run.tool_key,
-        quota=quota_of(row),
-        request_id=current_request_id() or "-",
-    )
-
-
 @dataclass
 class Call:
     """Steps 4 and 5 for one admitted invocation; run shielded from the request's cancellation."""
 
-    app: FastAPI
-    rt: Runtime
-    admission: ledger.Admission
+    gateway: Gateway
+    admission: Admission
     permit: Permit
-    target: upstream.Target
     body: bytes
-    user_id: uuid.UUID
-    tool_id: uuid.UUID
-    tool_key: str
-    quota: Quota | None
+    presenter: Presenter
     request_id: str
 
-    async def run(self) -> Response:
+    @property
+    def tool_key(self) -> str:
+        return str(self.admission.tool.id)
+
+    async def run(self) -> Completed:
+        """Call, report to the breaker, settle; a failed call's error is raised after its settle."""
         started = time.perf_counter()
-        hooks = _Hooks(self.rt.breakers, self.tool_key, self.permit.trial)
+        breakers = self.gateway.breakers
+        hooks = _Hooks(breakers, self.tool_key, self.permit.trial)
         internal = False
         try:
-            result = await upstream.call(self.rt.http, self.target, self.body, self.request_id, hooks)
+            result = await self.gateway.upstream.call(
+                target_for(self.admission.tool, self.permit), self.body, self.request_id, hooks
+            )
         except Exception:
             # a bug of ours, not the upstream's: settle as an error all the same (0 tokens)
             log.exception("upstream call failed unexpectedly", extra={"tool_id": self.tool_key})
@@ -123,78 +116,86 @@ class Call:
         duration_ms = int((time.perf_counter() - started) * 1000)
         try:
             if internal:
-                await self.rt.breakers.release(self.tool_key, self.permit)
+                await breakers.release(self.tool_key, self.permit)
             elif hooks.failures < result.attempts:
                 # the last attempt reached a live upstream: success, 4xx or a garbled 2xx
-                await self.rt.breakers.record_success(
-                    self.tool_key, trial=self.permit.trial, clean=self.permit.clean
-                )
+                await breakers.record_success(self.tool_key, trial=self.permit.trial, clean=self.permit.clean)
                 if not self.permit.clean:
                     metrics.CIRCUIT_STATE.labels(self.tool_key).set(metrics.CIRCUIT_STATE_VALUES["closed"])
         finally:
             outcome = "internal" if internal else result.outcome
             metrics.INVOCATIONS.labels(self.tool_key, outcome).inc()
-            response = await self._settle(result, duration_ms, outcome)
-        return response
+            completed = await self._settle(result, duration_ms, outcome)
+        return completed
 
-    async def _settle(self, result: upstream.UpstreamResult, duration_ms: int, outcome: str) -> Response:
-        invocation_id = str(self.admission.log_id)
-        retry_after: str | None = None
+    async def _settle(self, result: upstream.UpstreamResult, duration_ms: int, outcome: str) -> Completed:
         if outcome == "success":
             tokens = token_count.tokens_for(result.output, len(self.body), result.output_bytes)
-            status, http_status, error_code = "success", 200, None
-            payload = render(
-                200,
-                data={
-                    "invocation_id": invocation_id,
-                    "tool_id": str(self.tool_id),
-                    "status": "success",
-                    "output": result.output,
-                    "tokens_used": tokens,
-                    "duration_ms": duration_ms,
-                },
+            call_result = CallResult(
+                invocation_id=self.admission.log_id,
+                tool_id=self.admission.tool.id,
+                output=result.output,
+                tokens_used=tokens,
+                duration_ms=duration_ms,
             )
-        else:
-            status, http_status, error_code, message = _FAILURES[outcome]
-            tokens = 0
-            detail: dict[str, Any] = {
-                "field": "body.input" if outcome == "rejected" else None,
-                "message": result.message or message,
-                "invocation_id": invocation_id,
-                "attempts": result.attempts,
-            }
-            if result.upstream_status is not None:
-                detail["upstream_status"] = result.upstream_status
-            payload = render(http_status, error={"code": error_code, "message": message, "details": [detail]})
-            if result.circuit_open:
-                view = await self.rt.breakers.view(self.tool_key)
-                if view.opened_until is not None:
-                    left = view.opened_until.timestamp() - self.rt.breakers.clock()
-                    retry_after = str(max(1, math.ceil(left)))
-            self._log_failure(result, duration_ms)
-        settlement = await ledger.settle(
-            self.app.state.engine,
-            admission=self.admission,
-            user_id=self.user_id,
-            status=status,
-            tokens=tokens,
+            body = self.presenter.completed(call_result)
+            quota = await self._write(
+                status="success",
+                tokens=tokens,
+                duration_ms=duration_ms,
+                error=None,
+                body=body,
+                http_status=200,
+            )
+            return Completed(call_result, body, quota)
+        error = failure(outcome, result, str(self.admission.log_id))
+        retry_after = await self._retry_after() if result.circuit_open else None
+        self._log_failure(result, duration_ms)
+        quota = await self._write(
+            status="timeout" if outcome == "timeout" else "error",
+            tokens=0,
             duration_ms=duration_ms,
-            error_code=error_code,
-            now=utcnow(),
-            response_status=http_status,
-            response_body=payload,
+            error=error,
+            body=self.presenter.failed(error),
+            http_status=error.status,
         )
-        headers: dict[str, str] = {}
-        if settlement.tokens_used is not None and settlement.token_limit is not None:
-            assert settlement.period_end is not None
-            headers = Quota(settlement.token_limit, settlement.tokens_used, settlement.period_end).headers()
-        elif self.quota is not None:
-            headers = self.quota.headers()
+        error.headers = quota_headers(quota)
         if retry_after is not None:
-            headers["Retry-After"] = retry_after
-        return Response(
-            content=payload, status_code=http_status, media_type="application/json", headers=headers
+            error.headers["Retry-After"] = retry_after
+        raise error
+
+    async def _write(
+        self,
+        *,
+        status: str,
+        tokens: int,
+        duration_ms: int,
+        error: AppError | None,
+        body: bytes,
+        http_status: int,
+    ) -> Quota | None:
+        """The settle; the quota after it (or as admitted, when the sweep closed the call first)."""
+        settlement = await self.gateway.store.settle(
+            SettleRequest(
+                admission=self.admission,
+                status=status,
+                tokens=tokens,
+                duration_ms=duration_ms,
+                error_code=error.code if error is not None else None,
+                now=utcnow(),
+                response_status=http_status,
+                response_body=body,
+            )
         )
+        return settlement.quota if settlement.quota is not None else self.admission.quota
+
+    async def _retry_after(self) -> str | None:
+        """Seconds until the circuit this call opened lets a trial through."""
+        breakers = self.gateway.breakers
+        view = await breakers.view(self.tool_key)
+        if view.opened_until is None:
+            return None
+        return str(max(1, math.ceil(view.opened_until.timestamp() - breakers.clock())))
 
     def _log_failure(self, result: upstream.UpstreamResult, duration_ms: int) -> None:
         level = logging.INFO if result.outcome == "rejected" else logging.WARNING

@@ -13,12 +13,16 @@ already started on that connection).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import TextClause
+
+# a row as asyncpg returns it (`asyncpg.Record`), read by column name
+Record = Mapping[str, Any]
 
 _DIALECT = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
 
@@ -49,12 +53,13 @@ class DriverSession:
         values = params or {}
         await self.driver.execute(sql, *(values[n] for n in names))
 
-    async def fetchrow(self, statement: TextClause, params: dict[str, Any] | None = None) -> Any:
+    async def fetchrow(self, statement: TextClause, params: dict[str, Any] | None = None) -> Record | None:
         sql, names = compiled(statement)
         values = params or {}
-        return await self.driver.fetchrow(sql, *(values[n] for n in names))
+        row: Record | None = await self.driver.fetchrow(sql, *(values[n] for n in names))
+        return row
 
-    async def fetch(self, statement: TextClause, params: dict[str, Any] | None = None) -> list[Any]:
+    async def fetch(self, statement: TextClause, params: dict[str, Any] | None = None) -> list[Record]:
         sql, names = compiled(statement)
         values = params or {}
         return list(await self.driver.fetch(sql, *(values[n] for n in names)))

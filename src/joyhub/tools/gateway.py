@@ -1,6 +1,9 @@
-"""The invocation flow (API.md §5; DESIGN.md "Flows"): admit → call → settle.
+"""The invocation flow (API.md §5; DESIGN.md "The gateway core"): admit → call → settle.
 
-Steps 1 to 3 are `admit.py`'s, steps 4 and 5 `call.py`'s; this module runs them for a request.
+`Gateway` is built once per process in the lifespan (`ops/startup.py`) from its parts — the
+metering store (every ledger statement), the upstream client, the circuit breakers, the
+admission line — and injected into the invoke route, which alone renders what `invoke` answers.
+Steps 1 to 3 are `admit.py`'s, steps 4 and 5 `call.py`'s; `invoke` runs them for a request:
 
 0. the route's first dependency takes a slot of the admission line (`admission.py`), which
    bounds how many invocations per worker are in steps 1 to 3 at once; step 3 gives it back.
@@ -13,58 +16,63 @@ Steps 1 to 3 are `admit.py`'s, steps 4 and 5 `call.py`'s; this module runs them 
    statement, rarely): an input over PRECHECK_MAX_BYTES, so a forged credential cannot make the
    hub validate a megabyte, and the half-open circuit's one trial, so a caller refused anyway
    cannot hold it.
-2. **authenticate, read and admit** — one statement (`ledger.READ_AND_ADMIT`), one round trip:
-   it checks the credential's session or API key and the user (as every other route's principal
-   dependency does), reads the tool (from the database on every call, so an admin's edit applies
-   to the very next call on every worker), the subscription and plan limit, the tool's minimum
-   plan and any live idempotency record, and — only when every check passes, including step 1's
-   for this very tool version — atomically reserves the call's tokens and writes its `pending`
-   usage log. Without an Idempotency-Key the statement commits on its own (no BEGIN/COMMIT round
-   trips): a refusal writes nothing (but an API key's last-used stamp), so there is nothing to
-   undo. A subscription whose period is
-   over is rolled forward first (`ensure_current`), and a tool this process has not seen in its
-   current version is learnt, and the statement re-run (at most `MAX_ADMIT_TRIES` times).
+2. **authenticate, read and admit** — one statement (`MeteringConnection.admit`), one round
+   trip: it checks the credential by the one rule every route uses, reads the tool (from the
+   database on every call, so an admin's edit applies to the very next call on every worker), the
+   account the call bills and its plan, the tool's minimum plan and any live idempotency record,
+   and — only when every check passes, including step 1's for this very tool version — atomically
+   reserves the call's tokens and writes its `pending` usage log. Without an Idempotency-Key the
+   statement commits on its own: a refusal writes nothing (but an API key's last-used stamp). A
+   subscription whose period is over is rolled forward first, and a tool this process has not
+   seen in its current version is learnt, and the statement re-run (at most `MAX_ADMIT_TRIES`).
 3. **refusals**, in the contract's order, none of which touches the upstream or leaves a trace:
    credential (401) → tool live and active (404) → active subscription (402
    SUBSCRIPTION_REQUIRED) → plan rank (402 PLAN_UPGRADE_REQUIRED) → tokens left (429
    QUOTA_EXCEEDED) → input (422 TOOL_INPUT_INVALID) → circuit closed (503 TOOL_UNAVAILABLE +
    Retry-After). A repeated Idempotency-Key is answered before all but the first (replay or
    409): the first request already passed them. A request refused before the statement (a
-   validation error) has its credential confirmed first (`auth.dependencies.confirm_credential`),
-   so 401 still comes first. With a key, the statement and the key's claim
-   run in one transaction, committed before the call.
-4. **call** the upstream (`upstream.call`) with no transaction open and the connection back in
-   the pool, reporting every attempt to the circuit breaker.
-5. **settle** (`ledger.settle`) in one statement.
+   validation error) has its credential confirmed first, so 401 still comes first. With a key,
+   the statement and the key's claim run in one transaction, committed before the call.
+4. **call** the upstream with no transaction open and the connection back in the pool,
+   reporting every attempt to the circuit breaker.
+5. **settle** in one statement (`MeteringStore.settle`).
 
 Steps 2 to 5 run in a task the request only *waits for* (`asyncio.shield`): a client that hangs
 up cancels nothing — an admitted call completes, is charged or not, is logged exactly once, and
-its response is stored under its Idempotency-Key for the client's retry.
-
-Quota headers (`X-Quota-Limit`, `X-Quota-Remaining`, `X-Quota-Reset`) go on every answer to a
-caller with an active subscription; `X-Quota-Reset` is the period end as ISO 8601 UTC (`...Z`),
-the same format as every other timestamp of the API.
+its answer is stored under its Idempotency-Key for the client's retry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
-from typing import Any
+from collections.abc import Coroutine
+from datetime import datetime
+from typing import Any, TypeVar
 
-from fastapi import FastAPI
-from fastapi.responses import Response
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from joyhub.auth.dependencies import Credential, confirm_credential
+from joyhub.auth.credentials import confirm
 from joyhub.core.clock import utcnow
-from joyhub.core.context import user_id_var
+from joyhub.core.context import current_request_id, user_id_var
 from joyhub.core.errors import ValidationFailed, field_error
+from joyhub.subscriptions.rollover import apply_locked
 from joyhub.tools import idempotency
-from joyhub.tools.admission import AdmissionSlot
-from joyhub.tools.admit import AdmissionRun
-from joyhub.tools.call import call_for
-from joyhub.tools.runtime import Runtime
+from joyhub.tools.admission import AdmissionGate, AdmissionSlot
+from joyhub.tools.admit import AdmissionRun, Admitted
+from joyhub.tools.breaker import Breakers
+from joyhub.tools.call import Call
+from joyhub.tools.metering import MeteringStore
+from joyhub.tools.outcomes import ENVELOPE, InvocationRequest, Outcome, Presenter
+from joyhub.tools.tool_versions import ToolVersions
+from joyhub.tools.upstream import Upstream
+
+log = logging.getLogger("joyhub.tools")
+
+T = TypeVar("T")
+DRAIN_SECONDS = 30.0
 
 
 def encode_input(value: dict[str, Any]) -> bytes:
@@ -91,52 +99,109 @@ def _has_nul(node: Any) -> bool:
     return False
 
 
-async def invoke(
-    app: FastAPI,
-    *,
-    credential: Credential,
-    tool_id: uuid.UUID,
-    value: dict[str, Any],
-    idempotency_key: str | None,
-    admission_slot: AdmissionSlot | None = None,
-) -> Response:
-    """Run one invocation end to end and return the HTTP response (success or failure).
+class Gateway:
+    """The invocation flow and the per-process parts it runs on."""
 
-    `admission_slot` (the admission gate's, `admission.py`) is given back once the admission
-    is committed, before the upstream call. From the admission statement on, the work runs in a
-    task the request only waits for: a client hanging up while its call is being admitted cannot
-    leave an admitted call that is never made (the statement commits on its own)."""
-    rt: Runtime = app.state.tools
-    try:
-        body = encode_input(value)
-        if b"\\u0000" in body and _has_nul(value):
-            raise ValidationFailed(details=[field_error("body.input", "must not contain NUL characters")])
-    except ValidationFailed:
-        await confirm_credential(app.state.engine, credential)  # 401 comes first (API.md §5)
-        raise
-    run = AdmissionRun(
-        app=app,
-        rt=rt,
-        credential=credential,
-        tool_id=tool_id,
-        value=value,
-        body=body,
-        idempotency_key=idempotency_key,
-        digest=idempotency.request_hash(tool_id, value) if idempotency_key is not None else None,
-        now=utcnow(),
-        # the task holds the slot from here: a request cancelled while its call is being admitted
-        # must not free the slot while the admission still runs
-        admission_slot=admission_slot.transfer() if admission_slot is not None else None,
-    )
-    try:
-        return await asyncio.shield(rt.track(_admit_then_call(run)))
-    finally:
-        if run.user_id is not None:  # for the access log line
-            user_id_var.set(str(run.user_id))
+    def __init__(
+        self,
+        *,
+        store: MeteringStore,
+        upstream: Upstream,
+        breakers: Breakers,
+        gate: AdmissionGate,
+        sessionmaker: async_sessionmaker[AsyncSession],
+    ) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.breakers = breakers
+        self.gate = gate
+        self.sessionmaker = sessionmaker
+        self.tool_versions = ToolVersions()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def invoke(
+        self,
+        request: InvocationRequest,
+        *,
+        admission_slot: AdmissionSlot | None = None,
+        presenter: Presenter = ENVELOPE,
+    ) -> Outcome:
+        """Run one invocation end to end: `Completed` or `Replay`, or an `AppError` raised (a
+        refusal, or a failed call after its settle).
+
+        `admission_slot` (the admission line's, `admission.py`) is given back once the admission
+        is committed, before the upstream call. From the admission statement on, the work runs in
+        a task the request only waits for: a client hanging up while its call is being admitted
+        cannot leave an admitted call that is never made (the statement commits on its own)."""
+        try:
+            body = encode_input(request.input)
+            if b"\\u0000" in body and _has_nul(request.input):
+                raise ValidationFailed(details=[field_error("body.input", "must not contain NUL characters")])
+        except ValidationFailed:
+            await confirm(self.store.engine, request.credential)  # 401 comes first (API.md §5)
+            raise
+        key = request.idempotency_key
+        run = AdmissionRun(
+            gateway=self,
+            request=request,
+            body=body,
+            digest=idempotency.request_hash(request.tool_id, request.input) if key is not None else None,
+            now=utcnow(),
+            # the task holds the slot from here: a request cancelled while its call is being
+            # admitted must not free the slot while the admission still runs
+            admission_slot=admission_slot.transfer() if admission_slot is not None else None,
+        )
+        try:
+            return await asyncio.shield(self.track(self._admit_then_call(run, presenter)))
+        finally:
+            if run.user_id is not None:  # for the access log line
+                user_id_var.set(str(run.user_id))
+
+    async def _admit_then_call(self, run: AdmissionRun, presenter: Presenter) -> Outcome:
+        admitted = await run.run()
+        if not isinstance(admitted, Admitted):  # an idempotent replay
+            return admitted
+        call = Call(
+            gateway=self,
+            admission=admitted.admission,
+            permit=admitted.permit,
+            body=run.body,
+            presenter=presenter,
+            request_id=current_request_id() or "-",
+        )
+        return await call.run()
+
+    async def roll_over(self, subscription_id: uuid.UUID, now: datetime) -> None:
+        """Roll a subscription whose period is over forward (rare: once a period), then re-run."""
+        async with self.sessionmaker() as session:
+            await apply_locked(session, subscription_id, now)
+            await session.commit()
+
+    # -- invocations in flight ----------------------------------------------------------------
+
+    def track(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run `coro` as a task that outlives its request (strong reference until done)."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve)
+        return task
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, grace_seconds: float = DRAIN_SECONDS) -> None:
+        """Wait (bounded) for invocations still running; the sweep closes any left behind."""
+        if not self._tasks:
+            return
+        log.info("waiting for invocations in flight", extra={"count": len(self._tasks)})
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
+        if pending:
+            log.warning("invocations still running at shutdown", extra={"count": len(pending)})
 
 
-async def _admit_then_call(run: AdmissionRun) -> Response:
-    admitted = await run.run()
-    if isinstance(admitted, Response):  # an idempotent replay
-        return admitted
-    return await call_for(run, admitted).run()
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark the task's outcome as seen: a refusal raised after its client left is not news."""
+    if not task.cancelled():
+        task.exception()

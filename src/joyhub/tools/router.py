@@ -1,23 +1,53 @@
-"""HTTP routes of the tools domain (API.md §5): the catalog and the invocation endpoint."""
+"""HTTP routes of the tools domain (API.md §5): the catalog and the invocation endpoint.
+
+The only module of the domain that knows FastAPI: it takes the process's `Gateway` from the app
+(built in the lifespan), hands it the request as domain values, and renders what it answers.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 
 from joyhub.auth.dependencies import CurrentUser, PresentedCredential
 from joyhub.core.db import DbSession
-from joyhub.core.envelope import Envelope, ok, page
+from joyhub.core.envelope import Envelope, json_response, ok, page
 from joyhub.core.pagination import PageParams
-from joyhub.tools import gateway, service
-from joyhub.tools.admission import AdmissionSlotDep
+from joyhub.tools import service
+from joyhub.tools.admission import AdmissionSlot
+from joyhub.tools.gateway import Gateway
 from joyhub.tools.idempotency import MAX_KEY_LENGTH
+from joyhub.tools.outcomes import InvocationRequest
 from joyhub.tools.schemas import Invocation, InvokeRequest, ToolOut
 
 router = APIRouter()
+
+
+async def the_gateway(request: Request) -> Gateway:
+    """The process's gateway, built once in the lifespan (`ops/startup.py`)."""
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(the_gateway)]
+
+
+async def admission_slot(gateway: GatewayDep) -> AsyncIterator[AdmissionSlot]:
+    """The invoke route's first dependency: a slot of the admission line (`admission.py`) before
+    authentication touches the database, given back when the admission commits (the gateway
+    releases it) or at the latest when the request ends."""
+    slot = await gateway.gate.enter()
+    try:
+        yield slot
+    finally:
+        slot.release()
+
+
+AdmissionSlotDep = Annotated[AdmissionSlot, Depends(admission_slot, scope="function")]
 
 _ERR: dict[int | str, dict[str, Any]] = {
     401: {"model": Envelope[None], "description": "Not authenticated"},
@@ -101,9 +131,9 @@ async def invoke_tool(
     slot: AdmissionSlotDep,  # first: the line forms before authentication touches the database
     tool_id: uuid.UUID,
     payload: InvokeRequest,
-    request: Request,
+    gateway: GatewayDep,
     # authentication: the credential's signature or form here; its session or key, and the
-    # user, checked by the admission statement itself (`ledger.READ_AND_ADMIT`) — 401 first
+    # user, checked by the admission statement itself (`MeteringConnection.admit`) — 401 first
     caller: PresentedCredential,
     idempotency_key: Annotated[
         str | None,
@@ -115,11 +145,7 @@ async def invoke_tool(
         ),
     ] = None,
 ) -> Response:
-    return await gateway.invoke(
-        request.app,
-        credential=caller,
-        tool_id=tool_id,
-        value=payload.input,
-        idempotency_key=idempotency_key,
-        admission_slot=slot,
+    outcome = await gateway.invoke(
+        InvocationRequest(caller, tool_id, payload.input, idempotency_key), admission_slot=slot
     )
+    return json_response(outcome.body, outcome.status, outcome.headers())

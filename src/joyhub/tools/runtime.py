@@ -1,74 +1,24 @@
-"""The gateway's per-process resources, made at start-up and closed at shutdown.
-
-`start` puts on `app.state`: `http` (the shared upstream connection pool), `breakers` (Redis-backed when
-`app.state.redis` is set, in-process otherwise) and `tools` (this Runtime, which also tracks the
-invocations in flight and holds the admission gate, `admission.py`, and what it knows of each
-tool's current version, `tool_versions.py`). With `JOYHUB_DEMO=1`
-(`joyhub serve --demo`) it also registers the demo tools and makes sure an admin exists. On
-shutdown the invocations still running are given time to finish and settle before the client
-closes, so a deploy does not leave calls unaccounted.
+"""How a process builds its gateway (`gateway.Gateway`) at start-up, from the settings and the
+resources the lifespan opened: the metering store on the engine, the upstream client (one pool),
+the circuit breakers (Redis-backed when Redis is configured, in-process otherwise) and the
+admission line. The lifespan (`ops/startup.py`) closes the client and drains the invocations in
+flight on shutdown, so a deploy does not leave calls unaccounted.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
-import logging
-import os
 import sys
-from collections.abc import Coroutine
-from contextlib import AsyncExitStack
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
-from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from joyhub.core.config import Settings
-from joyhub.tools import upstream
 from joyhub.tools.admission import AdmissionGate
 from joyhub.tools.breaker import Breakers, InProcessBreakers, RedisBreakers
-from joyhub.tools.tool_versions import ToolVersions
-
-log = logging.getLogger("joyhub.tools")
-
-T = TypeVar("T")
-DRAIN_SECONDS = 30.0
-
-
-class Runtime:
-    def __init__(self, http: httpx.AsyncBaseTransport, breakers: Breakers, gate: AdmissionGate) -> None:
-        self.http = http
-        self.breakers = breakers
-        self.gate = gate
-        self.tool_versions = ToolVersions()
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def track(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        """Run `coro` as a task that outlives its request (strong reference until done)."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_retrieve)
-        return task
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
-    async def drain(self, grace_seconds: float = DRAIN_SECONDS) -> None:
-        """Wait (bounded) for invocations still running; the sweep closes any left behind."""
-        if not self._tasks:
-            return
-        log.info("waiting for invocations in flight", extra={"count": len(self._tasks)})
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
-        if pending:
-            log.warning("invocations still running at shutdown", extra={"count": len(pending)})
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark the task's outcome as seen: a refusal raised after its client left is not news."""
-    if not task.cancelled():
-        task.exception()
+from joyhub.tools.gateway import Gateway
+from joyhub.tools.metering import MeteringStore
+from joyhub.tools.upstream import Upstream
 
 
 def _skip_missing_sniffio() -> None:
@@ -89,21 +39,18 @@ def make_breakers(settings: Settings, redis: Any) -> Breakers:
     return InProcessBreakers(settings.circuit_failure_threshold, settings.circuit_recovery_seconds)
 
 
-async def start(app: FastAPI, stack: AsyncExitStack) -> None:
-    settings: Settings = app.state.settings
+def build_gateway(
+    settings: Settings,
+    engine: AsyncEngine,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    redis: Any,
+) -> Gateway:
+    """The process's gateway; the caller closes `gateway.upstream` and drains it on shutdown."""
     _skip_missing_sniffio()
-    http = upstream.make_transport()
-    stack.push_async_callback(http.aclose)
-    runtime = Runtime(
-        http,
-        make_breakers(settings, getattr(app.state, "redis", None)),
-        AdmissionGate(settings.gateway_max_admissions, settings.gateway_queue_timeout_seconds),
+    return Gateway(
+        store=MeteringStore(engine),
+        upstream=Upstream(),
+        breakers=make_breakers(settings, redis),
+        gate=AdmissionGate(settings.gateway_max_admissions, settings.gateway_queue_timeout_seconds),
+        sessionmaker=sessionmaker,
     )
-    stack.push_async_callback(runtime.drain)  # runs before the client closes (LIFO)
-    app.state.http = http
-    app.state.breakers = runtime.breakers
-    app.state.tools = runtime
-    if os.environ.get("JOYHUB_DEMO") == "1":
-        from joyhub.tools import demo
-
-        await demo.setup(app)

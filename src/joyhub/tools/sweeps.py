@@ -8,14 +8,13 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from joyhub.core.config import Settings
-from joyhub.tools.idempotency import sweep_expired
-from joyhub.tools.ledger import close_stale
+from joyhub.tools.metering import MeteringStore
 
 Job = Callable[[AsyncSession, Settings, datetime], Awaitable[int]]
 
 
 def jobs() -> list[tuple[str, Job]]:
     return [
-        ("stale_invocations", close_stale),
-        ("expired_idempotency_keys", sweep_expired),
+        ("stale_invocations", MeteringStore.close_stale),
+        ("expired_idempotency_keys", MeteringStore.forget_expired_keys),
     ]

@@ -1,7 +1,7 @@
 """What this process knows of each tool's current version, so the gateway can check the input
 and the circuit *before* its admission statement and admit in one round trip.
 
-The admission statement (`ledger.READ_AND_ADMIT`) admits only against the tool version the
+The admission statement (`MeteringConnection.admit`) admits only against the tool version the
 caller's input was validated for: it is given that version's `updated_at` and admits only when
 the tool's row still carries it. A tool seen for the first time, or edited since (every edit moves
 `updated_at`), is therefore not admitted on that first try; the statement returns the new

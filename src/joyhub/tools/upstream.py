@@ -324,3 +324,20 @@ async def call(
                 upstream_status=res.status,
                 circuit_open=True,
             )
+
+
+class Upstream:
+    """The process's upstream client: one pool (`make_transport`), the calls made through it.
+
+    Built once in the lifespan and injected into the gateway, which never reaches for a global.
+    """
+
+    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.transport = transport if transport is not None else make_transport()
+
+    async def call(self, target: Target, body: bytes, request_id: str, hooks: BreakerHooks) -> UpstreamResult:
+        """POST `body` to the tool with retries (`call`); never raises for upstream behaviour."""
+        return await call(self.transport, target, body, request_id, hooks)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()

@@ -11,7 +11,7 @@
   every settle of a popular tool).
 
 Every settled invocation is counted in the statement that settles it (the settle statement of
-`tools/ledger.py` embeds `ROLLUP_CTES`), so rollups never drift from raw logs and a settle is a
+`tools/metering.py` embeds `ROLLUP_CTES`), so rollups never drift from raw logs and a settle is a
 single round trip. `bump` counts one invocation the same way from parameters (the stale sweep);
 a transaction that bumps several invocations should bump them in a stable order (e.g. by tool,
 plan, shard) so two such transactions cannot deadlock on shared platform rows.
@@ -30,7 +30,7 @@ from joyhub.models.usage import PLATFORM_SHARDS
 # The rollup upserts as CTEs that count every row of a CTE named `settled` — columns user_id,
 # tool_id, plan_code ('' for none), shard, ts (timestamptz), success, error, timeout (0/1) and
 # tokens — in all five read models. Put them in a WITH after `settled`: the settle statement
-# (`tools/ledger.py`) derives `settled` from the usage log it closes, `bump` from parameters. One
+# (`tools/metering.py`) derives `settled` from the usage log it closes, `bump` from parameters. One
 # text for both, so the rollups cannot be counted one way at settle and another in the sweep.
 ROLLUP_CTES = """
     daily AS (

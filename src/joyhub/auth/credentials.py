@@ -1,0 +1,82 @@
+"""What a request presents as its credential, and the one rule that says whether it is still good.
+
+A `Credential` is checked as far as it can be without the database: an access token's signature
+and expiry are verified (`user_id`, `session_id` set); an API key is only well-formed
+(`api_key_digest` set, the form stored at rest). Whether the session is still live, the key still
+active and unexpired, and the user still enabled is the database's to say, by one SQL rule:
+`CREDENTIAL_USERS`. It is written once, here, and used by everything that authenticates:
+
+- the principal dependencies of every route (`auth.dependencies.current_principal`), which join it
+  to the user row;
+- `confirm`, for a request refused before its own statement could check the credential;
+- the gateway's admission statement (`tools/metering.py`), which folds it into its one round trip.
+
+This module does not import FastAPI: the gateway uses it as domain code.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from joyhub.core.clock import utcnow
+from joyhub.core.errors import InvalidToken
+
+# an API key's `last_used_at` is written at most once per interval, not once per request
+API_KEY_TOUCH_INTERVAL = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """The credential a request presents, checked as far as it can be without the database."""
+
+    user_id: uuid.UUID | None = None
+    session_id: uuid.UUID | None = None
+    api_key_digest: bytes | None = None
+
+    @property
+    def is_api_key(self) -> bool:
+        return self.api_key_digest is not None
+
+    def params(self, now: datetime) -> dict[str, Any]:
+        """The bound parameters of `CREDENTIAL_USERS` for this credential at `now`."""
+        return {
+            "cred_session_id": self.session_id,
+            "cred_user_id": self.user_id,
+            "cred_key_digest": self.api_key_digest,
+            "now": now,
+        }
+
+
+# The rule, as SQL with named parameters (`:cred_session_id`, `:cred_user_id`, `:cred_key_digest`,
+# `:now`): the user of a live session of that very user, or of an active, unexpired API key; the
+# user enabled. At most one row — a credential has a session or a key digest, never both, and both
+# lookups go through unique keys. Columns: `user_id`, `api_key_id` (null for a session) and
+# `key_last_used_at` (for the once-a-minute stamp). Statements embed it as a subquery or CTE body.
+CREDENTIAL_USERS = """
+    SELECT u.id AS user_id, CAST(NULL AS uuid) AS api_key_id,
+           CAST(NULL AS timestamptz) AS key_last_used_at
+    FROM auth_sessions AS a JOIN users AS u ON u.id = a.user_id
+    WHERE a.id = :cred_session_id AND u.id = :cred_user_id AND a.revoked_at IS NULL AND u.is_active
+    UNION ALL
+    SELECT u.id, k.id, k.last_used_at
+    FROM api_keys AS k JOIN users AS u ON u.id = k.user_id
+    WHERE k.key_hash = :cred_key_digest AND k.is_active
+      AND (k.expires_at IS NULL OR k.expires_at > :now) AND u.is_active
+"""
+
+_CONFIRM = text(CREDENTIAL_USERS)
+
+
+async def confirm(engine: AsyncEngine, credential: Credential) -> None:
+    """401 unless the credential is still good: for a request refused before its own statement
+    could check it (a validation error), so authentication still answers first (API.md §5)."""
+    async with engine.connect() as conn:
+        found = (await conn.execute(_CONFIRM, credential.params(utcnow()))).first()
+    if found is None:
+        raise InvalidToken()

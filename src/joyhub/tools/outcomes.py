@@ -1,0 +1,103 @@
+"""What the gateway is asked, and what it answers (DESIGN.md, "The gateway core, next shape").
+
+`Gateway.invoke` takes an `InvocationRequest` and returns `Completed` or `Replay`, or raises an
+`AppError` — a refusal before the call (nothing charged, nothing logged) or a failed call (logged,
+0 tokens), both carrying their quota headers. The router renders them; nothing here knows HTTP
+frameworks.
+
+An answer's body is rendered once, by a `Presenter`, *before* the settle: the same bytes are sent
+and stored under the call's Idempotency-Key, so a replay is byte-identical. The JSON API's
+presenter is the envelope (`core/envelope.py`); another protocol brings its own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from joyhub.auth.credentials import Credential
+from joyhub.core.envelope import encode_envelope, error_document
+from joyhub.core.errors import AppError
+from joyhub.tools.metering import Quota
+
+
+@dataclass(frozen=True)
+class InvocationRequest:
+    credential: Credential
+    tool_id: uuid.UUID
+    input: dict[str, Any]
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """A successful call, as the caller is told about it (API.md §5 `Invocation`)."""
+
+    invocation_id: uuid.UUID
+    tool_id: uuid.UUID
+    output: Any
+    tokens_used: int
+    duration_ms: int
+
+
+class Presenter(Protocol):
+    """Renders an invocation's answer body (once: it is sent and stored for replay)."""
+
+    def completed(self, result: CallResult) -> bytes: ...
+
+    def failed(self, error: AppError) -> bytes: ...
+
+
+class EnvelopePresenter:
+    """The JSON API's answers: the envelope of API.md §1."""
+
+    def completed(self, result: CallResult) -> bytes:
+        return encode_envelope(
+            data={
+                "invocation_id": str(result.invocation_id),
+                "tool_id": str(result.tool_id),
+                "status": "success",
+                "output": result.output,
+                "tokens_used": result.tokens_used,
+                "duration_ms": result.duration_ms,
+            }
+        )
+
+    def failed(self, error: AppError) -> bytes:
+        return encode_envelope(error=error_document(error.code, error.message, error.details))
+
+
+ENVELOPE = EnvelopePresenter()
+
+
+def quota_headers(quota: Quota | None) -> dict[str, str]:
+    return quota.headers() if quota is not None else {}
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A call made and settled; `body` is the presenter's rendering of its `CallResult`."""
+
+    result: CallResult
+    body: bytes
+    quota: Quota | None
+    status: int = 200
+
+    def headers(self) -> dict[str, str]:
+        return quota_headers(self.quota)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The stored first answer to a repeated Idempotency-Key, sent again as it was."""
+
+    status: int
+    body: bytes
+    quota: Quota | None
+
+    def headers(self) -> dict[str, str]:
+        return {**quota_headers(self.quota), "Idempotent-Replayed": "true"}
+
+
+Outcome = Completed | Replay
