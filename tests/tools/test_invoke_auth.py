@@ -305,3 +305,38 @@ async def test_an_api_key_row_locked_elsewhere_does_not_hold_up_the_admission(
         assert r.status_code == 200, r.text
         await holder.rollback()
     await assert_settled(engine, caller)
+
+
+async def test_no_schema_work_is_done_for_a_caller_not_yet_authenticated(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forged API key cannot make the hub validate anything (issue 12, finding 3): an API key
+    this process has not seen pass the credential rule has its input validated only after the
+    admission statement found it good — then once, and the key is remembered."""
+    from joyhub.tools.tool_versions import ToolVersion
+
+    tool = await make_tool(engine, upstream.url("/fast"), input_schema=SCHEMA)
+    caller = await make_caller(engine, "pro")
+    assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200  # version known
+    validated: list[str] = []
+    real = ToolVersion.input_errors
+
+    def counting(self: ToolVersion, value: dict[str, Any]) -> list[dict[str, Any]]:
+        validated.append(str(value)[:20])
+        return real(self, value)
+
+    monkeypatch.setattr(ToolVersion, "input_errors", counting)
+    forged = {"X-API-Key": "jfui_" + "F" * 40}
+    for _ in range(3):
+        r = await client.post(f"{API}/tools/{tool}/invoke", json={"input": {"text": "tiny"}}, headers=forged)
+        assert (r.status_code, r.json()["error"]["code"]) == (401, "INVALID_TOKEN")
+    assert validated == []  # never validated for a caller nobody vouched for
+
+    _, key = await _new_key(client, caller.headers)
+    r = await invoke(client, caller, tool, {"text": "by key"}, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    assert len(validated) == 1  # after the statement found the key good
+    r = await invoke(client, caller, tool, {"text": 5}, headers={"Authorization": f"Bearer {key}"})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "TOOL_INPUT_INVALID")
+    assert len(validated) == 2  # the key is known now: validated before the statement, once
+    await assert_settled(engine, caller)

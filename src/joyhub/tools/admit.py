@@ -108,6 +108,18 @@ class AdmissionRun:
     def tool_key(self) -> str:
         return str(self.request.tool_id)
 
+    @property
+    def vouched(self) -> bool:
+        """Whether the caller is known well enough to do schema work for before the statement:
+        an access token (its signature verified), an API key this process has seen pass the
+        credential rule lately (`vouched.py`), or anyone a statement has cleared."""
+        credential = self.request.credential
+        return (
+            self.cleared
+            or credential.api_key_digest is None
+            or credential.api_key_digest in self.gateway.recent_keys
+        )
+
     async def run(self) -> Admitted | Replay:
         """Admit the call (the admission committed, the connection and the line's slot given
         back), or answer an idempotent replay; refusals are raised."""
@@ -208,9 +220,12 @@ class AdmissionRun:
 
     async def _prechecks(self, version: ToolVersion | None) -> tuple[list[dict[str, object]], Permit | None]:
         """Step 1 for the tool version this process knows: the input's errors, then (input
-        valid) the breaker's permit. Neither when the version is unknown; a big input and a due
-        trial wait until the statement has cleared the caller (`cleared`)."""
-        if version is None or (len(self.body) > PRECHECK_MAX_BYTES and not self.cleared):
+        valid) the breaker's permit. Neither when the version is unknown or the caller not yet
+        vouched for (an API key this process has not seen lately); a big input and a due trial
+        wait until the statement has cleared the caller (`cleared`)."""
+        if version is None or not self.vouched:
+            return [], None
+        if len(self.body) > PRECHECK_MAX_BYTES and not self.cleared:
             return [], None
         errors = version.input_errors(self.request.input)
         if errors:
@@ -254,6 +269,8 @@ class AdmissionRun:
             if read.user_id is not None:
                 self.user_id = read.user_id
                 user_id_var.set(str(self.user_id))  # this task's log lines
+                if self.request.credential.api_key_digest is not None:
+                    gw.recent_keys.add(self.request.credential.api_key_digest)
             if result.admission is not None:
                 assert permit is not None
                 if permit.trial:

@@ -11,11 +11,12 @@ Steps 1 to 3 are `admit.py`'s, steps 4 and 5 `call.py`'s; `invoke` runs them for
    key's form) without the database.
 1. **checks only Python can make**, for the tool version this process knows
    (`tool_versions.py`): the input against the tool's input schema, then the circuit breaker
-   (`breaker.acquire`). Their outcome is an input to step 2, not yet an answer. Two of them wait
+   (`breaker.acquire`). Their outcome is an input to step 2, not yet an answer. No schema work is
+   done for a caller not yet vouched for — an API key this process has not seen pass the
+   credential rule lately (`vouched.py`) — so a forged key cannot burn CPU. Some checks wait
    until a statement has found the caller authenticated and every SQL check passing (one more
-   statement, rarely): an input over PRECHECK_MAX_BYTES, so a forged credential cannot make the
-   hub validate a megabyte, and the half-open circuit's one trial, so a caller refused anyway
-   cannot hold it.
+   statement, rarely): the input of an unvouched caller, an input over PRECHECK_MAX_BYTES, and
+   the half-open circuit's one trial, so a caller refused anyway cannot hold it.
 2. **authenticate, read and admit** — one statement (`MeteringConnection.admit`), one round
    trip: it checks the credential by the one rule every route uses, reads the tool (from the
    database on every call, so an admin's edit applies to the very next call on every worker), the
@@ -68,6 +69,7 @@ from joyhub.tools.metering import MeteringStore
 from joyhub.tools.outcomes import ENVELOPE, InvocationRequest, Outcome, Presenter
 from joyhub.tools.tool_versions import ToolVersions
 from joyhub.tools.upstream import Upstream
+from joyhub.tools.vouched import RecentKeys
 
 log = logging.getLogger("joyhub.tools")
 
@@ -117,6 +119,7 @@ class Gateway:
         self.gate = gate
         self.sessionmaker = sessionmaker
         self.tool_versions = ToolVersions()
+        self.recent_keys = RecentKeys()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def invoke(
