@@ -26,6 +26,7 @@ USER_FIELDS = {
     "category",
     "input_schema",
     "min_plan",
+    "streaming",  # API.md §5.1
     "is_active",
     "created_at",
     "updated_at",

@@ -85,6 +85,7 @@ def _settle_kw(admission: Admission, caller: Any, tool: uuid.UUID, **over: Any) 
         "admission": admission,
         "status": "success",
         "tokens": 9,
+        "token_source": "reported",
         "duration_ms": 5,
         "error_code": None,
         "now": utcnow(),

@@ -33,5 +33,7 @@ class Tool(UUIDPk, Timestamps, Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     auth_header_name: Mapped[str | None] = mapped_column(String(100))
     auth_header_value: Mapped[str | None] = mapped_column(String(4096))
+    # the upstream answers Server-Sent Events (API.md §5.1)
+    streaming: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     deleted_at: Mapped[datetime | None]

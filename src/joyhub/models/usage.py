@@ -30,13 +30,15 @@ from sqlalchemy.orm import Mapped, mapped_column
 from joyhub.core.clock import utcnow
 from joyhub.models.base import Base, UUIDPk
 
-USAGE_STATUSES = ("pending", "success", "error", "timeout")
+USAGE_STATUSES = ("pending", "success", "error", "timeout", "cancelled")
+TOKEN_SOURCES = ("reported", "estimated")
 
 
 class UsageLog(UUIDPk, Base):
     __tablename__ = "usage_logs"
     __table_args__ = (
-        CheckConstraint("status IN ('pending', 'success', 'error', 'timeout')", name="status"),
+        CheckConstraint("status IN ('pending', 'success', 'error', 'timeout', 'cancelled')", name="status"),
+        CheckConstraint("token_source IN ('reported', 'estimated')", name="token_source"),
         Index("ix_usage_logs_user_ts", "user_id", "timestamp"),
         Index("ix_usage_logs_pending", "started_at", postgresql_where="status = 'pending'"),
     )
@@ -52,6 +54,8 @@ class UsageLog(UUIDPk, Base):
     timestamp: Mapped[datetime] = mapped_column(default=utcnow)
     tokens_used: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    # where `tokens_used` came from: the upstream's own count, or the hub's estimate (API.md §5.1)
+    token_source: Mapped[str] = mapped_column(String(16), default="estimated", server_default="estimated")
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     request_id: Mapped[str | None] = mapped_column(String(128))
     error_code: Mapped[str | None] = mapped_column(String(64))
@@ -74,6 +78,7 @@ class UsageDaily(Base):
     successes: Mapped[int] = mapped_column(BigInteger, default=0)
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     timeouts: Mapped[int] = mapped_column(BigInteger, default=0)
+    cancelled: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
@@ -144,6 +149,7 @@ class UsagePlatformDaily(Base):
     successes: Mapped[int] = mapped_column(BigInteger, default=0)
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     timeouts: Mapped[int] = mapped_column(BigInteger, default=0)
+    cancelled: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 

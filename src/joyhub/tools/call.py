@@ -34,6 +34,7 @@ _FAILURES: dict[str, type[AppError]] = {
     "internal": AppError,  # a bug of ours: 500 INTERNAL_ERROR
 }
 _REJECTED_MESSAGE = "The tool rejected the input"
+NOTHING = token_count.Charge(0, "estimated")  # a failed call costs nothing
 
 
 def failure(outcome: str, result: upstream.UpstreamResult, invocation_id: str) -> AppError:
@@ -130,18 +131,18 @@ class Call:
 
     async def _settle(self, result: upstream.UpstreamResult, duration_ms: int, outcome: str) -> Completed:
         if outcome == "success":
-            tokens = token_count.tokens_for(result.output, len(self.body), result.output_bytes)
+            charge = token_count.charge_for(result.output, len(self.body), result.output_bytes)
             call_result = CallResult(
                 invocation_id=self.admission.log_id,
                 tool_id=self.admission.tool.id,
                 output=result.output,
-                tokens_used=tokens,
+                tokens_used=charge.tokens,
                 duration_ms=duration_ms,
             )
             body = self.presenter.completed(call_result)
             quota = await self._write(
                 status="success",
-                tokens=tokens,
+                charge=charge,
                 duration_ms=duration_ms,
                 error=None,
                 body=body,
@@ -153,7 +154,7 @@ class Call:
         self._log_failure(result, duration_ms)
         quota = await self._write(
             status="timeout" if outcome == "timeout" else "error",
-            tokens=0,
+            charge=NOTHING,
             duration_ms=duration_ms,
             error=error,
             body=self.presenter.failed(error),
@@ -168,7 +169,7 @@ class Call:
         self,
         *,
         status: str,
-        tokens: int,
+        charge: token_count.Charge,
         duration_ms: int,
         error: AppError | None,
         body: bytes,
@@ -179,7 +180,8 @@ class Call:
             SettleRequest(
                 admission=self.admission,
                 status=status,
-                tokens=tokens,
+                tokens=charge.tokens,
+                token_source=charge.source,
                 duration_ms=duration_ms,
                 error_code=error.code if error is not None else None,
                 now=utcnow(),

@@ -179,8 +179,9 @@ class SettleRequest:
     """A call's outcome, to be written, charged and stored in one statement."""
 
     admission: Admission
-    status: str  # success | error | timeout
+    status: str  # success | error | timeout | cancelled
     tokens: int
+    token_source: str  # reported | estimated
     duration_ms: int
     error_code: str | None
     now: datetime
@@ -324,7 +325,7 @@ _SETTLE = text(
     ), log AS (
         UPDATE usage_logs AS u
         SET status = :status, tokens_used = CAST(:tokens AS bigint), duration_ms = :duration_ms,
-            "timestamp" = stamp.ts, error_code = :error_code
+            "timestamp" = stamp.ts, error_code = :error_code, token_source = :token_source
         FROM stamp WHERE u.id = stamp.id
         RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp"
     ), idem AS (
@@ -336,7 +337,7 @@ _SETTLE = text(
         SELECT user_id, tool_id, COALESCE(plan_code, '') AS plan_code, CAST(:shard AS integer) AS shard,
                "timestamp" AS ts, CAST(:success AS integer) AS success,
                CAST(:error AS integer) AS error, CAST(:timeout AS integer) AS timeout,
-               CAST(:tokens AS bigint) AS tokens
+               CAST(:cancelled AS integer) AS cancelled, CAST(:tokens AS bigint) AS tokens
         FROM log
     ), """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + rollups.ROLLUP_CTES
@@ -489,6 +490,8 @@ def _settle_params(req: SettleRequest) -> dict[str, Any]:
         "success": int(req.status == "success"),
         "error": int(req.status == "error"),
         "timeout": int(req.status == "timeout"),
+        "cancelled": int(req.status == "cancelled"),
+        "token_source": req.token_source,
     }
 
 

@@ -96,6 +96,7 @@ class ToolOut(BaseModel):
     category: str | None
     input_schema: dict[str, Any] | None
     min_plan: str | None
+    streaming: bool
     is_active: bool
     created_at: datetime
     updated_at: datetime
@@ -125,6 +126,7 @@ class _ToolFields(BaseModel):
     max_attempts: int = Field(3, ge=1, le=5)
     auth_header_name: str | None = Field(None, min_length=1, max_length=100)
     auth_header_value: str | None = Field(None, min_length=1, max_length=4096, repr=False)
+    streaming: bool = Field(False, description="The upstream answers Server-Sent Events (API.md §5.1)")
     is_active: bool = True
 
     @field_validator("name", "description", "category", "min_plan")
@@ -184,6 +186,7 @@ class ToolUpdate(_ToolFields):
     api_endpoint: str | None = Field(None, min_length=1, max_length=2048)  # type: ignore[assignment]
     timeout_seconds: int | None = Field(None, ge=1, le=300)  # type: ignore[assignment]
     max_attempts: int | None = Field(None, ge=1, le=5)  # type: ignore[assignment]
+    streaming: bool | None = None  # type: ignore[assignment]
     is_active: bool | None = None  # type: ignore[assignment]
 
     @field_validator("api_endpoint")
@@ -196,6 +199,11 @@ class InvokeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: dict[str, Any] = Field(description="The tool's input; must satisfy its input_schema")
+    stream: bool = Field(
+        False,
+        description="Relay a streaming tool's answer as Server-Sent Events as it arrives (API.md §5.1); "
+        "only for tools with `streaming: true`",
+    )
 
 
 class Invocation(BaseModel):

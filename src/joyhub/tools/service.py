@@ -26,7 +26,15 @@ from joyhub.models import Plan, Tool, User
 from joyhub.tools.breaker import Breakers, CircuitView
 from joyhub.tools.schemas import AdminToolOut, CircuitOut, ToolCreate, ToolOut, ToolUpdate
 
-NOT_NULLABLE = ("name", "description", "api_endpoint", "timeout_seconds", "max_attempts", "is_active")
+NOT_NULLABLE = (
+    "name",
+    "description",
+    "api_endpoint",
+    "timeout_seconds",
+    "max_attempts",
+    "streaming",
+    "is_active",
+)
 
 
 def tool_out(tool: Tool) -> ToolOut:
@@ -37,6 +45,7 @@ def tool_out(tool: Tool) -> ToolOut:
         category=tool.category,
         input_schema=tool.input_schema,
         min_plan=tool.min_plan_code,
+        streaming=tool.streaming,
         is_active=tool.is_active,
         created_at=tool.created_at,
         updated_at=tool.updated_at,
@@ -140,6 +149,7 @@ def snapshot(tool: Tool) -> dict[str, Any]:
         "auth_header_name": tool.auth_header_name,
         "auth_header_value": hashlib.sha256(secret.encode()).hexdigest() if secret else None,
         "has_auth_secret": secret is not None,
+        "streaming": tool.streaming,
         "is_active": tool.is_active,
         "deleted_at": tool.deleted_at,
     }
@@ -187,6 +197,7 @@ async def create_tool(session: AsyncSession, actor: User, data: ToolCreate, sett
         max_attempts=data.max_attempts or settings.tool_default_max_attempts,
         auth_header_name=data.auth_header_name,
         auth_header_value=data.auth_header_value,
+        streaming=data.streaming,
         is_active=data.is_active,
         created_at=now,
         updated_at=now,
@@ -229,6 +240,7 @@ async def update_tool(
         "max_attempts",
         "auth_header_name",
         "auth_header_value",
+        "streaming",
         "is_active",
     ):
         if name in fields:

@@ -7,9 +7,20 @@ token per byte, at least 1. A reported 0 is honoured (the contract says non-nega
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 BYTES_PER_TOKEN = 4
+
+TokenSource = Literal["reported", "estimated"]
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a call costs, and where the count came from (every usage record says, API.md §5.1)."""
+
+    tokens: int
+    source: TokenSource
 
 
 def _non_negative_int(value: Any) -> int | None:
@@ -36,12 +47,16 @@ def estimate(input_bytes: int, output_bytes: int = 0) -> int:
     return max(1, -(-(input_bytes + output_bytes) // BYTES_PER_TOKEN))
 
 
-def tokens_for(output: Any, input_bytes: int, output_bytes: int) -> int:
+def charge_for(output: Any, input_bytes: int, output_bytes: int) -> Charge:
     """The charge of a successful call: the reported count as is (0 included), else the estimate."""
     reported = reported_tokens(output)
     if reported is not None:
-        return reported
-    return estimate(input_bytes, output_bytes)
+        return Charge(reported, "reported")
+    return Charge(estimate(input_bytes, output_bytes), "estimated")
+
+
+def tokens_for(output: Any, input_bytes: int, output_bytes: int) -> int:
+    return charge_for(output, input_bytes, output_bytes).tokens
 
 
 def reservation(input_bytes: int) -> int:

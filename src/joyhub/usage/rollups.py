@@ -28,21 +28,23 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from joyhub.models.usage import PLATFORM_SHARDS
 
 # The rollup upserts as CTEs that count every row of a CTE named `settled` — columns user_id,
-# tool_id, plan_code ('' for none), shard, ts (timestamptz), success, error, timeout (0/1) and
-# tokens — in all five read models. Put them in a WITH after `settled`: the settle statement
+# tool_id, plan_code ('' for none), shard, ts (timestamptz), success, error, timeout, cancelled
+# (0/1) and tokens — in all five read models. Put them in a WITH after `settled`: the settle statement
 # (`tools/metering.py`) derives `settled` from the usage log it closes, `bump` from parameters. One
 # text for both, so the rollups cannot be counted one way at settle and another in the sweep.
 ROLLUP_CTES = """
     daily AS (
         INSERT INTO usage_daily AS d
-            (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, tokens)
-        SELECT user_id, ts AT TIME ZONE 'UTC', tool_id, plan_code, 1, success, error, timeout, tokens
+            (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, cancelled, tokens)
+        SELECT user_id, ts AT TIME ZONE 'UTC', tool_id, plan_code, 1, success, error, timeout, cancelled,
+               tokens
         FROM settled
         ON CONFLICT (user_id, day, tool_id, plan_code) DO UPDATE SET
             invocations = d.invocations + 1,
             successes = d.successes + EXCLUDED.successes,
             errors = d.errors + EXCLUDED.errors,
             timeouts = d.timeouts + EXCLUDED.timeouts,
+            cancelled = d.cancelled + EXCLUDED.cancelled,
             tokens = d.tokens + EXCLUDED.tokens
         RETURNING 1
     ), user_daily AS (
@@ -61,14 +63,16 @@ ROLLUP_CTES = """
         RETURNING 1
     ), platform AS (
         INSERT INTO usage_platform_daily AS p
-            (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, tokens)
-        SELECT ts AT TIME ZONE 'UTC', tool_id, plan_code, shard, 1, success, error, timeout, tokens
+            (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, cancelled, tokens)
+        SELECT ts AT TIME ZONE 'UTC', tool_id, plan_code, shard, 1, success, error, timeout, cancelled,
+               tokens
         FROM settled
         ON CONFLICT (day, tool_id, plan_code, shard) DO UPDATE SET
             invocations = p.invocations + 1,
             successes = p.successes + EXCLUDED.successes,
             errors = p.errors + EXCLUDED.errors,
             timeouts = p.timeouts + EXCLUDED.timeouts,
+            cancelled = p.cancelled + EXCLUDED.cancelled,
             tokens = p.tokens + EXCLUDED.tokens
         RETURNING 1
     ), hourly AS (
@@ -89,7 +93,7 @@ _BUMP = text(
                CAST(:plan_code AS varchar) AS plan_code, CAST(:shard AS integer) AS shard,
                CAST(:ts AS timestamptz) AS ts, CAST(:success AS integer) AS success,
                CAST(:error AS integer) AS error, CAST(:timeout AS integer) AS timeout,
-               CAST(:tokens AS bigint) AS tokens
+               CAST(:cancelled AS integer) AS cancelled, CAST(:tokens AS bigint) AS tokens
     ), """
     + ROLLUP_CTES
     + "SELECT 1"
@@ -112,7 +116,8 @@ async def bump(
     status: str,
     tokens: int,
 ) -> None:
-    """Count one settled invocation (status success/error/timeout) in the day and hour of `ts`."""
+    """Count one settled invocation (status success/error/timeout/cancelled) in the day and hour
+    of `ts`."""
     await session.execute(
         _BUMP,
         {
@@ -124,6 +129,7 @@ async def bump(
             "success": int(status == "success"),
             "error": int(status == "error"),
             "timeout": int(status == "timeout"),
+            "cancelled": int(status == "cancelled"),
             "tokens": tokens,
         },
     )
