@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.live_hub import live_hub  # noqa: F401 (a fixture: the app over real HTTP)
 from tests.tools.upstream_server import Upstream
 
 

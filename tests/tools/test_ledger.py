@@ -76,8 +76,8 @@ async def _pending(engine: AsyncEngine, caller: Any, tool: uuid.UUID, reserve: i
             )
         )
     now = utcnow()
-    read = ToolRead(tool, "http://unused", 5, 1, None, now, False, None, None)
-    return Admission(log_id, caller.user_id, caller.subscription_id, "pro", read, None, now)
+    read = ToolRead(tool, "http://unused", 5, 1, None, now, False, None, None, False)
+    return Admission(log_id, caller.user_id, caller.subscription_id, "pro", read, None, now, 1000)
 
 
 def _settle_kw(admission: Admission, caller: Any, tool: uuid.UUID, **over: Any) -> SettleRequest:

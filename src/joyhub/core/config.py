@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # per worker: invocations in their admission phase at once, and how long one waits in line
     gateway_max_admissions: int = Field(16, ge=1, le=1024)
     gateway_queue_timeout_seconds: float = Field(30, gt=0, le=300)
+    # streamed invocations (API.md §5.1): the longest a stream may run, and how often a silent
+    # upstream's stream carries a keep-alive comment to the caller
+    tool_stream_max_seconds: float = Field(600, gt=0, le=86400)
+    stream_ping_seconds: float = Field(15, gt=0, le=300)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -28,6 +28,8 @@ from joyhub.core.errors import (
     SubscriptionRequired,
     ToolInputInvalid,
     ToolUnavailable,
+    ValidationFailed,
+    field_error,
 )
 from joyhub.subscriptions.rollover import is_due
 from joyhub.tools import idempotency, token_count
@@ -60,6 +62,8 @@ MAX_ADMIT_TRIES = 4
 # once the statement has found its caller authenticated and every other check passing, so an
 # unauthenticated request cannot make the hub validate a megabyte.
 PRECHECK_MAX_BYTES = 16 * 1024
+# `stream: true` for a tool that does not stream (API.md §5.1): refused where the input is checked
+STREAM_REFUSED = field_error("body.stream", "This tool does not stream; omit stream or set it to false")
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,8 @@ class AdmissionRun:
             return [], None
         if len(self.body) > PRECHECK_MAX_BYTES and not self.cleared:
             return [], None
+        if self.request.stream and not version.streaming:
+            return [STREAM_REFUSED], None
         errors = version.input_errors(self.request.input)
         if errors:
             return errors, None
@@ -292,6 +298,7 @@ class AdmissionRun:
                     read.tool.updated_at,
                     read.tool.timeout_seconds,
                     read.tool.schema_text,
+                    read.tool.streaming,
                 )
                 continue
             deferred = not errors and (permit is None or permit.trial_due)
@@ -305,7 +312,7 @@ class AdmissionRun:
     def _replay(self, stored: StoredKey, quota: Quota | None) -> Replay:
         assert self.digest is not None
         answer = idempotency.replayable(stored, self.digest, quota_headers(quota))
-        return Replay(answer.status, answer.body, quota)
+        return Replay(answer.status, answer.body, quota, answer.media_type)
 
     def _refuse(
         self, read: AdmissionRead, errors: list[dict[str, object]], permit: Permit | None
@@ -324,6 +331,8 @@ class AdmissionRun:
             raise ServiceUnavailable(
                 "The tool changed while the call was admitted; retry", headers={**headers, "Retry-After": "1"}
             )
+        if errors == [STREAM_REFUSED]:
+            raise ValidationFailed(details=errors, headers=headers)
         if errors:
             raise ToolInputInvalid(
                 "The input does not match the tool's input schema", details=errors, headers=headers

@@ -5,11 +5,13 @@ stored for an idempotent replay, and returned (`Completed`) or raised (a failed 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from joyhub.core import metrics
 from joyhub.core.clock import utcnow
@@ -17,7 +19,8 @@ from joyhub.core.errors import AppError, ToolBadResponse, ToolInputInvalid, Tool
 from joyhub.tools import token_count, upstream
 from joyhub.tools.breaker import Breakers, Permit
 from joyhub.tools.metering import Admission, Quota, SettleRequest, ToolRead
-from joyhub.tools.outcomes import CallResult, Completed, Presenter, quota_headers
+from joyhub.tools.outcomes import CallResult, Completed, Presenter, Stream, quota_headers
+from joyhub.tools.relay import StreamRelay
 
 if TYPE_CHECKING:
     from joyhub.tools.gateway import Gateway
@@ -50,6 +53,49 @@ def failure(outcome: str, result: upstream.UpstreamResult, invocation_id: str) -
     if result.upstream_status is not None:
         detail["upstream_status"] = result.upstream_status
     return error_class(message, details=[detail])
+
+
+async def collect(
+    opened: upstream.UpstreamResult, tool: ToolRead, input_bytes: int, gateway: Gateway, started: float
+) -> upstream.UpstreamResult:
+    """A streaming tool's whole answer, for a caller who did not ask for a stream: its chunks
+    in order as `{"chunks": [...]}`, charged like a stream (API.md §5.1). The tool's timeout
+    bounds every gap between chunks, TOOL_STREAM_MAX_SECONDS the whole; a stream that breaks
+    after it started is a failed call (502/504, 0 tokens: the caller received nothing)."""
+    stream = opened.stream
+    if stream is None:
+        return opened
+    chunks: list[Any] = []
+    size = 0
+    usage: int | None = None
+    try:
+        while True:
+            left = started + gateway.stream_max_seconds - time.perf_counter()
+            try:
+                async with asyncio.timeout(min(tool.timeout_seconds, max(left, 0.0))):
+                    item = await stream.next()
+            except TimeoutError:
+                return upstream.UpstreamResult(
+                    "timeout", attempts=opened.attempts, message="The tool's stream stalled or ran too long"
+                )
+            if isinstance(item, upstream.StreamEnd):
+                break
+            if isinstance(item, upstream.StreamBroken):
+                return upstream.UpstreamResult("bad_response", attempts=opened.attempts, message=item.message)
+            chunks.append(json.loads(item.data))
+            size += len(item.data)
+            if item.usage is not None:
+                usage = item.usage
+    finally:
+        await stream.aclose()
+    charge = (
+        token_count.Charge(usage, "reported")
+        if usage is not None
+        else token_count.Charge(token_count.estimate(input_bytes, size), "estimated")
+    )
+    return upstream.UpstreamResult(
+        "success", output={"chunks": chunks}, output_bytes=size, attempts=opened.attempts, charge=charge
+    )
 
 
 def target_for(tool: ToolRead, permit: Permit) -> upstream.Target:
@@ -100,15 +146,21 @@ class Call:
         return str(self.admission.tool.id)
 
     async def run(self) -> Completed:
-        """Call, report to the breaker, settle; a failed call's error is raised after its settle."""
+        """Call, report to the breaker, settle; a failed call's error is raised after its settle.
+        A streaming tool's answer is read whole (`collect`): `output` is `{"chunks": [...]}`."""
         started = time.perf_counter()
         breakers = self.gateway.breakers
         hooks = _Hooks(breakers, self.tool_key, self.permit.trial)
         internal = False
+        target = target_for(self.admission.tool, self.permit)
         try:
-            result = await self.gateway.upstream.call(
-                target_for(self.admission.tool, self.permit), self.body, self.request_id, hooks
-            )
+            if self.admission.tool.streaming:
+                opened = await self.gateway.upstream.open_stream(target, self.body, self.request_id, hooks)
+                result = await collect(opened, self.admission.tool, len(self.body), self.gateway, started)
+                if opened.stream is not None and result.outcome != "success":
+                    await hooks.failed()  # it broke after it started: the upstream's failure
+            else:
+                result = await self.gateway.upstream.call(target, self.body, self.request_id, hooks)
         except Exception:
             # a bug of ours, not the upstream's: settle as an error all the same (0 tokens)
             log.exception("upstream call failed unexpectedly", extra={"tool_id": self.tool_key})
@@ -129,9 +181,45 @@ class Call:
             completed = await self._settle(result, duration_ms, outcome)
         return completed
 
+    async def stream(self, keep_events: bool) -> Stream:
+        """Open the upstream's stream up to its first event: the relay (`relay.py`) takes it from
+        there. A failure before the first event is settled and raised like any failed call."""
+        started = time.perf_counter()
+        hooks = _Hooks(self.gateway.breakers, self.tool_key, self.permit.trial)
+        target = target_for(self.admission.tool, self.permit)
+        try:
+            result = await self.gateway.upstream.open_stream(target, self.body, self.request_id, hooks)
+        except Exception:
+            log.exception("upstream stream failed to open unexpectedly", extra={"tool_id": self.tool_key})
+            await self.gateway.breakers.release(self.tool_key, self.permit)
+            metrics.INVOCATIONS.labels(self.tool_key, "internal").inc()
+            await self._settle(upstream.UpstreamResult("unavailable", attempts=hooks.failures), 0, "internal")
+            raise AssertionError("unreachable: a failed call's settle raises") from None
+        if result.stream is None:
+            metrics.INVOCATIONS.labels(self.tool_key, result.outcome).inc()
+            duration_ms = int((time.perf_counter() - started) * 1000)
+            await self._settle(result, duration_ms, result.outcome)  # raises the failure
+        assert result.stream is not None
+        relay = StreamRelay(
+            gateway=self.gateway,
+            admission=self.admission,
+            permit=self.permit,
+            stream=result.stream,
+            input_bytes=len(self.body),
+            keep_events=keep_events,
+            started=time.monotonic() - (time.perf_counter() - started),
+            max_seconds=self.gateway.stream_max_seconds,
+            ping_seconds=self.gateway.stream_ping_seconds,
+        )
+        return Stream(relay, self.admission.quota)
+
     async def _settle(self, result: upstream.UpstreamResult, duration_ms: int, outcome: str) -> Completed:
         if outcome == "success":
-            charge = token_count.charge_for(result.output, len(self.body), result.output_bytes)
+            charge = (
+                result.charge
+                if result.charge is not None
+                else token_count.charge_for(result.output, len(self.body), result.output_bytes)
+            )
             call_result = CallResult(
                 invocation_id=self.admission.log_id,
                 tool_id=self.admission.tool.id,
@@ -210,6 +298,7 @@ class Call:
                 "outcome": result.outcome,
                 "attempts": result.attempts,
                 "upstream_status": result.upstream_status,
+                "reason": result.message,
                 "duration_ms": duration_ms,
             },
         )

@@ -66,7 +66,7 @@ from joyhub.tools.admit import AdmissionRun, Admitted
 from joyhub.tools.breaker import Breakers
 from joyhub.tools.call import Call
 from joyhub.tools.metering import MeteringStore
-from joyhub.tools.outcomes import ENVELOPE, InvocationRequest, Outcome, Presenter
+from joyhub.tools.outcomes import ENVELOPE, InvocationRequest, Outcome, Presenter, Stream
 from joyhub.tools.tool_versions import ToolVersions
 from joyhub.tools.upstream import Upstream
 from joyhub.tools.vouched import RecentKeys
@@ -112,8 +112,12 @@ class Gateway:
         breakers: Breakers,
         gate: AdmissionGate,
         sessionmaker: async_sessionmaker[AsyncSession],
+        stream_max_seconds: float = 600.0,
+        stream_ping_seconds: float = 15.0,
     ) -> None:
         self.store = store
+        self.stream_max_seconds = stream_max_seconds
+        self.stream_ping_seconds = stream_ping_seconds
         self.upstream = upstream
         self.breakers = breakers
         self.gate = gate
@@ -148,17 +152,32 @@ class Gateway:
             gateway=self,
             request=request,
             body=body,
-            digest=idempotency.request_hash(request.tool_id, request.input) if key is not None else None,
+            digest=(
+                idempotency.request_hash(request.tool_id, request.input, stream=request.stream)
+                if key is not None
+                else None
+            ),
             now=utcnow(),
             # the task holds the slot from here: a request cancelled while its call is being
             # admitted must not free the slot while the admission still runs
             admission_slot=admission_slot.transfer() if admission_slot is not None else None,
         )
+        task = self.track(self._admit_then_call(run, presenter))
         try:
-            return await asyncio.shield(self.track(self._admit_then_call(run, presenter)))
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # nobody will read a stream this task may still open: end it as soon as it is there
+            task.add_done_callback(self._abandon_stream)
+            raise
         finally:
             if run.user_id is not None:  # for the access log line
                 user_id_var.set(str(run.user_id))
+
+    def _abandon_stream(self, task: asyncio.Task[Outcome]) -> None:
+        if not task.cancelled() and task.exception() is None and isinstance(task.result(), Stream):
+            stream = task.result()
+            assert isinstance(stream, Stream)
+            self.track(stream.relay.abort(shutdown=False))
 
     async def _admit_then_call(self, run: AdmissionRun, presenter: Presenter) -> Outcome:
         admitted = await run.run()
@@ -172,6 +191,8 @@ class Gateway:
             presenter=presenter,
             request_id=current_request_id() or "-",
         )
+        if run.request.stream:
+            return await call.stream(keep_events=admitted.admission.idem_id is not None)
         return await call.run()
 
     async def roll_over(self, subscription_id: uuid.UUID, now: datetime) -> None:

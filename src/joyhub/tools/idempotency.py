@@ -27,13 +27,16 @@ from typing import Any
 from joyhub.core.errors import IdempotencyConflict
 
 KEY_TTL = timedelta(hours=24)
+JSON = "application/json"
 MAX_KEY_LENGTH = 255
 
 
-def request_hash(tool_id: uuid.UUID, value: Any) -> bytes:
-    """SHA-256 over the tool id and the canonical JSON of the input."""
+def request_hash(tool_id: uuid.UUID, value: Any, *, stream: bool = False) -> bytes:
+    """SHA-256 over the tool id, the canonical JSON of the input and — when asked for — the
+    stream (a streamed and a plain request are different requests)."""
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(tool_id.bytes + canonical.encode("ascii")).digest()
+    marker = b"stream:" if stream else b""
+    return hashlib.sha256(marker + tool_id.bytes + canonical.encode("ascii")).digest()
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,16 @@ class StoredResponse:
 
     status: int
     body: bytes
+    media_type: str = JSON
 
 
-def encode_response(body: bytes) -> str:
-    """The JSONB value stored for a response body (its exact text)."""
-    return json.dumps({"body": body.decode("utf-8")})
+def encode_response(body: bytes, media_type: str = JSON) -> str:
+    """The JSONB value stored for a response body (its exact text, and its media type when it is
+    not JSON: a streamed call's events)."""
+    stored: dict[str, str] = {"body": body.decode("utf-8")}
+    if media_type != JSON:
+        stored["media_type"] = media_type
+    return json.dumps(stored)
 
 
 def replayable(stored: StoredKey, expected_hash: bytes, headers: dict[str, str]) -> StoredResponse:
@@ -68,5 +76,5 @@ def replayable(stored: StoredKey, expected_hash: bytes, headers: dict[str, str])
         )
     if stored.state != "done" or stored.response_status is None or stored.response_body is None:
         raise IdempotencyConflict("A request with this Idempotency-Key is still in progress", headers=headers)
-    body = json.loads(stored.response_body)["body"].encode("utf-8")
-    return StoredResponse(stored.response_status, body)
+    doc = json.loads(stored.response_body)
+    return StoredResponse(stored.response_status, doc["body"].encode("utf-8"), doc.get("media_type", JSON))

@@ -101,6 +101,7 @@ class ToolRead:
     changed: bool  # not the version the caller validated the input against
     schema_text: str | None  # the current version's input schema (JSON text), when `changed`
     min_rank: int | None  # the rank of the tool's minimum plan
+    streaming: bool  # the upstream answers Server-Sent Events
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class Admission:
     tool: ToolRead
     quota: Quota | None
     started_at: datetime
+    tokens_left: int  # the account's tokens not used or held by other calls, as admitted
     idem_id: uuid.UUID | None = None  # the Idempotency-Key's record, once claimed
 
 
@@ -187,6 +189,7 @@ class SettleRequest:
     now: datetime
     response_status: int
     response_body: bytes  # the exact answer, stored for an idempotent replay
+    media_type: str = "application/json"
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ _ADMIT = text(
         SELECT s.* FROM subscriptions AS s JOIN who ON s.user_id = who.user_id
     ), ctx AS (
         SELECT who.user_id, t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
-               t.auth_header_name, t.auth_header_value, t.updated_at AS tool_updated_at,
+               t.auth_header_name, t.auth_header_value, t.updated_at AS tool_updated_at, t.streaming,
                t.updated_at IS DISTINCT FROM :tool_version AS tool_changed,
                CASE WHEN t.updated_at IS DISTINCT FROM :tool_version THEN t.input_schema::text END
                    AS schema_text,
@@ -394,7 +397,8 @@ _CLOSE_STALE = text(
             SELECT l.id FROM usage_logs AS l JOIN tools AS t ON t.id = l.tool_id
             WHERE l.status = 'pending' AND l.started_at < :cutoff
               AND l.started_at < CAST(:now AS timestamptz) - make_interval(
-                    secs => t.timeout_seconds * t.max_attempts + 5 * t.max_attempts + :slack)
+                    secs => t.timeout_seconds * t.max_attempts + 5 * t.max_attempts + :slack
+                            + CASE WHEN t.streaming THEN :stream_max ELSE 0 END)
             ORDER BY l.started_at LIMIT 1000
             FOR UPDATE OF l SKIP LOCKED)
         RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u.subscription_id, u.tokens_reserved
@@ -437,6 +441,7 @@ def _admission_read(row: Record) -> AdmissionRead:
             changed=row["tool_changed"],
             schema_text=row["schema_text"],
             min_rank=row["min_rank"],
+            streaming=row["streaming"],
         )
     account = None
     if row["sub_id"] is not None:
@@ -470,6 +475,7 @@ def _admit_result(row: Record, req: AdmitRequest) -> AdmitResult:
         tool=read.tool,
         quota=read.account.quota,
         started_at=req.now,
+        tokens_left=read.account.token_limit - read.account.tokens_used - read.account.tokens_reserved,
     )
     return AdmitResult(read, admission)
 
@@ -486,7 +492,9 @@ def _settle_params(req: SettleRequest) -> dict[str, Any]:
         "now": req.now,
         "error_code": req.error_code,
         "response_status": req.response_status,
-        "response_body": encode_response(req.response_body) if admission.idem_id is not None else None,
+        "response_body": (
+            encode_response(req.response_body, req.media_type) if admission.idem_id is not None else None
+        ),
         "success": int(req.status == "success"),
         "error": int(req.status == "error"),
         "timeout": int(req.status == "timeout"),
@@ -687,7 +695,13 @@ class MeteringStore:
         rows = (
             await session.execute(
                 _CLOSE_STALE,
-                {"now": now, "cutoff": cutoff, "slack": STALE_SLACK_SECONDS, "abandoned": ABANDONED},
+                {
+                    "now": now,
+                    "cutoff": cutoff,
+                    "slack": STALE_SLACK_SECONDS,
+                    "stream_max": settings.tool_stream_max_seconds,
+                    "abandoned": ABANDONED,
+                },
             )
         ).all()
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from joyhub.auth.credentials import Credential
 from joyhub.core.envelope import encode_envelope, error_document
 from joyhub.core.errors import AppError
 from joyhub.tools.metering import Quota
+
+if TYPE_CHECKING:
+    from joyhub.tools.relay import StreamRelay
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class InvocationRequest:
     tool_id: uuid.UUID
     input: dict[str, Any]
     idempotency_key: str | None
+    stream: bool = False  # relay a streaming tool's events as they arrive (API.md §5.1)
 
 
 @dataclass(frozen=True)
@@ -90,14 +94,28 @@ class Completed:
 
 @dataclass(frozen=True)
 class Replay:
-    """The stored first answer to a repeated Idempotency-Key, sent again as it was."""
+    """The stored first answer to a repeated Idempotency-Key, sent again as it was (a streamed
+    call's answer is its events, `text/event-stream`)."""
 
     status: int
     body: bytes
     quota: Quota | None
+    media_type: str = "application/json"
 
     def headers(self) -> dict[str, str]:
         return {**quota_headers(self.quota), "Idempotent-Replayed": "true"}
 
 
-Outcome = Completed | Replay
+@dataclass(frozen=True)
+class Stream:
+    """A streamed call under way: its first event has arrived; `relay` hands out the events for
+    the caller and meters what the caller received (`relay.py`)."""
+
+    relay: StreamRelay
+    quota: Quota | None
+
+    def headers(self) -> dict[str, str]:
+        return quota_headers(self.quota)
+
+
+Outcome = Completed | Replay | Stream

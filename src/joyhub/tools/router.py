@@ -16,12 +16,13 @@ from fastapi.responses import Response
 from joyhub.auth.dependencies import CurrentUser, PresentedCredential
 from joyhub.core.db import DbSession
 from joyhub.core.envelope import Envelope, json_response, ok, page
+from joyhub.core.event_stream import EventStreamResponse
 from joyhub.core.pagination import PageParams
 from joyhub.tools import service
 from joyhub.tools.admission import AdmissionSlot
 from joyhub.tools.gateway import Gateway
-from joyhub.tools.idempotency import MAX_KEY_LENGTH
-from joyhub.tools.outcomes import InvocationRequest
+from joyhub.tools.idempotency import JSON, MAX_KEY_LENGTH
+from joyhub.tools.outcomes import InvocationRequest, Replay, Stream
 from joyhub.tools.schemas import Invocation, InvokeRequest, ToolOut
 
 router = APIRouter()
@@ -146,6 +147,11 @@ async def invoke_tool(
     ] = None,
 ) -> Response:
     outcome = await gateway.invoke(
-        InvocationRequest(caller, tool_id, payload.input, idempotency_key), admission_slot=slot
+        InvocationRequest(caller, tool_id, payload.input, idempotency_key, stream=payload.stream),
+        admission_slot=slot,
     )
+    if isinstance(outcome, Stream):
+        return EventStreamResponse(outcome.relay, headers=outcome.headers())
+    if isinstance(outcome, Replay) and outcome.media_type != JSON:  # a streamed call's events
+        return Response(outcome.body, outcome.status, outcome.headers(), media_type=outcome.media_type)
     return json_response(outcome.body, outcome.status, outcome.headers())

@@ -53,4 +53,6 @@ def build_gateway(
         breakers=make_breakers(settings, redis),
         gate=AdmissionGate(settings.gateway_max_admissions, settings.gateway_queue_timeout_seconds),
         sessionmaker=sessionmaker,
+        stream_max_seconds=settings.tool_stream_max_seconds,
+        stream_ping_seconds=settings.stream_ping_seconds,
     )

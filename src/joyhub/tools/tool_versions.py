@@ -35,6 +35,7 @@ class ToolVersion:
     updated_at: datetime
     timeout_seconds: int
     validator: Draft202012Validator | None  # None: the tool takes any JSON object
+    streaming: bool = False
 
     def input_errors(self, value: dict[str, Any]) -> list[dict[str, Any]]:
         return input_errors(self.validator, value) if self.validator is not None else []
@@ -62,14 +63,19 @@ class ToolVersions:
             return found
 
     def learn(
-        self, tool_id: uuid.UUID, updated_at: datetime, timeout_seconds: int, schema_text: str | None
+        self,
+        tool_id: uuid.UUID,
+        updated_at: datetime,
+        timeout_seconds: int,
+        schema_text: str | None,
+        streaming: bool = False,
     ) -> ToolVersion:
         """Remember the version the database just returned (its schema compiled once) — unless a
         newer one is known already: a slow request must not bring back the version it read."""
         known = self.get(tool_id)
         if known is not None and known.updated_at > updated_at:
             return known
-        version = ToolVersion(updated_at, timeout_seconds, _compile(schema_text))
+        version = ToolVersion(updated_at, timeout_seconds, _compile(schema_text), streaming)
         with self._lock:
             self._items[tool_id] = version
             self._items.move_to_end(tool_id)

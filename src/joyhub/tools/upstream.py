@@ -26,6 +26,7 @@ Content-Length over the cap is refused before reading anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -40,6 +41,8 @@ import httpx
 from joyhub import __version__
 from joyhub.core import metrics
 from joyhub.core.clock import utcnow
+from joyhub.tools import sse
+from joyhub.tools.token_count import Charge, reported_tokens
 from joyhub.tools.transport import AiohttpTransport
 
 MAX_RESPONSE_BYTES = 10 * 1024 * 1024
@@ -49,6 +52,7 @@ BACKOFF_BASE_SECONDS = 0.1
 BACKOFF_CAP_SECONDS = 2.0
 RETRY_AFTER_CAP_SECONDS = 5.0
 THREAD_PARSE_BYTES = 1024 * 1024  # parse bigger bodies off the event loop
+STREAM_QUEUE_SIZE = 16  # events read ahead of a slow caller
 USER_AGENT = f"joyhub/{__version__}"
 
 Outcome = Literal["success", "rejected", "bad_response", "timeout", "unavailable"]
@@ -87,6 +91,8 @@ class UpstreamResult:
     message: str = ""
     upstream_status: int | None = None
     circuit_open: bool = False
+    stream: UpstreamStream | None = None  # a streaming tool's answer, its first item read
+    charge: Charge | None = None  # set when the count is not the output's own (a collected stream)
 
 
 class BreakerHooks(Protocol):
@@ -107,6 +113,7 @@ class _Attempt:
     status: int | None = None
     message: str = ""
     retry_after: float | None = None
+    stream: UpstreamStream | None = None
 
 
 class _NotJson(ValueError):
@@ -214,14 +221,7 @@ async def _attempt_once(
     transport: httpx.AsyncBaseTransport, target: Target, body: bytes, headers: dict[str, str]
 ) -> _Attempt:
     try:
-        request = httpx.Request(
-            "POST",
-            target.url,
-            content=body,
-            headers=headers,
-            extensions={"timeout": httpx.Timeout(target.timeout_seconds).as_dict()},
-        )
-        resp = await transport.handle_async_request(request)
+        resp = await transport.handle_async_request(_request(target, body, headers))
         try:
             return await _classify(resp)
         finally:
@@ -229,7 +229,21 @@ async def _attempt_once(
     except httpx.TimeoutException:
         raise
     except httpx.TransportError as exc:
-        return _Attempt("retryable", message=f"Connection to the tool failed ({type(exc).__name__})")
+        return _connection_failed(exc)
+
+
+def _request(target: Target, body: bytes, headers: dict[str, str]) -> httpx.Request:
+    return httpx.Request(
+        "POST",
+        target.url,
+        content=body,
+        headers=headers,
+        extensions={"timeout": httpx.Timeout(target.timeout_seconds).as_dict()},
+    )
+
+
+def _connection_failed(exc: Exception) -> _Attempt:
+    return _Attempt("retryable", message=f"Connection to the tool failed ({type(exc).__name__})")
 
 
 async def _classify(resp: httpx.Response) -> _Attempt:
@@ -255,40 +269,46 @@ async def _classify(resp: httpx.Response) -> _Attempt:
     return _Attempt("bad", status=status, message=f"The tool answered HTTP {status} (not followed)")
 
 
-async def call(
-    transport: httpx.AsyncBaseTransport,
-    target: Target,
-    body: bytes,
-    request_id: str,
-    hooks: BreakerHooks,
-    *,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    rand: Callable[[], float] = random.random,
-) -> UpstreamResult:
-    """POST `body` to the tool with retries; never raises for upstream behaviour."""
+def _headers(target: Target, request_id: str, accept: str) -> dict[str, str]:
     headers = {
         "Content-Type": "application/json",
-        "Accept": "application/json",
+        "Accept": accept,
         "Accept-Encoding": "gzip, deflate",
         "User-Agent": USER_AGENT,
         "X-Request-ID": request_id,
     }
     if target.secret_header is not None:
         headers[target.secret_header[0]] = target.secret_header[1]
+    return headers
+
+
+Attempt = Callable[[], Awaitable[_Attempt]]
+
+
+async def _with_retries(
+    target: Target,
+    attempt_once: Attempt,
+    hooks: BreakerHooks,
+    sleep: Callable[[float], Awaitable[None]],
+    rand: Callable[[], float],
+) -> UpstreamResult:
+    """Attempts until one answers, with backoff between them, each reported to the breaker."""
     attempt = 0
     while True:
         attempt += 1
         started = time.perf_counter()
         try:
             async with asyncio.timeout(target.timeout_seconds):
-                res = await _attempt_once(transport, target, body, headers)
+                res = await attempt_once()
         except (TimeoutError, httpx.TimeoutException):
             metrics.UPSTREAM_LATENCY.labels(target.label).observe(time.perf_counter() - started)
             await hooks.failed()
             return UpstreamResult("timeout", attempts=attempt, message="The tool did not answer in time")
         metrics.UPSTREAM_LATENCY.labels(target.label).observe(time.perf_counter() - started)
         if res.kind == "ok":
-            return UpstreamResult("success", output=res.output, output_bytes=res.size, attempts=attempt)
+            return UpstreamResult(
+                "success", output=res.output, output_bytes=res.size, attempts=attempt, stream=res.stream
+            )
         if res.kind == "rejected":
             return UpstreamResult(
                 "rejected", attempts=attempt, message=res.message, upstream_status=res.status
@@ -326,6 +346,183 @@ async def call(
             )
 
 
+async def call(
+    transport: httpx.AsyncBaseTransport,
+    target: Target,
+    body: bytes,
+    request_id: str,
+    hooks: BreakerHooks,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rand: Callable[[], float] = random.random,
+) -> UpstreamResult:
+    """POST `body` to the tool with retries; never raises for upstream behaviour."""
+    headers = _headers(target, request_id, "application/json")
+    return await _with_retries(
+        target, lambda: _attempt_once(transport, target, body, headers), hooks, sleep, rand
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming tools (API.md §5.1)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One event of a streaming tool: its JSON text on one line, and the usage it reports."""
+
+    data: bytes
+    usage: int | None  # `usage.total_tokens` (or `tokens_used`) when this chunk carries one
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """`data: [DONE]`, or the end of the body."""
+
+
+@dataclass(frozen=True)
+class StreamBroken:
+    """The stream failed after it started: what to tell the caller."""
+
+    message: str
+
+
+StreamItem = Chunk | StreamEnd | StreamBroken
+
+
+def _chunk(data: bytes) -> Chunk | StreamBroken:
+    try:
+        doc = parse_json(data)
+    except ValueError:
+        return StreamBroken("The tool's stream sent an event that is not JSON")
+    if not isinstance(doc, dict):
+        return StreamBroken("The tool's stream sent an event that is not a JSON object")
+    return Chunk(sse.one_line(data), reported_tokens(doc))
+
+
+class UpstreamStream:
+    """A streaming tool's answer being read: a task reads the body as it arrives, parses its
+    events and hands them over through a small queue (`next`), so the reader waits while the
+    caller is slow (nothing is buffered whole) and `next` can be waited on with any timeout — a
+    wait that times out loses nothing. `aclose` stops the reading and closes the connection at
+    once (the upstream sees it)."""
+
+    def __init__(self, response: httpx.Response | None, items: list[StreamItem] | None = None) -> None:
+        self._response = response
+        self._queue: asyncio.Queue[StreamItem] = asyncio.Queue(STREAM_QUEUE_SIZE)
+        for item in items or ():
+            self._queue.put_nowait(item)
+        self._first: StreamItem | None = None
+        self._reader: asyncio.Task[None] | None = None
+        if response is not None:
+            self._reader = asyncio.create_task(self._read(response))
+
+    @classmethod
+    def of(cls, items: list[StreamItem]) -> UpstreamStream:
+        """A stream already complete: a streaming tool that answered plain JSON (one chunk)."""
+        return cls(None, items)
+
+    def with_first(self, item: StreamItem) -> UpstreamStream:
+        """Put back the item the opening attempt read (the first `next` returns it)."""
+        self._first = item
+        return self
+
+    async def next(self) -> StreamItem:
+        if self._first is not None:
+            item, self._first = self._first, None
+            return item
+        return await self._queue.get()
+
+    async def _read(self, response: httpx.Response) -> None:
+        reader = sse.EventReader()
+        size = 0
+        try:
+            async for piece in response.aiter_bytes():
+                for data in reader.feed(piece):
+                    if data == sse.DONE:
+                        await self._queue.put(StreamEnd())
+                        return
+                    item = _chunk(data)
+                    size += len(data)
+                    if size > MAX_RESPONSE_BYTES:
+                        item = StreamBroken("The tool's stream exceeds 10 MiB")
+                    await self._queue.put(item)
+                    if isinstance(item, StreamBroken):
+                        return
+            await self._queue.put(StreamEnd())
+        except httpx.DecodingError:
+            await self._queue.put(StreamBroken("The tool's stream could not be decoded"))
+        except httpx.TransportError:
+            await self._queue.put(StreamBroken("The tool dropped the connection mid-stream"))
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+        if self._response is not None:
+            await self._response.aclose()  # unread bytes: the connection is closed, not reused
+
+
+def _is_event_stream(resp: httpx.Response) -> bool:
+    content_type: str = resp.headers.get("content-type", "")
+    return content_type.split(";")[0].strip().lower() == "text/event-stream"
+
+
+async def _open_once(
+    transport: httpx.AsyncBaseTransport, target: Target, body: bytes, headers: dict[str, str]
+) -> _Attempt:
+    """One attempt at a streaming tool: the answer's headers and its first event (both within
+    the attempt's timeout). A 2xx event stream is kept open for the caller to read on."""
+    try:
+        resp = await transport.handle_async_request(_request(target, body, headers))
+    except httpx.TimeoutException:
+        raise
+    except httpx.TransportError as exc:
+        return _connection_failed(exc)
+    if not (200 <= resp.status_code < 300 and _is_event_stream(resp)):
+        try:
+            found = await _classify(resp)
+        finally:
+            await resp.aclose()
+        if found.kind != "ok":
+            return found
+        # plain JSON from a streaming tool: its whole answer is one chunk
+        item = _chunk(sse.compact(found.output))
+        if isinstance(item, StreamBroken):
+            return _Attempt("bad", status=found.status, message=item.message)
+        return _Attempt("ok", status=found.status, stream=UpstreamStream.of([item, StreamEnd()]))
+    stream = UpstreamStream(resp)
+    try:
+        first = await stream.next()
+    except BaseException:  # the attempt's timeout
+        await stream.aclose()
+        raise
+    if isinstance(first, StreamBroken):
+        await stream.aclose()
+        return _Attempt("dropped", status=resp.status_code, message=first.message)
+    return _Attempt("ok", status=resp.status_code, stream=stream.with_first(first))
+
+
+async def open_stream(
+    transport: httpx.AsyncBaseTransport,
+    target: Target,
+    body: bytes,
+    request_id: str,
+    hooks: BreakerHooks,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rand: Callable[[], float] = random.random,
+) -> UpstreamResult:
+    """POST `body` to a streaming tool with §5's retries, up to its first event: `success` with
+    `stream` open (its first item waiting), or the failure, never raised."""
+    headers = _headers(target, request_id, "text/event-stream")
+    return await _with_retries(
+        target, lambda: _open_once(transport, target, body, headers), hooks, sleep, rand
+    )
+
+
 class Upstream:
     """The process's upstream client: one pool (`make_transport`), the calls made through it.
 
@@ -338,6 +535,12 @@ class Upstream:
     async def call(self, target: Target, body: bytes, request_id: str, hooks: BreakerHooks) -> UpstreamResult:
         """POST `body` to the tool with retries (`call`); never raises for upstream behaviour."""
         return await call(self.transport, target, body, request_id, hooks)
+
+    async def open_stream(
+        self, target: Target, body: bytes, request_id: str, hooks: BreakerHooks
+    ) -> UpstreamResult:
+        """A streaming tool's answer, open up to its first event (`open_stream`)."""
+        return await open_stream(self.transport, target, body, request_id, hooks)
 
     async def aclose(self) -> None:
         await self.transport.aclose()
