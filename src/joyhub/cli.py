@@ -1,4 +1,4 @@
-"""The `joyhub` command (API.md §10): serve, migrate, create-admin, sweep.
+"""The `joyhub` command (API.md §10): serve, migrate, create-admin, sweep, openapi.
 
 Configuration errors end the command with one line naming the variable and exit status 2 —
 never a traceback.
@@ -188,6 +188,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return asyncio.run(sweep_once_cli(url, settings))
 
 
+def cmd_openapi(args: argparse.Namespace) -> int:
+    """Write the app's OpenAPI document without serving it (`make client` generates the SDK from it)."""
+    from pathlib import Path
+
+    from joyhub.core.openapi import render
+    from joyhub.main import create_app
+
+    text = render(create_app(_settings()).openapi())
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text, encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="joyhub", description="Joyfull UI Hub")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", help="one pass of the periodic rollover/cleanup job")
     sw.set_defaults(func=cmd_sweep)
+
+    oa = sub.add_parser("openapi", help="write the OpenAPI document (no server, no database)")
+    oa.add_argument("--out", default="-", help="file to write; '-' (default) for standard output")
+    oa.set_defaults(func=cmd_openapi)
     return parser
 
 

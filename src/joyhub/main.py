@@ -23,6 +23,7 @@ from joyhub.core.envelope import Envelope
 from joyhub.core.errors import install_error_handlers
 from joyhub.core.logging import install_record_factory
 from joyhub.core.middleware import RequestPipelineMiddleware
+from joyhub.core.openapi import operation_id
 from joyhub.core.security import set_bcrypt_max_pending
 
 log = logging.getLogger("joyhub")
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
         description="Accounts, plans and metered access to many AI tools through one API.",
         lifespan=lifespan,
         swagger_ui_parameters={"persistAuthorization": True},
+        generate_unique_id_function=operation_id,  # `tools-invoke`: the SDK's names (core/openapi.py)
     )
     app.state.settings = settings
     set_bcrypt_max_pending(settings.bcrypt_max_pending)  # the process's password-hash queue bound
@@ -99,12 +101,19 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
         allow_credentials=True,
         allow_methods=["*"],
         allow_headers=["*"],
+        # what a dashboard on another origin may read from JavaScript (a browser hides every
+        # other response header of a cross-origin call); tested in a real browser by
+        # clients/typescript/test/browser.test.ts
         expose_headers=[
             "X-Request-ID",
             "X-Quota-Limit",
             "X-Quota-Remaining",
             "X-Quota-Reset",
+            "X-RateLimit-Limit",
+            "X-RateLimit-Remaining",
+            "X-RateLimit-Reset",
             "Retry-After",
+            "Idempotent-Replayed",
         ],
     )
     app.add_middleware(RequestPipelineMiddleware)

@@ -42,7 +42,9 @@ class AdminUserOut(BaseModel):
 class AdminUserUpdate(BaseModel):
     """PATCH semantics: an omitted field is left as it is; `null` and unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"role": "user", "is_active": False}]}
+    )
 
     name: Name | None = None
     role: Role | None = None

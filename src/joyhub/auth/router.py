@@ -111,6 +111,16 @@ async def login(body: LoginIn, request: Request, client: Client, db: DbSession) 
     response_model=AccessTokenOut,
     summary="OAuth2 password flow (for the docs' Authorize button); answers without the envelope",
     responses=_errors(401, 403, 429, 503),
+    # the form's schema is FastAPI's (OAuth2PasswordRequestForm): its example goes on the media type
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "example": {"username": "ada@example.com", "password": "Analytical-Engine-1843"}
+                }
+            }
+        }
+    },
 )
 async def token(
     form: Annotated[OAuth2PasswordRequestForm, Depends()], request: Request, client: Client, db: DbSession

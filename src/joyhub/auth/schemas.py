@@ -20,12 +20,26 @@ class _Strict(BaseModel):
 
 
 class RegisterIn(_Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"name": "Ada Lovelace", "email": "ada@example.com", "password": "Analytical-Engine-1843"}
+            ]
+        },
+    )
+
     name: Name
     email: Email
     password: Password
 
 
 class LoginIn(_Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"email": "ada@example.com", "password": "Analytical-Engine-1843"}]},
+    )
+
     # Not EmailStr: a login with any string is just an unknown email (same 401), and an
     # operator-made admin may use an address such as admin@localhost.
     email: LoginEmail
@@ -33,14 +47,30 @@ class LoginIn(_Strict):
 
 
 class RefreshIn(_Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"refresh_token": "f3Jq0cXkq4oH3uN1Ck8a7bVxY2w5eZr9TtLmPdQsGhA"}]},
+    )
+
     refresh_token: Secret
 
 
 class PasswordResetIn(_Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"email": "ada@example.com"}]})
+
     email: Email
 
 
 class PasswordResetConfirmIn(_Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"token": "Zp4vR8yTq1LmN6cW0eXb3Hs7KdGj2Fa9", "new_password": "Difference-Engine-1822"}
+            ]
+        },
+    )
+
     token: Secret
     new_password: Password
 

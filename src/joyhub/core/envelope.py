@@ -38,13 +38,25 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)  # always sent
+
     code: str
     message: str
     details: list[dict[str, Any]] = []
 
 
 class Envelope(BaseModel, Generic[T]):
-    data: T | None = None
+    """`{data, error, meta}`: the schema of every documented JSON answer.
+
+    The three keys are always sent, so the response schema marks them required, and `data` is
+    the payload's own type (`Envelope[Invocation]`: an `Invocation`, never null; the errors'
+    `Envelope[None]`: null). The TypeScript client generated from the schema then reads
+    `body.data.output` without a null check that could never fail.
+    """
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+    data: T
     error: ErrorBody | None = None
     meta: Meta
 

@@ -58,6 +58,12 @@ def _sent_fields_not_nullable(schema: dict[str, JsonValue]) -> None:
             prop.update(kept[0])
 
 
+def _plan_update_schema(schema: dict[str, JsonValue]) -> None:
+    """PlanUpdate's schema: sent fields not nullable, and a request example (every body has one)."""
+    _sent_fields_not_nullable(schema)
+    schema["examples"] = [{"token_limit": 75_000, "features": ["All tools", "Priority support"]}]
+
+
 PlanCode = Annotated[str, StringConstraints(min_length=1, max_length=PLAN_CODE_MAX, strict=True)]
 Feature = Annotated[str, StringConstraints(min_length=1, max_length=FEATURE_MAX, strict=True)]
 PlanName = Annotated[str, StringConstraints(min_length=1, max_length=100, strict=True)]
@@ -115,7 +121,7 @@ class PlanUpdate(BaseModel):
     identity, not settings: not editable here.
     """
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_sent_fields_not_nullable)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_plan_update_schema)
 
     name: PlanName | None = None
     description: PlanDescription | None = None
@@ -137,7 +143,7 @@ class PlanUpdate(BaseModel):
 class SubscribeIn(BaseModel):
     """`POST /subscriptions`: the plan to be on."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"plan": "pro"}]})
 
     plan: PlanCode
 
@@ -150,7 +156,10 @@ class SubscribeIn(BaseModel):
 class GrantIn(BaseModel):
     """`PUT /admin/users/{user_id}/subscription`: a plan from now, optionally until `expires_at`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"plan": "enterprise", "expires_at": "2030-01-01T00:00:00Z"}]},
+    )
 
     plan: PlanCode
     expires_at: AwareDatetime | None = Field(

@@ -174,12 +174,44 @@ class _ToolFields(BaseModel):
 class ToolCreate(_ToolFields):
     """`POST /admin/tools`. Omitted timeout/attempts take the server defaults."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        str_strip_whitespace=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "summarise",
+                    "description": "Keeps the first sentences of a text",
+                    # on this machine: the contract fuzzer creates and calls tools from this
+                    # example, and must never send the hub's upstream calls anywhere else
+                    "api_endpoint": "http://127.0.0.1:9000/summarise",
+                    "category": "text",
+                    "input_schema": {
+                        "type": "object",
+                        "properties": {"text": {"type": "string"}},
+                        "required": ["text"],
+                    },
+                    "min_plan": "free",
+                    "timeout_seconds": 30,
+                    "auth_header_name": "X-Tool-Key",
+                    "auth_header_value": "upstream-secret",
+                }
+            ]
+        },
+    )
+
     timeout_seconds: int | None = Field(None, ge=1, le=300)  # type: ignore[assignment]
     max_attempts: int | None = Field(None, ge=1, le=5)  # type: ignore[assignment]
 
 
 class ToolUpdate(_ToolFields):
     """`PATCH /admin/tools/{id}`: any ToolCreate field. null clears the optional ones."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        str_strip_whitespace=True,
+        json_schema_extra={"examples": [{"timeout_seconds": 60, "max_attempts": 2, "min_plan": "pro"}]},
+    )
 
     name: str | None = Field(None, min_length=1, max_length=100)  # type: ignore[assignment]
     description: str | None = Field(None, min_length=1, max_length=10_000)  # type: ignore[assignment]
@@ -196,7 +228,10 @@ class ToolUpdate(_ToolFields):
 
 
 class InvokeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"input": {"text": "The hub meters every token. It is fast."}}]},
+    )
 
     input: dict[str, Any] = Field(description="The tool's input; must satisfy its input_schema")
     stream: bool = Field(

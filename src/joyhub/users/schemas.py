@@ -77,6 +77,8 @@ class UserOut(BaseModel):
 class UserUpdateIn(_Strict):
     """PATCH semantics: an omitted field is left as it is; `null` is refused."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "Ada King"}]})
+
     name: Name | None = None
 
     @field_validator("name", mode="before")
@@ -88,11 +90,25 @@ class UserUpdateIn(_Strict):
 
 
 class PasswordChangeIn(_Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"current_password": "Analytical-Engine-1843", "new_password": "Difference-Engine-1822"}
+            ]
+        },
+    )
+
     current_password: Password
     new_password: Password
 
 
 class ApiKeyCreateIn(_Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "CI pipeline", "expires_at": "2030-01-01T00:00:00Z"}]},
+    )
+
     name: Name
     expires_at: AwareDatetime | None = Field(
         None, description="Optional expiry, in the future, with an explicit UTC offset"
