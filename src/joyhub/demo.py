@@ -1,7 +1,8 @@
 """Built-in demo tools for `joyhub serve --demo` (API.md §10): nothing else has to run.
 
-Three deterministic text tools are served by the hub itself under `/demo/tools/<name>` (POST,
-JSON in and out, each reporting `usage.total_tokens`) and registered in the catalog pointing at
+Four deterministic text tools are served by the hub itself under `/demo/tools/<name>` (POST,
+JSON in and out, each reporting `usage.total_tokens`; `story` streams its answer as Server-Sent
+Events, a word at a time) and registered in the catalog pointing at
 JOYHUB_DEMO_BASE_URL, so a new user can register, subscribe to `free` and invoke one at once.
 They go through the real gateway like any other tool — quota, usage log, breaker and all.
 
@@ -16,16 +17,20 @@ starting at once register each tool once), and if no active admin exists one is 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import json
 import math
 import re
 import secrets
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Header, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, text
 
@@ -76,6 +81,29 @@ class TextIn(BaseModel):
 
 class SummariseIn(TextIn):
     max_sentences: int = Field(2, ge=1, le=10)
+
+
+class StoryIn(TextIn):
+    words: int = Field(24, ge=1, le=200)
+
+
+STORY_WORDS = (  # noqa: SIM905 (a sentence reads better than a list of words)
+    "once upon a time a small hub carried every token of every tool to the people who asked "
+    "and counted each one exactly so nobody paid for what they never received"
+).split()
+STORY_DELAY_SECONDS = 0.04
+
+
+def story_events(body: StoryIn) -> list[dict[str, Any]]:
+    """The events of the streaming demo: one word each (the input's words first, then a story),
+    the last carrying the usage — deterministic for a given input."""
+    words = [*_WORD.findall(body.text), *STORY_WORDS]
+    events: list[dict[str, Any]] = [
+        {"index": i, "text": words[i % len(words)] + (" " if i + 1 < body.words else ".")}
+        for i in range(body.words)
+    ]
+    events[-1]["usage"] = _tokens(body.text, body.words)
+    return events
 
 
 def word_count(body: TextIn) -> dict[str, Any]:
@@ -147,6 +175,23 @@ async def sentiment_endpoint(
     return sentiment(body)
 
 
+@router.post("/tools/story")
+async def story_endpoint(
+    body: StoryIn, request: Request, key: Annotated[str | None, Header(alias=DEMO_HEADER)] = None
+) -> StreamingResponse:
+    """A streaming tool (API.md §5.1): one word every few tens of milliseconds, as Server-Sent
+    Events, the usage in the last event, then `[DONE]`."""
+    _check_key(request, key)
+
+    async def events() -> AsyncIterator[bytes]:
+        for event in story_events(body):
+            await asyncio.sleep(STORY_DELAY_SECONDS)
+            yield b"data: " + json.dumps(event).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 def _text_schema(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     props: dict[str, Any] = {"text": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT}}
     props.update(extra or {})
@@ -174,6 +219,15 @@ DEMO_TOOLS: list[dict[str, Any]] = [
         "category": "text",
         "description": "Scores a text positive, negative or neutral from word lists (demo tool).",
         "input_schema": _text_schema(),
+    },
+    {
+        "name": "Story Stream",
+        "path": "story",
+        "category": "text",
+        "description": "Tells a short story one word at a time: a streaming tool (demo tool; "
+        'invoke with "stream": true).',
+        "input_schema": _text_schema({"words": {"type": "integer", "minimum": 1, "maximum": 200}}),
+        "streaming": True,
     },
 ]
 
@@ -208,6 +262,7 @@ async def register_tools(app: FastAPI, base: str) -> list[uuid.UUID]:
                 "max_attempts": 2,
                 "auth_header_name": DEMO_HEADER,
                 "auth_header_value": secret,
+                "streaming": spec.get("streaming", False),
             }
             tool = (
                 await session.execute(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -110,7 +111,22 @@ async def test_demo_tools_end_to_end(
             headers=user.headers,
         )
         assert r.json()["error"]["code"] == "TOOL_INPUT_INVALID"
-        assert [log.status for log in await usage_logs(engine, user.user_id)] == ["success"] * 3
+        # the streaming demo: a word per event, as they come, then `done` with the usage
+        assert tools["Story Stream"]["streaming"] is True
+        async with http.stream(
+            "POST",
+            f"/api/v1/tools/{tools['Story Stream']['id']}/invoke",
+            json={"input": {"text": "hello there", "words": 5}, "stream": True},
+            headers=user.headers,
+        ) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            lines = [line async for line in r.aiter_lines() if line.startswith(("event:", "data:"))]
+        assert [line for line in lines if line.startswith("event:")] == ["event: chunk"] * 5 + ["event: done"]
+        words = "".join(json.loads(line[5:])["text"] for line in lines[1:10:2])
+        assert words == "hello there once upon a."
+        done = json.loads(lines[-1][5:])
+        assert (done["tokens_used"], done["token_source"]) == (-(-len("hello there") // 4) + 5, "reported")
+        assert [log.status for log in await usage_logs(engine, user.user_id)] == ["success"] * 4
 
         # the demo endpoints are not a way around the quota
         r = await http.post("/demo/tools/word-count", json={"text": "free tokens?"})
@@ -127,7 +143,7 @@ async def test_demo_tools_end_to_end(
             await db.execute(select(Tool.name, Tool.api_endpoint).where(Tool.deleted_at.is_(None)))
         ).all()
         admins = (await db.execute(select(func.count()).where(User.role == "admin"))).scalar_one()
-    assert sorted(n for n, _ in names) == ["Sentiment", "Summarise", "Word Count"]
+    assert sorted(n for n, _ in names) == ["Sentiment", "Story Stream", "Summarise", "Word Count"]
     assert all(url.startswith(hub2.base) for _, url in names)
     assert admins == 1
     # the password was printed and stored nowhere else (only as a bcrypt hash)
@@ -148,7 +164,7 @@ async def test_demo_setup_is_safe_when_workers_start_together(
     assert sum(p is not None for p in passwords) == 1
     async with make_sessionmaker(engine)() as db:
         count = (await db.execute(select(func.count()).select_from(Tool))).scalar_one()
-    assert count == 3
+    assert count == len(demo.DEMO_TOOLS) == 4
 
 
 def test_demo_tools_are_deterministic() -> None:

@@ -66,6 +66,25 @@ _QUOTA_HEADERS = {
 }
 
 
+# A streamed invocation's answer (API.md §5.1), described for readers and client generators.
+_EVENT_STREAM_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "description": (
+        "Server-Sent Events, as the tool produces them:\n"
+        "- `event: chunk` / `data: <the upstream's chunk, a JSON object>` — one per upstream event, "
+        "in order;\n"
+        '- `event: done` / `data: {invocation_id, tool_id, status: "success", tokens_used, '
+        "token_source, duration_ms}` — the end;\n"
+        "- `event: error` / `data: {code, message, invocation_id, tokens_used}` — a failure after "
+        "the first chunk (TOOL_TIMEOUT, TOOL_UNAVAILABLE, TOOL_BAD_RESPONSE, QUOTA_EXCEEDED, "
+        "SERVICE_UNAVAILABLE);\n"
+        "- `: ping` comments every 15 s while the tool is silent."
+    ),
+    "example": 'event: chunk\ndata: {"text":"Hello"}\n\nevent: done\ndata: {"invocation_id":"…",'
+    '"tool_id":"…","status":"success","tokens_used":12,"token_source":"reported","duration_ms":840}\n\n',
+}
+
+
 @router.get(
     "",
     response_model=Envelope[list[ToolOut]],
@@ -108,10 +127,17 @@ async def get_tool(tool_id: uuid.UUID, session: DbSession, principal: CurrentUse
         "QUOTA_EXCEEDED) → input against the tool's input_schema (422 TOOL_INPUT_INVALID) → circuit "
         "closed (503 TOOL_UNAVAILABLE with Retry-After) → upstream call. Failed calls cost 0 tokens. "
         "A repeated `Idempotency-Key` (24 h) replays the first response (header "
-        "`Idempotent-Replayed: true`); a different tool/input or a repeat still running → 409."
+        "`Idempotent-Replayed: true`); a different tool/input or a repeat still running → 409. "
+        "With `stream: true` (tools with `streaming: true`) the answer is `text/event-stream`: the "
+        "tool's chunks as they arrive, then `done` (or `error`); refusals and failures before the "
+        "first chunk still answer the JSON envelope. The caller is charged for what they received."
     ),
     responses={
-        200: {"headers": _QUOTA_HEADERS},
+        200: {
+            "headers": _QUOTA_HEADERS,
+            "description": "The invocation; with `stream: true`, its events as they arrive",
+            "content": {"text/event-stream": {"schema": _EVENT_STREAM_SCHEMA}},
+        },
         401: _ERR[401],
         402: {"model": Envelope[None], "description": "SUBSCRIPTION_REQUIRED / PLAN_UPGRADE_REQUIRED"},
         404: _ERR[404],

@@ -254,7 +254,7 @@ export const toolsGet = <ThrowOnError extends boolean = false>(options: Options<
 /**
  * Invoke a tool (metered)
  *
- * Order of checks: authentication → tool exists and is active (404) → active subscription (402 SUBSCRIPTION_REQUIRED) → plan rank (402 PLAN_UPGRADE_REQUIRED) → tokens left (429 QUOTA_EXCEEDED) → input against the tool's input_schema (422 TOOL_INPUT_INVALID) → circuit closed (503 TOOL_UNAVAILABLE with Retry-After) → upstream call. Failed calls cost 0 tokens. A repeated `Idempotency-Key` (24 h) replays the first response (header `Idempotent-Replayed: true`); a different tool/input or a repeat still running → 409.
+ * Order of checks: authentication → tool exists and is active (404) → active subscription (402 SUBSCRIPTION_REQUIRED) → plan rank (402 PLAN_UPGRADE_REQUIRED) → tokens left (429 QUOTA_EXCEEDED) → input against the tool's input_schema (422 TOOL_INPUT_INVALID) → circuit closed (503 TOOL_UNAVAILABLE with Retry-After) → upstream call. Failed calls cost 0 tokens. A repeated `Idempotency-Key` (24 h) replays the first response (header `Idempotent-Replayed: true`); a different tool/input or a repeat still running → 409. With `stream: true` (tools with `streaming: true`) the answer is `text/event-stream`: the tool's chunks as they arrive, then `done` (or `error`); refusals and failures before the first chunk still answer the JSON envelope. The caller is charged for what they received.
  */
 export const toolsInvoke = <ThrowOnError extends boolean = false>(options: Options<ToolsInvokeData, ThrowOnError>) => (options.client ?? client).post<ToolsInvokeResponses, ToolsInvokeErrors, ThrowOnError>({
     security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],

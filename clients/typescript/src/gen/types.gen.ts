@@ -127,6 +127,10 @@ export type AdminToolOut = {
      */
     min_plan: string | null;
     /**
+     * Streaming
+     */
+    streaming: boolean;
+    /**
      * Is Active
      */
     is_active: boolean;
@@ -784,6 +788,12 @@ export type InvokeRequest = {
     input: {
         [key: string]: unknown;
     };
+    /**
+     * Stream
+     *
+     * Relay a streaming tool's answer as Server-Sent Events as it arrives (API.md §5.1); only for tools with `streaming: true`
+     */
+    stream?: boolean;
 };
 
 /**
@@ -1292,6 +1302,12 @@ export type ToolCreate = {
      */
     auth_header_value?: string | null;
     /**
+     * Streaming
+     *
+     * The upstream answers Server-Sent Events (API.md §5.1)
+     */
+    streaming?: boolean;
+    /**
      * Is Active
      */
     is_active?: boolean;
@@ -1329,6 +1345,10 @@ export type ToolOut = {
      * Min Plan
      */
     min_plan: string | null;
+    /**
+     * Streaming
+     */
+    streaming: boolean;
     /**
      * Is Active
      */
@@ -1391,6 +1411,10 @@ export type ToolUpdate = {
      * Auth Header Value
      */
     auth_header_value?: string | null;
+    /**
+     * Streaming
+     */
+    streaming?: boolean | null;
     /**
      * Is Active
      */
@@ -2731,7 +2755,7 @@ export type ToolsInvokeError = ToolsInvokeErrors[keyof ToolsInvokeErrors];
 
 export type ToolsInvokeResponses = {
     /**
-     * Successful Response
+     * The invocation; with `stream: true`, its events as they arrive
      */
     200: EnvelopeInvocation;
 };
