@@ -111,6 +111,10 @@ async def _clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
 
 
 async def reset_database(eng: AsyncEngine) -> None:
+    """Empty every table and seed the default plans — without their rate and concurrency limits
+    (API.md §4.1): tests that are not about limits fire requests in parallel freely, and the
+    tests of limits set the ones they need (the migration's own defaults are checked in
+    tests/core/test_migrations.py)."""
     seed = _default_plans()
     async with eng.begin() as conn:
         await conn.execute(text(f"TRUNCATE {', '.join(_TABLES)} RESTART IDENTITY CASCADE"))

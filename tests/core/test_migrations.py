@@ -74,3 +74,16 @@ async def test_migrate_to_a_revision_goes_down_and_up(scratch_url: str) -> None:
     async with eng.connect() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM plans"))).scalar() == 3
     await eng.dispose()
+
+
+async def test_the_plans_get_the_contracts_rate_limits(scratch_url: str) -> None:
+    """API.md §4.1's defaults: free 20 / 2, pro 300 / 10, enterprise no limit."""
+    await migrate_async(scratch_url)
+    eng = create_async_engine(scratch_url)
+    async with eng.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT code, requests_per_minute, max_concurrent FROM plans ORDER BY rank")
+        )
+        limits = [tuple(r) for r in rows]
+    await eng.dispose()
+    assert limits == [("free", 20, 2), ("pro", 300, 10), ("enterprise", None, None)]

@@ -25,6 +25,8 @@ PLAN_KEYS = {
     "period_days",
     "features",
     "rank",
+    "requests_per_minute",  # API.md §4.1
+    "max_concurrent",
 }
 
 

@@ -11,7 +11,7 @@ target is kept (headers and body) so tests can look at what the hub sent.
 | /fast           | 200 `{"echo": input, "usage": {"total_tokens": tokens}}` (tokens=7)       |
 | /tokens_used    | 200 `{"tokens_used": n}`                                                  |
 | /no_usage       | 200 `{"text": "x" * size}` — no token count, the hub estimates           |
-| /slow           | sleeps `delay` seconds, then like /fast                                   |
+| /slow           | sleeps `delay` seconds, then like /fast (`max_running` counts overlaps)   |
 | /hang           | never answers                                                             |
 | /status         | `code` (e.g. 400) with `{"message": msg}`                                 |
 | /flap           | the first `fail` hits per `key` answer 500 (or `code`), then like /fast   |
@@ -68,6 +68,8 @@ class Upstream:
     hits: Counter[str] = field(default_factory=Counter)
     last: dict[str, Seen] = field(default_factory=dict)
     _keys: Counter[str] = field(default_factory=Counter)
+    running: int = 0  # /slow requests being served right now
+    max_running: int = 0  # the most at any moment
     _server: asyncio.AbstractServer | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -82,7 +84,7 @@ class Upstream:
         return sum(self.hits.values())
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, 0)
+        self._server = await asyncio.start_server(self._handle, self.host, 0, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -168,7 +170,12 @@ class Upstream:
                 writer, 200, json.dumps({"text": "x" * int(q.get("size", "10"))}).encode()
             )
         if path == "/slow":
-            await asyncio.sleep(float(q.get("delay", "0.2")))
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+            try:
+                await asyncio.sleep(float(q.get("delay", "0.2")))
+            finally:
+                self.running -= 1
             return await self._send(writer, 200, fast())
         if path == "/hang":
             await asyncio.sleep(3600)

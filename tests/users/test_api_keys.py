@@ -38,6 +38,7 @@ async def test_create_shows_the_key_once(client: httpx.AsyncClient, engine: Asyn
         "created_at",
         "last_used_at",
         "expires_at",
+        "requests_per_minute",  # API.md §4.1
         "key",
     }
     key = data["key"]

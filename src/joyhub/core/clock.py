@@ -6,19 +6,25 @@ from datetime import UTC, datetime, timedelta
 
 
 class Clock:
-    """Wall clock in UTC with an offset that tests may shift forward."""
+    """Wall clock in UTC with an offset that tests may shift forward, or stop (`freeze`) so that
+    arithmetic on time — a rate limit's buckets — can be checked to the microsecond."""
 
     def __init__(self) -> None:
         self.offset = timedelta(0)
+        self.frozen: datetime | None = None
 
     def now(self) -> datetime:
-        return datetime.now(UTC) + self.offset
+        return (self.frozen or datetime.now(UTC)) + self.offset
 
     def advance(self, delta: timedelta) -> None:
         self.offset += delta
 
+    def freeze(self) -> None:
+        self.frozen = datetime.now(UTC)
+
     def reset(self) -> None:
         self.offset = timedelta(0)
+        self.frozen = None
 
 
 clock = Clock()

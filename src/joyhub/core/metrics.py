@@ -46,6 +46,9 @@ CIRCUIT_STATE = Gauge(
     multiprocess_mode="max",
 )
 QUOTA_DENIALS = Counter("joyhub_quota_denials_total", "Invocations refused for quota", ["plan"])
+RATE_LIMITED = Counter(
+    "joyhub_rate_limited", "Invocations refused by a rate or concurrency limit (API.md §4.1)", ["scope"]
+)
 ADMISSION_RECOVERIES = Counter(
     "joyhub_gateway_admission_recoveries_total",
     "Admissions whose connection failed under the statement, undone and made again",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import Boolean, ForeignKey, Index, LargeBinary, String
+from sqlalchemy import Boolean, CheckConstraint, ForeignKey, Index, Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from joyhub.core.clock import utcnow
@@ -14,7 +14,12 @@ from joyhub.models.base import Base, UUIDPk
 
 class ApiKey(UUIDPk, Base):
     __tablename__ = "api_keys"
-    __table_args__ = (Index("ix_api_keys_user_created", "user_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_api_keys_user_created", "user_id", "created_at"),
+        CheckConstraint(
+            "requests_per_minute IS NULL OR requests_per_minute >= 1", name="requests_per_minute_positive"
+        ),
+    )
 
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(100))
@@ -25,3 +30,6 @@ class ApiKey(UUIDPk, Base):
     last_used_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    # the key's own limit, below its plan's (API.md §4.1), and its GCRA state
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    rate_tat: Mapped[datetime | None]

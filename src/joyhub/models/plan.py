@@ -15,6 +15,11 @@ class Plan(Timestamps, Base):
         CheckConstraint("price_cents >= 0", name="price_nonnegative"),
         CheckConstraint("token_limit >= 0", name="token_limit_nonnegative"),
         CheckConstraint("period_days >= 1", name="period_positive"),
+        CheckConstraint(
+            "(requests_per_minute IS NULL OR requests_per_minute >= 1)"
+            " AND (max_concurrent IS NULL OR max_concurrent >= 1)",
+            name="limits_positive",
+        ),
     )
 
     code: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -26,4 +31,8 @@ class Plan(Timestamps, Base):
     period_days: Mapped[int] = mapped_column(Integer, default=30)
     features: Mapped[list[str]] = mapped_column(JSONB, default=list)
     rank: Mapped[int] = mapped_column(Integer, unique=True)
+    # how fast (API.md §4.1): requests a minute per subscription, and calls running at once;
+    # null is no limit
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)

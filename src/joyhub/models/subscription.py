@@ -37,3 +37,6 @@ class Subscription(UUIDPk, Timestamps, Base):
     cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, default=False)
     scheduled_plan_code: Mapped[str | None] = mapped_column(ForeignKey("plans.code"))
     expires_at: Mapped[datetime | None]
+    # the GCRA state of the plan's requests_per_minute (API.md §4.1): the theoretical arrival
+    # time of the next request
+    rate_tat: Mapped[datetime | None]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import Boolean, CheckConstraint, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -20,6 +20,9 @@ class Tool(UUIDPk, Timestamps, Base):
             text("lower(name)"),
             unique=True,
             postgresql_where=text("deleted_at IS NULL"),
+        ),
+        CheckConstraint(
+            "requests_per_minute IS NULL OR requests_per_minute >= 1", name="requests_per_minute_positive"
         ),
     )
 
@@ -36,4 +39,7 @@ class Tool(UUIDPk, Timestamps, Base):
     # the upstream answers Server-Sent Events (API.md §5.1)
     streaming: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # all callers together, to protect the upstream (API.md §4.1), and its GCRA state
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    rate_tat: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]

@@ -79,6 +79,7 @@ class UsageDaily(Base):
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     timeouts: Mapped[int] = mapped_column(BigInteger, default=0)
     cancelled: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_limited: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # refusals, §4.1
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
@@ -150,6 +151,7 @@ class UsagePlatformDaily(Base):
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     timeouts: Mapped[int] = mapped_column(BigInteger, default=0)
     cancelled: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_limited: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # refusals, §4.1
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 

@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     JsonValue,
     StringConstraints,
+    ValidationInfo,
     field_validator,
 )
 
@@ -43,11 +44,14 @@ def _no_nul(value: Any) -> Any:
 
 
 def _sent_fields_not_nullable(schema: dict[str, JsonValue]) -> None:
-    """OpenAPI: show `X | None = None` fields as plain optional `X` (null is refused)."""
+    """OpenAPI: show `X | None = None` fields as plain optional `X` (null is refused), but for the
+    limits, whose null means "no limit"."""
     properties = schema.get("properties")
     if not isinstance(properties, dict):
         return
-    for prop in properties.values():
+    for name, prop in properties.items():
+        if name in NULLABLE_LIMITS:
+            continue
         variants = prop.get("anyOf") if isinstance(prop, dict) else None
         if not isinstance(prop, dict) or not isinstance(variants, list):
             continue
@@ -61,7 +65,9 @@ def _sent_fields_not_nullable(schema: dict[str, JsonValue]) -> None:
 def _plan_update_schema(schema: dict[str, JsonValue]) -> None:
     """PlanUpdate's schema: sent fields not nullable, and a request example (every body has one)."""
     _sent_fields_not_nullable(schema)
-    schema["examples"] = [{"token_limit": 75_000, "features": ["All tools", "Priority support"]}]
+    schema["examples"] = [
+        {"token_limit": 75_000, "features": ["All tools", "Priority support"], "requests_per_minute": 600}
+    ]
 
 
 PlanCode = Annotated[str, StringConstraints(min_length=1, max_length=PLAN_CODE_MAX, strict=True)]
@@ -73,6 +79,9 @@ TokenLimit = Annotated[int, Field(strict=True, ge=0, le=TOKEN_LIMIT_MAX)]
 PeriodDays = Annotated[int, Field(strict=True, ge=1, le=PERIOD_DAYS_MAX)]
 Features = Annotated[list[Feature], Field(max_length=MAX_FEATURES)]
 StrictFlag = Annotated[bool, Field(strict=True)]
+# a rate or concurrency limit (API.md §4.1): null is no limit
+Limit = Annotated[int, Field(strict=True, ge=1, le=1_000_000)]
+NULLABLE_LIMITS = frozenset({"requests_per_minute", "max_concurrent"})
 
 
 class PlanOut(BaseModel):
@@ -87,6 +96,8 @@ class PlanOut(BaseModel):
     period_days: int
     features: list[str]
     rank: int
+    requests_per_minute: int | None = Field(description="Requests a minute per subscription; null: no limit")
+    max_concurrent: int | None = Field(description="Calls of a subscription running at once; null: no limit")
 
     @classmethod
     def of(cls, plan: Plan) -> PlanOut:
@@ -100,6 +111,8 @@ class PlanOut(BaseModel):
             period_days=plan.period_days,
             features=list(plan.features or []),
             rank=plan.rank,
+            requests_per_minute=plan.requests_per_minute,
+            max_concurrent=plan.max_concurrent,
         )
 
 
@@ -114,10 +127,11 @@ class AdminPlanOut(PlanOut):
 
 
 class PlanUpdate(BaseModel):
-    """`PATCH /admin/plans/{code}`: only the fields sent change; none of them may be null.
+    """`PATCH /admin/plans/{code}`: only the fields sent change; none of them may be null but the
+    limits, where null means "no limit".
 
-    None only means "not sent" (read the body with `model_dump(exclude_unset=True)`); an
-    explicit null is refused, and the OpenAPI schema says so. `code`, `currency` and `rank` are
+    None otherwise only means "not sent" (read the body with `model_dump(exclude_unset=True)`);
+    an explicit null is refused, and the OpenAPI schema says so. `code`, `currency` and `rank` are
     identity, not settings: not editable here.
     """
 
@@ -129,13 +143,15 @@ class PlanUpdate(BaseModel):
     token_limit: TokenLimit | None = None
     period_days: PeriodDays | None = None
     features: Features | None = None
+    requests_per_minute: Limit | None = None
+    max_concurrent: Limit | None = None
     is_active: StrictFlag | None = None
 
     @field_validator("*", mode="before")
     @classmethod
-    def _not_null_nor_nul(cls, value: Any) -> Any:
+    def _not_null_nor_nul(cls, value: Any, info: ValidationInfo) -> Any:
         # Validators run only for fields that were sent, so "absent" stays allowed.
-        if value is None:
+        if value is None and info.field_name not in NULLABLE_LIMITS:
             raise ValueError("must not be null; omit the field to leave it unchanged")
         return _no_nul(value)
 

@@ -92,6 +92,8 @@ def _plan_snapshot(plan: Plan) -> dict[str, Any]:
         "token_limit": plan.token_limit,
         "period_days": plan.period_days,
         "features": list(plan.features or []),
+        "requests_per_minute": plan.requests_per_minute,
+        "max_concurrent": plan.max_concurrent,
         "is_active": plan.is_active,
     }
 

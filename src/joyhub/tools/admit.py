@@ -45,7 +45,8 @@ from joyhub.tools.metering import (
     connection_lost,
     log_id_taken,
 )
-from joyhub.tools.outcomes import InvocationRequest, Replay, quota_headers
+from joyhub.tools.outcomes import InvocationRequest, Replay, account_headers, quota_headers
+from joyhub.tools.rate_limits import NO_LIMITS, Limits
 from joyhub.tools.tool_versions import ToolVersion
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ class AdmissionRun:
                 raise IdempotencyConflict(
                     "A request with this Idempotency-Key is still in progress", headers=quota_headers(quota)
                 ) from None
-            return self._replay(exc.stored, quota)
+            return self._replay(exc.stored, quota, NO_LIMITS)
 
     async def _prechecks(self, version: ToolVersion | None) -> tuple[list[dict[str, object]], Permit | None]:
         """Step 1 for the tool version this process knows: the input's errors, then (input
@@ -287,7 +288,7 @@ class AdmissionRun:
             if read.user_id is None:
                 raise InvalidToken()  # the session was revoked, the key disabled, the user disabled
             if read.stored is not None and self.digest is not None:
-                return self._replay(read.stored, read.account.quota if read.account else None)
+                return self._replay(read.stored, read.account.quota if read.account else None, read.limits)
             if may_roll_over and read.account is not None and is_due(read.account, self.now):
                 raise _RollOver(read.account.subscription_id)
             if not tries_left:
@@ -302,30 +303,30 @@ class AdmissionRun:
                 )
                 continue
             deferred = not errors and (permit is None or permit.trial_due)
-            if deferred and not self.cleared and sql_refusal(read) is None:
+            if deferred and not self.cleared and sql_refusal(read, self.now) is None:
                 # every check SQL makes passed; what held the call back was deferred until now
                 self.cleared = True
                 continue
             break
         self._refuse(read, errors, permit)
 
-    def _replay(self, stored: StoredKey, quota: Quota | None) -> Replay:
+    def _replay(self, stored: StoredKey, quota: Quota | None, limits: Limits) -> Replay:
         assert self.digest is not None
-        answer = idempotency.replayable(stored, self.digest, quota_headers(quota))
-        return Replay(answer.status, answer.body, quota, answer.media_type)
+        answer = idempotency.replayable(stored, self.digest, account_headers(quota, limits))
+        return Replay(answer.status, answer.body, quota, answer.media_type, limits)
 
     def _refuse(
         self, read: AdmissionRead, errors: list[dict[str, object]], permit: Permit | None
     ) -> NoReturn:
         """Why the statement admitted nothing, in the contract's order."""
-        refusal = sql_refusal(read)
+        refusal = sql_refusal(read, self.now)
         account = read.account
         if isinstance(refusal, QuotaExceeded):
             metrics.QUOTA_DENIALS.labels(account.plan_code if account else "").inc()
         if refusal is not None:
             raise refusal
         assert read.tool is not None and account is not None
-        headers = quota_headers(account.quota)
+        headers = account_headers(account.quota, read.limits)
         if read.tool.changed or (permit is None and not errors):
             # the tool was edited again and again while this call was being admitted
             raise ServiceUnavailable(
@@ -349,17 +350,20 @@ class AdmissionRun:
         raise quota_exceeded(account.token_limit, account.tokens_used, account.current_period_end, headers)
 
 
-def sql_refusal(read: AdmissionRead) -> AppError | None:
+def sql_refusal(read: AdmissionRead, now: datetime) -> AppError | None:
     """The first refusal the statement's own checks make, in the contract's order, or None."""
     account = read.account
     quota = account.quota if account is not None else None
-    headers = quota_headers(quota)
+    headers = account_headers(quota, read.limits)
     if read.tool is None:
         return NotFound("Tool not found", headers=headers)
     if account is None or quota is None:
         return SubscriptionRequired()
     if read.tool.min_rank is not None and account.plan_rank < read.tool.min_rank:
         return PlanUpgradeRequired(headers=headers)
+    limited = read.limits.refusal(now, headers)
+    if limited is not None:
+        return limited
     if not account.tokens_left:
         return quota_exceeded(account.token_limit, account.tokens_used, account.current_period_end, headers)
     return None

@@ -19,7 +19,7 @@ from joyhub.core.errors import AppError, ToolBadResponse, ToolInputInvalid, Tool
 from joyhub.tools import token_count, upstream
 from joyhub.tools.breaker import Breakers, Permit
 from joyhub.tools.metering import Admission, Quota, SettleRequest, ToolRead
-from joyhub.tools.outcomes import CallResult, Completed, Presenter, Stream, quota_headers
+from joyhub.tools.outcomes import CallResult, Completed, Presenter, Stream, account_headers
 from joyhub.tools.relay import StreamRelay
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ class Call:
             max_seconds=self.gateway.stream_max_seconds,
             ping_seconds=self.gateway.stream_ping_seconds,
         )
-        return Stream(relay, self.admission.quota)
+        return Stream(relay, self.admission.quota, self.admission.limits)
 
     async def _settle(self, result: upstream.UpstreamResult, duration_ms: int, outcome: str) -> Completed:
         if outcome == "success":
@@ -236,7 +236,7 @@ class Call:
                 body=body,
                 http_status=200,
             )
-            return Completed(call_result, body, quota)
+            return Completed(call_result, body, quota, self.admission.limits)
         error = failure(outcome, result, str(self.admission.log_id))
         retry_after = await self._retry_after() if result.circuit_open else None
         self._log_failure(result, duration_ms)
@@ -248,7 +248,7 @@ class Call:
             body=self.presenter.failed(error),
             http_status=error.status,
         )
-        error.headers = quota_headers(quota)
+        error.headers = account_headers(quota, self.admission.limits)
         if retry_after is not None:
             error.headers["Retry-After"] = retry_after
         raise error

@@ -55,6 +55,7 @@ from joyhub.core.db import connect_retried
 from joyhub.core.errors import is_db_unavailable, sqlstates
 from joyhub.tools.driver import DriverSession, Record, driver_of
 from joyhub.tools.idempotency import KEY_TTL, StoredKey, encode_response
+from joyhub.tools.rate_limits import NO_LIMITS, Bucket, Concurrency, Limits, Scope
 from joyhub.usage import rollups
 
 log = logging.getLogger("joyhub.tools.metering")
@@ -138,6 +139,7 @@ class AdmissionRead:
     tool: ToolRead | None  # None: no such live, active tool
     account: AccountRead | None  # None: the caller never subscribed
     stored: StoredKey | None  # a live record of the request's Idempotency-Key
+    limits: Limits = NO_LIMITS  # the rate and concurrency limits, as decided on the locked rows
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class Admission:
     quota: Quota | None
     started_at: datetime
     tokens_left: int  # the account's tokens not used or held by other calls, as admitted
+    limits: Limits = NO_LIMITS  # the limits as this admission left them (`X-RateLimit-*`)
     idem_id: uuid.UUID | None = None  # the Idempotency-Key's record, once claimed
 
 
@@ -202,34 +205,57 @@ class Settlement:
 # The statements
 # ---------------------------------------------------------------------------------------------
 
-# The authentication, the read and the admission in one statement:
+# The authentication, the read, the limits and the admission in one statement:
 # - `who` is the one credential rule (`auth/credentials.py`);
-# - `touch` records an API key's use at most once a minute, best effort: a data-modifying CTE
-#   nothing reads runs after the main query, so it would take the key's row lock *after* `adm`
-#   took the subscription's — the reverse of every other route's order — and SKIP LOCKED means it
-#   never waits for it;
-# - `account` is the subscription the caller bills (today: their own);
+# - `lk_key`, `lk_tool` and `account` lock what the call may change, in that order (each waits
+#   for the one before through its sub-select, so every admission locks key → tool → account and
+#   two admissions cannot deadlock): the caller's API key when it has its own rate limit, the tool
+#   when it has one, and the subscription the caller bills (today: their own). Locked rows are
+#   read as they are *now*, after any concurrent admission that held them, so every check below
+#   sees exact numbers — the quota, the concurrency and each limit's GCRA state;
+# - `touch` records an unlimited API key's use at most once a minute, best effort: SKIP LOCKED, so
+#   it never waits (a limited key is stamped by `key_rate`: one statement must not update a row
+#   twice);
 # - `ctx` reads the tool, the account and its plan, the tool's minimum plan and any live
 #   idempotency record (and the tool's input schema when the caller validated against another
-#   version, `tool_versions.py`);
-# - `adm` reserves the call's tokens only when every check passes: caller known, tool live, no
-#   idempotency record, subscription active and current, plan rank, tokens left counting those in
-#   flight, and — decided by the caller before the statement (`:go`) — input valid for this very
-#   tool version and circuit closed;
+#   version, `tool_versions.py`), and `checks` decides, in the contract's order;
+# - `adm` reserves the call's tokens, counts it in flight and advances the plan's GCRA only when
+#   every check passes — and, decided by the caller before the statement (`:go`), the input is
+#   valid for this very tool version and the circuit closed; `key_rate` and `tool_rate` then
+#   advance the key's and the tool's;
+# - `limited` / `limited_platform` count a refusal by a rate or concurrency limit in the day's
+#   rollups (a counter, not a row per refusal);
 # - `log` writes the pending usage log.
+# GCRA (API.md §4.1): a limit of L a minute admits a request at `now` when the bucket's
+# theoretical arrival time, max(tat, now) + 60/L s, is at most 60 s ahead of `now`; admitting
+# moves tat there. A burst of L passes at once, then one request every 60/L s, evenly.
 _ADMIT = text(
     """
     WITH who AS ("""  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + CREDENTIAL_USERS
     + """
+    ), lk_key AS (
+        SELECT k.id, k.requests_per_minute AS rpm, k.rate_tat
+        FROM api_keys AS k JOIN who ON who.api_key_id = k.id
+        WHERE k.requests_per_minute IS NOT NULL
+        FOR NO KEY UPDATE OF k
+    ), lk_tool AS (
+        SELECT t.id, t.requests_per_minute AS rpm, t.rate_tat
+        FROM tools AS t
+        WHERE t.id = :tool_id AND t.requests_per_minute IS NOT NULL AND t.deleted_at IS NULL AND t.is_active
+          AND (SELECT count(*) FROM lk_key) >= 0
+        FOR NO KEY UPDATE OF t
+    ), account AS (
+        SELECT s.* FROM subscriptions AS s JOIN who ON s.user_id = who.user_id
+        WHERE (SELECT count(*) FROM lk_tool) >= 0
+        FOR NO KEY UPDATE OF s
     ), touch AS (
         UPDATE api_keys AS k SET last_used_at = :now
         WHERE k.id = (
             SELECT tk.id FROM api_keys AS tk JOIN who ON who.api_key_id = tk.id
-            WHERE tk.last_used_at IS NULL OR tk.last_used_at < :touch_before
+            WHERE (tk.last_used_at IS NULL OR tk.last_used_at < :touch_before)
+              AND tk.requests_per_minute IS NULL
             FOR NO KEY UPDATE OF tk SKIP LOCKED)
-    ), account AS (
-        SELECT s.* FROM subscriptions AS s JOIN who ON s.user_id = who.user_id
     ), ctx AS (
         SELECT who.user_id, t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
                t.auth_header_name, t.auth_header_value, t.updated_at AS tool_updated_at, t.streaming,
@@ -238,7 +264,10 @@ _ADMIT = text(
                    AS schema_text,
                mp.rank AS min_rank,
                s.id AS sub_id, s.status AS sub_status, s.plan_code, s.tokens_used, s.tokens_reserved,
-               s.current_period_end, s.expires_at, p.token_limit, p.rank AS plan_rank,
+               s.current_period_end, s.expires_at, s.inflight, s.rate_tat AS plan_tat,
+               p.token_limit, p.rank AS plan_rank, p.requests_per_minute AS plan_rpm, p.max_concurrent,
+               lk_key.rpm AS key_rpm, lk_key.rate_tat AS key_tat,
+               lk_tool.rpm AS tool_rpm, lk_tool.rate_tat AS tool_tat,
                kk.state AS idem_state, kk.request_hash AS idem_hash,
                kk.response_status AS idem_status, kk.response_body::text AS idem_body
         FROM (SELECT 1) AS one
@@ -247,20 +276,63 @@ _ADMIT = text(
         LEFT JOIN plans AS mp ON mp.code = t.min_plan_code
         LEFT JOIN account AS s ON true
         LEFT JOIN plans AS p ON p.code = s.plan_code
+        LEFT JOIN lk_key ON true
+        LEFT JOIN lk_tool ON true
         LEFT JOIN idempotency_keys AS kk
                ON kk.user_id = who.user_id AND kk.key = :idempotency_key AND kk.expires_at > :now
+    ), checks AS (
+        SELECT ctx.*,
+               ctx.user_id IS NOT NULL AND ctx.tool_id IS NOT NULL AND ctx.idem_state IS NULL
+                 AND ctx.sub_status = 'active' AND ctx.current_period_end > :now
+                 AND (ctx.expires_at IS NULL OR ctx.expires_at > :now)
+                 AND (ctx.min_rank IS NULL OR ctx.plan_rank >= ctx.min_rank) AS gate_ok,
+               ctx.plan_rpm IS NULL OR GREATEST(ctx.plan_tat, :now)
+                 + make_interval(secs => 60.0 / ctx.plan_rpm) - :now <= interval '60 seconds' AS plan_rate_ok,
+               ctx.key_rpm IS NULL OR GREATEST(ctx.key_tat, :now)
+                 + make_interval(secs => 60.0 / ctx.key_rpm) - :now <= interval '60 seconds' AS key_rate_ok,
+               ctx.tool_rpm IS NULL OR GREATEST(ctx.tool_tat, :now)
+                 + make_interval(secs => 60.0 / ctx.tool_rpm) - :now <= interval '60 seconds' AS tool_rate_ok,
+               ctx.max_concurrent IS NULL OR ctx.inflight < ctx.max_concurrent AS concurrency_ok
+        FROM ctx
     ), adm AS (
         UPDATE subscriptions AS s
-        SET tokens_reserved = s.tokens_reserved + :reserve, inflight = s.inflight + 1
-        FROM ctx
-        WHERE s.id = ctx.sub_id AND ctx.tool_id IS NOT NULL AND ctx.idem_state IS NULL
-          AND ctx.tool_updated_at = :tool_version AND CAST(:go AS boolean)
-          AND s.status = 'active' AND s.current_period_end > :now
-          AND (s.expires_at IS NULL OR s.expires_at > :now)
-          AND (ctx.min_rank IS NULL OR ctx.plan_rank >= ctx.min_rank)
-          AND s.tokens_used + s.tokens_reserved
-              < (SELECT p2.token_limit FROM plans AS p2 WHERE p2.code = s.plan_code)
-        RETURNING s.id, s.plan_code, ctx.user_id
+        SET tokens_reserved = s.tokens_reserved + :reserve, inflight = s.inflight + 1,
+            rate_tat = CASE WHEN c.plan_rpm IS NULL THEN s.rate_tat
+                            ELSE GREATEST(s.rate_tat, :now) + make_interval(secs => 60.0 / c.plan_rpm) END
+        FROM checks AS c
+        WHERE s.id = c.sub_id AND c.gate_ok
+          AND c.plan_rate_ok AND c.key_rate_ok AND c.tool_rate_ok AND c.concurrency_ok
+          AND s.tokens_used + s.tokens_reserved < c.token_limit
+          AND c.tool_updated_at = :tool_version AND CAST(:go AS boolean)
+        RETURNING s.id, s.plan_code, c.user_id, s.rate_tat
+    ), key_rate AS (
+        UPDATE api_keys AS k
+        SET rate_tat = GREATEST(k.rate_tat, :now) + make_interval(secs => 60.0 / k.requests_per_minute),
+            last_used_at = :now
+        FROM adm, lk_key WHERE k.id = lk_key.id
+        RETURNING k.rate_tat
+    ), tool_rate AS (
+        UPDATE tools AS t
+        SET rate_tat = GREATEST(t.rate_tat, :now) + make_interval(secs => 60.0 / t.requests_per_minute)
+        FROM adm, lk_tool WHERE t.id = lk_tool.id
+        RETURNING t.rate_tat
+    ), refused AS (
+        SELECT c.user_id, c.tool_id, c.plan_code, get_byte(uuid_send(c.user_id), 15) % 16 AS shard
+        FROM checks AS c
+        WHERE c.gate_ok AND c.tool_updated_at = :tool_version
+          AND NOT (c.plan_rate_ok AND c.key_rate_ok AND c.tool_rate_ok AND c.concurrency_ok)
+    ), limited AS (
+        INSERT INTO usage_daily AS d
+            (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, tokens, rate_limited)
+        SELECT user_id, CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, 0, 0, 0, 0, 0, 1
+        FROM refused
+        ON CONFLICT (user_id, day, tool_id, plan_code) DO UPDATE SET rate_limited = d.rate_limited + 1
+    ), limited_platform AS (
+        INSERT INTO usage_platform_daily AS pd
+            (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, tokens, rate_limited)
+        SELECT CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, shard, 0, 0, 0, 0, 0, 1
+        FROM refused
+        ON CONFLICT (day, tool_id, plan_code, shard) DO UPDATE SET rate_limited = pd.rate_limited + 1
     ), log AS (
         INSERT INTO usage_logs (id, user_id, tool_id, subscription_id, plan_code, status,
                                 started_at, "timestamp", tokens_used, tokens_reserved, request_id)
@@ -269,8 +341,10 @@ _ADMIT = text(
         FROM adm
         RETURNING plan_code
     )
-    SELECT ctx.*, log.plan_code AS admitted_plan
-    FROM ctx LEFT JOIN log ON true
+    SELECT checks.*, log.plan_code AS admitted_plan, adm.rate_tat AS new_plan_tat,
+           key_rate.rate_tat AS new_key_tat, tool_rate.rate_tat AS new_tool_tat
+    FROM checks LEFT JOIN log ON true LEFT JOIN adm ON true
+    LEFT JOIN key_rate ON true LEFT JOIN tool_rate ON true
     """
 )
 
@@ -459,7 +533,26 @@ def _admission_read(row: Record) -> AdmissionRead:
     stored = None
     if row["idem_state"] is not None:
         stored = StoredKey(row["idem_state"], bytes(row["idem_hash"]), row["idem_status"], row["idem_body"])
-    return AdmissionRead(user_id=row["user_id"], tool=tool, account=account, stored=stored)
+    return AdmissionRead(
+        user_id=row["user_id"], tool=tool, account=account, stored=stored, limits=_limits(row)
+    )
+
+
+# the per-minute limits, in the contract's order, and their columns' prefix in `_ADMIT`'s answer
+_BUCKETS: tuple[tuple[Scope, str], ...] = (("plan", "plan"), ("api_key", "key"), ("tool", "tool"))
+
+
+def _limits(row: Record) -> Limits:
+    """The limits that apply to the call, in the contract's order (`rate_limits.py`)."""
+    buckets = [
+        Bucket(scope, row[f"{p}_rpm"], row[f"{p}_tat"], row[f"{p}_rate_ok"], row[f"new_{p}_tat"])
+        for scope, p in _BUCKETS
+        if row[f"{p}_rpm"] is not None
+    ]
+    concurrency = None
+    if row["max_concurrent"] is not None:
+        concurrency = Concurrency(row["max_concurrent"], row["inflight"], row["concurrency_ok"])
+    return Limits(tuple(buckets), concurrency)
 
 
 def _admit_result(row: Record, req: AdmitRequest) -> AdmitResult:
@@ -476,6 +569,7 @@ def _admit_result(row: Record, req: AdmitRequest) -> AdmitResult:
         quota=read.account.quota,
         started_at=req.now,
         tokens_left=read.account.token_limit - read.account.tokens_used - read.account.tokens_reserved,
+        limits=read.limits,
     )
     return AdmitResult(read, admission)
 

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from joyhub.auth.credentials import Credential
+from joyhub.core.clock import utcnow
 from joyhub.core.envelope import encode_envelope, error_document
 from joyhub.core.errors import AppError
 from joyhub.tools.metering import Quota
+from joyhub.tools.rate_limits import NO_LIMITS, Limits
 
 if TYPE_CHECKING:
     from joyhub.tools.relay import StreamRelay
@@ -79,6 +81,12 @@ def quota_headers(quota: Quota | None) -> dict[str, str]:
     return quota.headers() if quota is not None else {}
 
 
+def account_headers(quota: Quota | None, limits: Limits) -> dict[str, str]:
+    """What every invoke answer to a subscriber carries: `X-Quota-*` and, when a per-minute limit
+    applies, `X-RateLimit-*` (API.md §4.1, §5)."""
+    return {**quota_headers(quota), **limits.headers(utcnow())}
+
+
 @dataclass(frozen=True)
 class Completed:
     """A call made and settled; `body` is the presenter's rendering of its `CallResult`."""
@@ -86,10 +94,11 @@ class Completed:
     result: CallResult
     body: bytes
     quota: Quota | None
+    limits: Limits = NO_LIMITS
     status: int = 200
 
     def headers(self) -> dict[str, str]:
-        return quota_headers(self.quota)
+        return account_headers(self.quota, self.limits)
 
 
 @dataclass(frozen=True)
@@ -101,9 +110,10 @@ class Replay:
     body: bytes
     quota: Quota | None
     media_type: str = "application/json"
+    limits: Limits = NO_LIMITS
 
     def headers(self) -> dict[str, str]:
-        return {**quota_headers(self.quota), "Idempotent-Replayed": "true"}
+        return {**account_headers(self.quota, self.limits), "Idempotent-Replayed": "true"}
 
 
 @dataclass(frozen=True)
@@ -113,9 +123,10 @@ class Stream:
 
     relay: StreamRelay
     quota: Quota | None
+    limits: Limits = NO_LIMITS
 
     def headers(self) -> dict[str, str]:
-        return quota_headers(self.quota)
+        return account_headers(self.quota, self.limits)
 
 
 Outcome = Completed | Replay | Stream

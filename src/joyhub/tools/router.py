@@ -56,6 +56,17 @@ _ERR: dict[int | str, dict[str, Any]] = {
     422: {"model": Envelope[None], "description": "Validation failed"},
 }
 
+_RATE_HEADERS = {
+    "X-RateLimit-Limit": {
+        "description": "Requests a minute of the tightest per-minute limit (API.md §4.1); absent without one",
+        "schema": {"type": "integer"},
+    },
+    "X-RateLimit-Remaining": {"description": "Requests left under that limit", "schema": {"type": "integer"}},
+    "X-RateLimit-Reset": {
+        "description": "Seconds until that limit's bucket is full again",
+        "schema": {"type": "integer"},
+    },
+}
 _QUOTA_HEADERS = {
     "X-Quota-Limit": {"description": "Tokens allowed this billing period", "schema": {"type": "integer"}},
     "X-Quota-Remaining": {"description": "Tokens left this period", "schema": {"type": "integer"}},
@@ -123,7 +134,8 @@ async def get_tool(tool_id: uuid.UUID, session: DbSession, principal: CurrentUse
     summary="Invoke a tool (metered)",
     description=(
         "Order of checks: authentication → tool exists and is active (404) → active subscription "
-        "(402 SUBSCRIPTION_REQUIRED) → plan rank (402 PLAN_UPGRADE_REQUIRED) → tokens left (429 "
+        "(402 SUBSCRIPTION_REQUIRED) → plan rank (402 PLAN_UPGRADE_REQUIRED) → rate and concurrency "
+        "limits of the plan, the API key and the tool (429 RATE_LIMITED) → tokens left (429 "
         "QUOTA_EXCEEDED) → input against the tool's input_schema (422 TOOL_INPUT_INVALID) → circuit "
         "closed (503 TOOL_UNAVAILABLE with Retry-After) → upstream call. Failed calls cost 0 tokens. "
         "A repeated `Idempotency-Key` (24 h) replays the first response (header "
@@ -134,7 +146,7 @@ async def get_tool(tool_id: uuid.UUID, session: DbSession, principal: CurrentUse
     ),
     responses={
         200: {
-            "headers": _QUOTA_HEADERS,
+            "headers": {**_QUOTA_HEADERS, **_RATE_HEADERS},
             "description": "The invocation; with `stream: true`, its events as they arrive",
             "content": {"text/event-stream": {"schema": _EVENT_STREAM_SCHEMA}},
         },
@@ -144,7 +156,19 @@ async def get_tool(tool_id: uuid.UUID, session: DbSession, principal: CurrentUse
         409: {"model": Envelope[None], "description": "IDEMPOTENCY_CONFLICT"},
         413: {"model": Envelope[None], "description": "Request body over 1 MiB"},
         422: {"model": Envelope[None], "description": "VALIDATION_ERROR / TOOL_INPUT_INVALID"},
-        429: {"model": Envelope[None], "description": "QUOTA_EXCEEDED", "headers": _QUOTA_HEADERS},
+        429: {
+            "model": Envelope[None],
+            "description": "QUOTA_EXCEEDED; RATE_LIMITED (a rate or concurrency limit, §4.1: Retry-After, "
+            "details[0].scope and .limit)",
+            "headers": {
+                **_QUOTA_HEADERS,
+                **_RATE_HEADERS,
+                "Retry-After": {
+                    "description": "Seconds until the request would pass",
+                    "schema": {"type": "integer"},
+                },
+            },
+        },
         502: {"model": Envelope[None], "description": "TOOL_BAD_RESPONSE"},
         503: {
             "model": Envelope[None],

@@ -110,6 +110,7 @@ class AdminToolOut(ToolOut):
     max_attempts: int
     auth_header_name: str | None
     has_auth_secret: bool
+    requests_per_minute: int | None
     circuit: CircuitOut
 
 
@@ -127,6 +128,9 @@ class _ToolFields(BaseModel):
     auth_header_name: str | None = Field(None, min_length=1, max_length=100)
     auth_header_value: str | None = Field(None, min_length=1, max_length=4096, repr=False)
     streaming: bool = Field(False, description="The upstream answers Server-Sent Events (API.md §5.1)")
+    requests_per_minute: int | None = Field(
+        None, ge=1, le=1_000_000, description="All callers together, to protect the upstream (API.md §4.1)"
+    )
     is_active: bool = True
 
     @field_validator("name", "description", "category", "min_plan")

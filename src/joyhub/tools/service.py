@@ -60,6 +60,7 @@ def admin_tool_out(tool: Tool, circuit: CircuitView) -> AdminToolOut:
         max_attempts=tool.max_attempts,
         auth_header_name=tool.auth_header_name,
         has_auth_secret=tool.auth_header_value is not None,
+        requests_per_minute=tool.requests_per_minute,
         circuit=CircuitOut(**asdict(circuit)),
     )
 
@@ -150,6 +151,7 @@ def snapshot(tool: Tool) -> dict[str, Any]:
         "auth_header_value": hashlib.sha256(secret.encode()).hexdigest() if secret else None,
         "has_auth_secret": secret is not None,
         "streaming": tool.streaming,
+        "requests_per_minute": tool.requests_per_minute,
         "is_active": tool.is_active,
         "deleted_at": tool.deleted_at,
     }
@@ -198,6 +200,7 @@ async def create_tool(session: AsyncSession, actor: User, data: ToolCreate, sett
         auth_header_name=data.auth_header_name,
         auth_header_value=data.auth_header_value,
         streaming=data.streaming,
+        requests_per_minute=data.requests_per_minute,
         is_active=data.is_active,
         created_at=now,
         updated_at=now,
@@ -241,6 +244,7 @@ async def update_tool(
         "auth_header_name",
         "auth_header_value",
         "streaming",
+        "requests_per_minute",
         "is_active",
     ):
         if name in fields:

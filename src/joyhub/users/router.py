@@ -123,7 +123,12 @@ async def create_api_key(
 ) -> Envelope[ApiKeyCreatedOut]:
     now = utcnow()
     key, raw = await service.create_api_key(
-        db, principal.user, name=body.name, expires_at=body.expires_at, now=now
+        db,
+        principal.user,
+        name=body.name,
+        expires_at=body.expires_at,
+        now=now,
+        requests_per_minute=body.requests_per_minute,
     )
     listed = service.api_key_out(key, now)
     return ok(ApiKeyCreatedOut(**listed.model_dump(), key=raw))

@@ -106,12 +106,23 @@ class PasswordChangeIn(_Strict):
 class ApiKeyCreateIn(_Strict):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"name": "CI pipeline", "expires_at": "2030-01-01T00:00:00Z"}]},
+        json_schema_extra={
+            "examples": [
+                {"name": "CI pipeline", "expires_at": "2030-01-01T00:00:00Z", "requests_per_minute": 60}
+            ]
+        },
     )
 
     name: Name
     expires_at: AwareDatetime | None = Field(
         None, description="Optional expiry, in the future, with an explicit UTC offset"
+    )
+    requests_per_minute: int | None = Field(
+        None,
+        strict=True,
+        ge=1,
+        le=1_000_000,
+        description="The key's own limit (API.md §4.1); the plan's applies too, so set it below that",
     )
 
 
@@ -128,6 +139,7 @@ class ApiKeyOut(BaseModel):
     created_at: datetime
     last_used_at: datetime | None
     expires_at: datetime | None
+    requests_per_minute: int | None
 
 
 class ApiKeyCreatedOut(ApiKeyOut):

@@ -121,6 +121,7 @@ def api_key_out(key: ApiKey, now: datetime) -> ApiKeyOut:
         created_at=key.created_at,
         last_used_at=key.last_used_at,
         expires_at=key.expires_at,
+        requests_per_minute=key.requests_per_minute,
     )
 
 
@@ -144,7 +145,13 @@ async def list_api_keys(db: AsyncSession, user_id: uuid.UUID, *, page: Page) -> 
 
 
 async def create_api_key(
-    db: AsyncSession, user: User, *, name: str, expires_at: datetime | None, now: datetime
+    db: AsyncSession,
+    user: User,
+    *,
+    name: str,
+    expires_at: datetime | None,
+    now: datetime,
+    requests_per_minute: int | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key and return it with the raw key (shown this once; only its hash is kept).
 
@@ -177,6 +184,7 @@ async def create_api_key(
         is_active=True,
         created_at=now,
         expires_at=expires_at,
+        requests_per_minute=requests_per_minute,
     )
     db.add(key)
     await db.flush()
@@ -186,7 +194,12 @@ async def create_api_key(
         action="user.api_key_create",
         target_type="user",
         target_id=user.id,
-        changes={"api_key_id": str(key.id), "name": name, "key_prefix": key.key_prefix},
+        changes={
+            "api_key_id": str(key.id),
+            "name": name,
+            "key_prefix": key.key_prefix,
+            "requests_per_minute": requests_per_minute,
+        },
     )
     log.info("api key created", extra={"user_id": str(user.id), "key_id": str(key.id)})
     return key, raw

@@ -63,6 +63,18 @@ export type AdminPlanOut = {
      */
     rank: number;
     /**
+     * Requests Per Minute
+     *
+     * Requests a minute per subscription; null: no limit
+     */
+    requests_per_minute: number | null;
+    /**
+     * Max Concurrent
+     *
+     * Calls of a subscription running at once; null: no limit
+     */
+    max_concurrent: number | null;
+    /**
      * Is Active
      */
     is_active: boolean;
@@ -162,6 +174,10 @@ export type AdminToolOut = {
      * Has Auth Secret
      */
     has_auth_secret: boolean;
+    /**
+     * Requests Per Minute
+     */
+    requests_per_minute: number | null;
     circuit: CircuitOut;
 };
 
@@ -244,6 +260,12 @@ export type ApiKeyCreateIn = {
      * Optional expiry, in the future, with an explicit UTC offset
      */
     expires_at?: string | null;
+    /**
+     * Requests Per Minute
+     *
+     * The key's own limit (API.md §4.1); the plan's applies too, so set it below that
+     */
+    requests_per_minute?: number | null;
 };
 
 /**
@@ -278,6 +300,10 @@ export type ApiKeyCreatedOut = {
      * Expires At
      */
     expires_at: string | null;
+    /**
+     * Requests Per Minute
+     */
+    requests_per_minute: number | null;
     /**
      * Key
      *
@@ -322,6 +348,10 @@ export type ApiKeyOut = {
      * Expires At
      */
     expires_at: string | null;
+    /**
+     * Requests Per Minute
+     */
+    requests_per_minute: number | null;
 };
 
 /**
@@ -929,15 +959,28 @@ export type PlanOut = {
      * Rank
      */
     rank: number;
+    /**
+     * Requests Per Minute
+     *
+     * Requests a minute per subscription; null: no limit
+     */
+    requests_per_minute: number | null;
+    /**
+     * Max Concurrent
+     *
+     * Calls of a subscription running at once; null: no limit
+     */
+    max_concurrent: number | null;
 };
 
 /**
  * PlanUpdate
  *
- * `PATCH /admin/plans/{code}`: only the fields sent change; none of them may be null.
+ * `PATCH /admin/plans/{code}`: only the fields sent change; none of them may be null but the
+ * limits, where null means "no limit".
  *
- * None only means "not sent" (read the body with `model_dump(exclude_unset=True)`); an
- * explicit null is refused, and the OpenAPI schema says so. `code`, `currency` and `rank` are
+ * None otherwise only means "not sent" (read the body with `model_dump(exclude_unset=True)`);
+ * an explicit null is refused, and the OpenAPI schema says so. `code`, `currency` and `rank` are
  * identity, not settings: not editable here.
  */
 export type PlanUpdate = {
@@ -965,6 +1008,14 @@ export type PlanUpdate = {
      * Features
      */
     features?: Array<string>;
+    /**
+     * Requests Per Minute
+     */
+    requests_per_minute?: number | null;
+    /**
+     * Max Concurrent
+     */
+    max_concurrent?: number | null;
     /**
      * Is Active
      */
@@ -1308,6 +1359,12 @@ export type ToolCreate = {
      */
     streaming?: boolean;
     /**
+     * Requests Per Minute
+     *
+     * All callers together, to protect the upstream (API.md §4.1)
+     */
+    requests_per_minute?: number | null;
+    /**
      * Is Active
      */
     is_active?: boolean;
@@ -1415,6 +1472,12 @@ export type ToolUpdate = {
      * Streaming
      */
     streaming?: boolean | null;
+    /**
+     * Requests Per Minute
+     *
+     * All callers together, to protect the upstream (API.md §4.1)
+     */
+    requests_per_minute?: number | null;
     /**
      * Is Active
      */
@@ -2730,7 +2793,7 @@ export type ToolsInvokeErrors = {
      */
     422: EnvelopeNoneType;
     /**
-     * QUOTA_EXCEEDED
+     * QUOTA_EXCEEDED; RATE_LIMITED (a rate or concurrency limit, §4.1: Retry-After, details[0].scope and .limit)
      */
     429: EnvelopeNoneType;
     /**
