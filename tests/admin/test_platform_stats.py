@@ -57,7 +57,7 @@ async def test_every_field_on_a_known_dataset(client: httpx.AsyncClient, engine:
     assert s["total_invocations"] == 6
     assert s["total_tokens"] == 187
     assert s["active_users"] == 3
-    assert s["by_status"] == {"success": 4, "error": 1, "timeout": 1}
+    assert s["by_status"] == {"success": 4, "error": 1, "timeout": 1, "cancelled": 0}
     assert s["by_tool"] == [
         {"tool_id": str(alpha), "tool_name": "Alpha", "invocations": 3, "tokens": 107},
         {"tool_id": str(beta), "tool_name": "Beta", "invocations": 3, "tokens": 80},
@@ -86,7 +86,7 @@ async def test_every_field_on_a_known_dataset(client: httpx.AsyncClient, engine:
     s = r.json()["data"]
     assert (s["total_invocations"], s["total_tokens"], s["active_users"]) == (0, 0, 0)
     assert s["by_tool"] == s["by_plan"] == s["top_users"] == []
-    assert s["by_status"] == {"success": 0, "error": 0, "timeout": 0}
+    assert s["by_status"] == {"success": 0, "error": 0, "timeout": 0, "cancelled": 0}
     assert [d["date"] for d in s["daily"]] == [f"2024-01-0{i}" for i in range(1, 6)]
     assert all(d["invocations"] == 0 for d in s["daily"])
 
@@ -194,3 +194,54 @@ async def test_top_and_active_users_agree_with_a_brute_force_count(
         assert s["active_users"] == len(totals)
         assert s["total_invocations"] == sum(v[0] for v in totals.values())
         assert sum(d["invocations"] for d in s["daily"]) == s["total_invocations"]
+
+
+async def test_cancelled_calls_count_everywhere_and_by_status(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    """A stream the caller hung up on is settled and charged for what was relayed: it is in the
+    totals, the tool, plan, user and daily figures, and in `by_status.cancelled` (the four statuses
+    add up to the total)."""
+    admin = await make_admin(engine)
+    u1 = await make_account(engine, email="streamer@example.com")
+    u2 = await make_account(engine, email="quiet@example.com")
+    tool = await make_tool(engine, "Stream")
+    calls = [
+        (u1.user_id, utc(2025, 3, 1, 0, 0), "cancelled", 40, "pro"),  # first instant of the range
+        (u1.user_id, utc(2025, 3, 1, 9), "cancelled", 25, "pro"),
+        (u1.user_id, utc(2025, 3, 2, 23, 59, 59), "success", 10, "pro"),
+        (u2.user_id, utc(2025, 3, 2, 8), "cancelled", 3, None),
+        (u2.user_id, utc(2025, 3, 2, 9), "error", 0, None),
+        (u1.user_id, utc(2025, 3, 3), "cancelled", 1000, "pro"),  # after the range
+        (u2.user_id, utc(2025, 2, 28, 23, 59, 59), "cancelled", 1000, None),  # before
+    ]
+    for user, ts, status, tokens, plan in calls:
+        await record_invocation(engine, user, tool, status=status, tokens=tokens, ts=ts, plan_code=plan)
+    params = {"start_date": "2025-03-01", "end_date": "2025-03-02"}
+    r = await client.get(URL, headers=admin.headers, params=params)
+    assert r.status_code == 200, r.text
+    s = r.json()["data"]
+    assert s["by_status"] == {"success": 1, "error": 1, "timeout": 0, "cancelled": 3}
+    assert sum(s["by_status"].values()) == s["total_invocations"] == 5
+    assert s["total_tokens"] == 78
+    assert s["active_users"] == 2
+    assert s["by_tool"] == [{"tool_id": str(tool), "tool_name": "Stream", "invocations": 5, "tokens": 78}]
+    assert s["by_plan"] == [
+        {"plan": "pro", "invocations": 3, "tokens": 75},
+        {"plan": None, "invocations": 2, "tokens": 3},
+    ]
+    assert s["top_users"] == [
+        {"user_id": str(u1.user_id), "email": "streamer@example.com", "invocations": 3, "tokens": 75},
+        {"user_id": str(u2.user_id), "email": "quiet@example.com", "invocations": 2, "tokens": 3},
+    ]
+    assert s["daily"] == [
+        {"date": "2025-03-01", "invocations": 2, "tokens": 65},
+        {"date": "2025-03-02", "invocations": 3, "tokens": 13},
+    ]
+    # the user-facing summary of the same days agrees
+    summary = (await client.get("/api/v1/usage/summary", headers=u1.headers, params=params)).json()["data"]
+    assert (summary["total_invocations"], summary["cancelled_invocations"], summary["total_tokens"]) == (
+        3,
+        2,
+        75,
+    )

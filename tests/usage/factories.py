@@ -47,10 +47,14 @@ async def record_invocation(
     request_id: str | None = None,
     error_code: str | None = None,
     duration_ms: int = 120,
+    token_source: str = "estimated",
 ) -> uuid.UUID:
-    """A settled invocation: the log row and its rollup bump, in the same transaction."""
+    """A settled invocation: the log row and its rollup bump, in the same transaction.
+
+    `status` is success, error, timeout or cancelled (a stream the caller hung up on: no error
+    code of its own unless given, charged `tokens` for what was relayed)."""
     ts = ts or utcnow()
-    if status != "success" and error_code is None:
+    if status in ("error", "timeout") and error_code is None:
         error_code = "TOOL_TIMEOUT" if status == "timeout" else "TOOL_UNAVAILABLE"
     log = UsageLog(
         id=uuid.uuid4(),
@@ -62,6 +66,7 @@ async def record_invocation(
         timestamp=ts,
         tokens_used=tokens,
         tokens_reserved=0,
+        token_source=token_source,
         duration_ms=duration_ms,
         request_id=request_id or uuid.uuid4().hex,
         error_code=error_code,

@@ -30,6 +30,7 @@ HEADER = [
     "duration_ms",
     "request_id",
     "error_code",
+    "token_source",
 ]
 
 
@@ -66,6 +67,7 @@ async def test_csv_content_and_headers(client: httpx.AsyncClient, engine: AsyncE
         "120",
         rows[2 - 1][7],
         "TOOL_UNAVAILABLE",
+        "estimated",
     ]
     assert rows[2] == [
         str(ok_id),
@@ -77,6 +79,7 @@ async def test_csv_content_and_headers(client: httpx.AsyncClient, engine: AsyncE
         "250",
         "abc",
         "",
+        "estimated",
     ]
     assert len(rows) == 3  # the pending call is not exported
     assert r.text.endswith("\r\n")

@@ -18,11 +18,12 @@ pytestmark = pytest.mark.integration
 
 CHECKS = {
     "usage_daily": (
-        "SELECT user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, tokens"
-        " FROM usage_daily",
+        "SELECT user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, cancelled,"
+        " tokens FROM usage_daily",
         """SELECT user_id, (timestamp AT TIME ZONE 'UTC')::date, tool_id, coalesce(plan_code, ''), count(*),
                    count(*) FILTER (WHERE status = 'success'), count(*) FILTER (WHERE status = 'error'),
-                   count(*) FILTER (WHERE status = 'timeout'), sum(tokens_used)
+                   count(*) FILTER (WHERE status = 'timeout'), count(*) FILTER (WHERE status = 'cancelled'),
+                   sum(tokens_used)
             FROM usage_logs WHERE status <> 'pending' GROUP BY 1, 2, 3, 4""",
     ),
     "usage_hourly": (
@@ -43,11 +44,12 @@ CHECKS = {
     ),
     "usage_platform_daily": (
         """SELECT day, tool_id, plan_code, sum(invocations), sum(successes), sum(errors), sum(timeouts),
-                  sum(tokens)
+                  sum(cancelled), sum(tokens)
            FROM usage_platform_daily GROUP BY 1, 2, 3""",
         """SELECT (timestamp AT TIME ZONE 'UTC')::date, tool_id, coalesce(plan_code, ''), count(*),
                    count(*) FILTER (WHERE status = 'success'), count(*) FILTER (WHERE status = 'error'),
-                   count(*) FILTER (WHERE status = 'timeout'), sum(tokens_used)
+                   count(*) FILTER (WHERE status = 'timeout'), count(*) FILTER (WHERE status = 'cancelled'),
+                   sum(tokens_used)
             FROM usage_logs WHERE status <> 'pending' GROUP BY 1, 2, 3""",
     ),
 }
@@ -59,13 +61,13 @@ async def test_every_rollup_equals_the_raw_aggregate(engine: AsyncEngine) -> Non
     rng = random.Random(9)
     base = datetime(2025, 1, 30, tzinfo=UTC)  # across a month and several week boundaries
     for _ in range(200):
-        status = rng.choice(["success", "success", "error", "timeout"])
+        status = rng.choice(["success", "success", "error", "timeout", "cancelled"])
         await record_invocation(
             engine,
             rng.choice(users),
             rng.choice(tools),
             status=status,
-            tokens=rng.randrange(1, 100) if status == "success" else 0,
+            tokens=rng.randrange(1, 100) if status in ("success", "cancelled") else 0,
             ts=base + timedelta(seconds=rng.randrange(0, 20 * 86400)),
             plan_code=rng.choice(["pro", "free", None]),
         )

@@ -59,9 +59,12 @@ class AdminUserUpdate(BaseModel):
 
 
 class StatusCounts(BaseModel):
+    """Settled calls by outcome (API.md §7); together they make `total_invocations`."""
+
     success: int
     error: int
     timeout: int
+    cancelled: int
 
 
 class PlanUsage(BaseModel):

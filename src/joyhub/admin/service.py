@@ -23,6 +23,9 @@ Platform stats
   per user over `usage_user_weekly` for the whole weeks (Monday-Sunday) inside the range and
   `usage_user_daily` for the at most 12 ragged days at its ends. Cost: O(days x tools x plans x
   16) plus O(active users x (weeks + edge days)); never the raw logs.
+- A `cancelled` call (the caller hung up mid-stream, charged for what was relayed) is a settled
+  call like the others: in every total, tool, plan, user and daily figure, and in
+  `by_status.cancelled`, so the four statuses add up to `total_invocations`.
 - Subscriptions are counted as stored (the periodic sweep keeps them current within a sweep
   interval): `by_status` counts every subscription row by status; `by_plan` counts *active*
   subscriptions per plan (every plan listed, zeros included). Monthly recurring revenue is the
@@ -343,7 +346,10 @@ async def platform_stats(
         total_tokens=totals["tokens"],
         active_users=active,
         by_status=StatusCounts(
-            success=totals["successes"], error=totals["errors"], timeout=totals["timeouts"]
+            success=totals["successes"],
+            error=totals["errors"],
+            timeout=totals["timeouts"],
+            cancelled=totals["cancelled"],
         ),
         by_tool=usage["tools"],
         by_plan=usage["plans"],
@@ -367,6 +373,7 @@ async def _usage_breakdown(session: AsyncSession, first: date, stop: date) -> di
             _big(func.sum(p.successes)),
             _big(func.sum(p.errors)),
             _big(func.sum(p.timeouts)),
+            _big(func.sum(p.cancelled)),
             _big(func.sum(p.tokens)),
         )
         .where(p.day >= first, p.day < stop)
@@ -375,14 +382,16 @@ async def _usage_breakdown(session: AsyncSession, first: date, stop: date) -> di
     days: dict[date, tuple[int, int]] = {}
     tools: dict[uuid.UUID, tuple[int, int]] = {}
     plans: list[PlanUsage] = []
-    totals = {"invocations": 0, "successes": 0, "errors": 0, "timeouts": 0, "tokens": 0}
-    for grouping, day, tool_id, plan_code, inv, ok, err, tmo, tok in (await session.execute(stmt)).all():
+    totals = {"invocations": 0, "successes": 0, "errors": 0, "timeouts": 0, "cancelled": 0, "tokens": 0}
+    rows = (await session.execute(stmt)).all()
+    for grouping, day, tool_id, plan_code, inv, ok, err, tmo, cxl, tok in rows:
         if grouping == 0b011:  # grouped by day only
             days[day] = (int(inv), int(tok))
             totals["invocations"] += int(inv)
             totals["successes"] += int(ok)
             totals["errors"] += int(err)
             totals["timeouts"] += int(tmo)
+            totals["cancelled"] += int(cxl)
             totals["tokens"] += int(tok)
         elif grouping == 0b101:  # by tool
             tools[tool_id] = (int(inv), int(tok))

@@ -94,7 +94,8 @@ async def usage_timeseries(
     summary="Your usage records as a CSV download, streamed",
     description=(
         "Columns: id, timestamp, tool_id, tool_name, status, tokens_used, duration_ms, request_id, "
-        "error_code; newest first. Text cells starting with = + - @ are prefixed with an apostrophe."
+        "error_code, token_source; newest first. Text cells starting with = + - @ are prefixed with "
+        "an apostrophe."
     ),
     responses={200: {"content": {"text/csv": {}}, "description": "CSV attachment"}, **_ERRORS},
 )

@@ -9,7 +9,11 @@ from pydantic import BaseModel
 
 from joyhub.usage.dates import UtcDateTime
 
-UsageStatus = Literal["success", "error", "timeout"]
+# A settled call's outcome (pending rows are never shown). `cancelled`: the caller hung up
+# mid-stream; the call is charged for what was relayed until then (API.md §5.1).
+UsageStatus = Literal["success", "error", "timeout", "cancelled"]
+# Where `tokens_used` came from: the upstream's own count, or the hub's estimate.
+TokenSource = Literal["reported", "estimated"]
 Granularity = Literal["hour", "day"]
 
 
@@ -19,6 +23,7 @@ class UsageRecord(BaseModel):
     tool_name: str
     timestamp: UtcDateTime
     tokens_used: int
+    token_source: TokenSource
     status: UsageStatus
     duration_ms: int | None
     request_id: str | None
@@ -45,7 +50,8 @@ class UsageSummary(BaseModel):
     period_end: UtcDateTime
     total_invocations: int
     successful_invocations: int
-    failed_invocations: int
+    failed_invocations: int  # errors and timeouts
+    cancelled_invocations: int  # hung up mid-stream: neither successful nor failed, still charged
     total_tokens: int
     by_tool: list[ToolUsage]
     quota: Quota | None

@@ -2,8 +2,12 @@
 
 Privacy: every query here is filtered by the caller's `user_id`; nothing takes a user id from
 the request. Pending rows (admitted, not yet settled) are never shown or counted: raw queries
-filter `status IN (success, error, timeout)`, and the rollups only ever count settled rows
-(`rollups.bump` runs in the settle transaction).
+filter on `SETTLED` (success, error, timeout, cancelled: the `UsageStatus` literal), and the
+rollups only ever count settled rows (`rollups.bump` runs in the settle transaction).
+
+A `cancelled` call (the caller hung up mid-stream, API.md §5.1) is settled and charged for what
+was relayed: it is listed, exported and counted in every total and token sum like any other
+settled call; the summary counts it apart from both the successful and the failed calls.
 
 Where each answer comes from, and what it costs (none of it grows with the table's total rows;
 the rollups are described in `rollups.py`):
@@ -43,7 +47,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
 from sqlalchemy import (
     ColumnElement,
@@ -68,9 +72,19 @@ from joyhub.usage.dates import (
     resolve,
     split,
 )
-from joyhub.usage.schemas import Quota, TimeseriesPoint, ToolUsage, UsageRecord, UsageSummary
+from joyhub.usage.schemas import (
+    Quota,
+    TimeseriesPoint,
+    ToolUsage,
+    UsageRecord,
+    UsageStatus,
+    UsageSummary,
+)
 
-SETTLED = ("success", "error", "timeout")
+# The statuses a user sees: every settled outcome, never `pending`. One list for the ORM filter
+# and the raw SQL below (a constant of ours, spliced in at import; no value of a request).
+SETTLED: tuple[str, ...] = get_args(UsageStatus)
+_SETTLED_SQL = ", ".join(f"'{status}'" for status in SETTLED)
 MAX_SPAN = {"day": timedelta(days=366), "hour": timedelta(days=31)}
 UNITS = {"day": DAY, "hour": HOUR}
 EXPORT_BATCH = 2000
@@ -84,6 +98,7 @@ CSV_HEADER = (
     "duration_ms",
     "request_id",
     "error_code",
+    "token_source",  # appended last (issue 13): existing consumers' column positions stay
 )
 
 
@@ -208,50 +223,55 @@ def series_reads(rng: TimeRange, unit: timedelta) -> Reads:
 
 
 _BY_TOOL = text(
-    """
+    f"""
     SELECT x.tool_id, t.name, CAST(sum(x.inv) AS bigint), CAST(sum(x.ok) AS bigint),
+           CAST(sum(x.failed) AS bigint), CAST(sum(x.cancelled) AS bigint),
            CAST(coalesce(sum(x.tok), 0) AS bigint)
     FROM (
-        SELECT tool_id, sum(invocations) AS inv, sum(successes) AS ok, sum(tokens) AS tok
+        SELECT tool_id, sum(invocations) AS inv, sum(successes) AS ok, sum(errors + timeouts) AS failed,
+               sum(cancelled) AS cancelled, sum(tokens) AS tok
         FROM usage_daily
         WHERE user_id = :user_id AND day >= :d0 AND day < :d1
         GROUP BY tool_id
         UNION ALL
-        SELECT tool_id, count(*), count(*) FILTER (WHERE status = 'success'), sum(tokens_used)
+        SELECT tool_id, count(*), count(*) FILTER (WHERE status = 'success'),
+               count(*) FILTER (WHERE status IN ('error', 'timeout')),
+               count(*) FILTER (WHERE status = 'cancelled'), sum(tokens_used)
         FROM usage_logs
-        WHERE user_id = :user_id AND status IN ('success', 'error', 'timeout')
+        WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
           AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
                OR ("timestamp" >= :r2a AND "timestamp" < :r2b))
         GROUP BY tool_id
     ) AS x
     JOIN tools AS t ON t.id = x.tool_id
     GROUP BY x.tool_id, t.name
-    """
+    """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
 )
 
 _COUNT = text(
-    """
+    f"""
     SELECT CAST(
         coalesce((
             SELECT sum(CASE CAST(:status AS text) WHEN 'success' THEN successes WHEN 'error' THEN errors
-                       WHEN 'timeout' THEN timeouts ELSE invocations END)
+                       WHEN 'timeout' THEN timeouts WHEN 'cancelled' THEN cancelled
+                       ELSE invocations END)
             FROM usage_daily
             WHERE user_id = :user_id AND day >= :d0 AND day < :d1
               AND (CAST(:tool_id AS uuid) IS NULL OR tool_id = CAST(:tool_id AS uuid))
         ), 0)
         + (
             SELECT count(*) FROM usage_logs
-            WHERE user_id = :user_id AND status IN ('success', 'error', 'timeout')
+            WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
               AND (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
               AND (CAST(:tool_id AS uuid) IS NULL OR tool_id = CAST(:tool_id AS uuid))
               AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
                    OR ("timestamp" >= :r2a AND "timestamp" < :r2b))
         ) AS bigint)
-    """
+    """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
 )
 
 _SERIES = text(
-    """
+    f"""
     SELECT CAST(day AS timestamp) AT TIME ZONE 'UTC' AS bucket, invocations AS inv, tokens AS tok
     FROM usage_user_daily
     WHERE user_id = :user_id AND day >= :d0 AND day < :d1
@@ -262,14 +282,14 @@ _SERIES = text(
     UNION ALL
     SELECT CAST(:r1a AS timestamptz), count(*), coalesce(sum(tokens_used), 0)
     FROM usage_logs
-    WHERE user_id = :user_id AND status IN ('success', 'error', 'timeout')
+    WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
       AND "timestamp" >= :r1a AND "timestamp" < :r1b
     UNION ALL
     SELECT CAST(:r2a AS timestamptz), count(*), coalesce(sum(tokens_used), 0)
     FROM usage_logs
-    WHERE user_id = :user_id AND status IN ('success', 'error', 'timeout')
+    WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
       AND "timestamp" >= :r2a AND "timestamp" < :r2b
-    """
+    """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
 )
 
 
@@ -345,6 +365,7 @@ async def history(
             Tool.name.label("tool_name"),
             UsageLog.timestamp,
             UsageLog.tokens_used,
+            UsageLog.token_source,
             UsageLog.status,
             UsageLog.duration_ms,
             UsageLog.request_id,
@@ -383,33 +404,48 @@ async def summary(
     rng = resolve(start, end, period.range)
     assert rng.start is not None and rng.end is not None
     by_tool = await _by_tool(session, user_id, rng)
-    total = sum(t[0] for t in by_tool.values())
-    successes = sum(t[1] for t in by_tool.values())
     tools = sorted(
         (
-            ToolUsage(tool_id=tool_id, tool_name=name, invocations=inv, tokens=tok)
-            for tool_id, (inv, _ok, tok, name) in by_tool.items()
+            ToolUsage(tool_id=t.tool_id, tool_name=t.tool_name, invocations=t.invocations, tokens=t.tokens)
+            for t in by_tool
         ),
         key=lambda t: (-t.invocations, t.tool_name.lower(), str(t.tool_id)),
     )
     return UsageSummary(
         period_start=rng.start,
         period_end=rng.end,
-        total_invocations=total,
-        successful_invocations=successes,
-        failed_invocations=total - successes,
-        total_tokens=sum(t.tokens for t in tools),
+        total_invocations=sum(t.invocations for t in by_tool),
+        successful_invocations=sum(t.successes for t in by_tool),
+        failed_invocations=sum(t.failures for t in by_tool),
+        cancelled_invocations=sum(t.cancelled for t in by_tool),
+        total_tokens=sum(t.tokens for t in by_tool),
         by_tool=tools,
         quota=period.quota,
     )
 
 
-async def _by_tool(
-    session: AsyncSession, user_id: uuid.UUID, rng: TimeRange
-) -> dict[uuid.UUID, tuple[int, int, int, str]]:
-    """tool_id -> (invocations, successes, tokens, tool name) over the range."""
+@dataclass(frozen=True)
+class ToolTotals:
+    """One tool's settled calls over a range. Each outcome is counted from its own statuses
+    (`failures`: error and timeout), not as a difference, so a cancelled call is neither a
+    success nor a failure; `invocations` and `tokens` count every settled call."""
+
+    tool_id: uuid.UUID
+    tool_name: str
+    invocations: int
+    successes: int
+    failures: int
+    cancelled: int
+    tokens: int
+
+
+async def _by_tool(session: AsyncSession, user_id: uuid.UUID, rng: TimeRange) -> list[ToolTotals]:
     rows = await session.execute(_BY_TOOL, day_reads(rng).params() | {"user_id": user_id})
-    return {tool_id: (int(inv), int(ok), int(tok), name) for tool_id, name, inv, ok, tok in rows.all() if inv}
+    return [
+        ToolTotals(tool_id, name, int(inv), int(ok), int(failed), int(cancelled), int(tok))
+        for tool_id, name, inv, ok, failed, cancelled, tok in rows.all()
+        if inv
+    ]
 
 
 # --- timeseries -------------------------------------------------------------------------------
@@ -514,6 +550,7 @@ async def export_csv(
             UsageLog.duration_ms,
             UsageLog.request_id,
             UsageLog.error_code,
+            UsageLog.token_source,
         )
         .join(Tool, Tool.id == UsageLog.tool_id)
         .where(*_raw_window(user_id, rng.start, rng.end), *_raw_filters(filt))
@@ -536,6 +573,7 @@ async def export_csv(
                         "" if r[6] is None else r[6],
                         r[7] or "",
                         r[8] or "",
+                        r[9],
                     )
                     for r in batch
                 ]
