@@ -9,8 +9,10 @@
  * JSON envelope. `EventSource` cannot POST or send `Authorization`, so this reads a `fetch`
  * body stream instead — the same code in Node and in the browser.
  *
- * (Until the hub streams, it refuses `stream: true` with 422 VALIDATION_ERROR, which
- * `invokeStream` throws as a `HubError`; the reader is tested against a local §5.1 server.)
+ * Use `invokeStream` for `stream: true`, not the generated `toolsInvoke`: OpenAPI gives the
+ * generated function one success type, the JSON `Invocation`, and it would read the whole event
+ * stream as one string before handing it back. Without `stream: true`, `toolsInvoke` answers as
+ * before — a streaming tool's `Invocation` then has `output: {chunks: [...]}`.
  *
  * Parsing follows the WHATWG event-stream rules: lines end in CRLF, LF or CR; a field's value
  * loses one leading space; several `data:` lines join with "\n"; a blank line dispatches; a
@@ -18,7 +20,7 @@
  * arrive split anywhere, inside a line or inside a UTF-8 character.
  */
 import type { Client } from './gen/client/index.js';
-import type { EnvelopeNoneType } from './gen/types.gen.js';
+import type { EnvelopeNoneType, InvokeRequest } from './gen/types.gen.js';
 
 export interface StreamDone {
   invocation_id: string;
@@ -177,7 +179,7 @@ export async function* invokeStream(
   const result = await options.client.post<ReadableStream<Uint8Array>, EnvelopeNoneType, false>({
     url: '/api/v1/tools/{tool_id}/invoke',
     path: { tool_id: options.toolId },
-    body: { input: options.input, stream: true },
+    body: { input: options.input, stream: true } satisfies InvokeRequest, // fails to build if §5.1's body changes
     headers,
     security: [{ scheme: 'bearer', type: 'http' }],
     parseAs: 'stream',

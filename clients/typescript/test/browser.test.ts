@@ -3,7 +3,9 @@
  * by .ci/install-chromium) driven by playwright-core, a page served from this test's own
  * origin (test/browser/page.ts) calling the hub on another port whose CORS_ORIGINS is that
  * origin. Proves what only a browser enforces: the CORS preflight of a call carrying
- * `Authorization` and `Idempotency-Key`, and which response headers JavaScript may read.
+ * `Authorization` and `Idempotency-Key`, and which response headers JavaScript may read; and
+ * that a streamed invocation (API.md §5.1) reaches the page word by word, not all at the end —
+ * nothing between the hub and the page's fetch body holds the stream back.
  * The screenshot lands in artifacts/browser/ (not committed).
  */
 import assert from 'node:assert/strict';
@@ -18,7 +20,7 @@ import { type BrowserContext, chromium } from 'playwright-core';
 
 import type { HubCheck } from './browser/page.js';
 import { freePort, PACKAGE_DIR, type ServedHub, startHub } from './support/hub.js';
-import { EXPECTED, FRAME_BYTES } from './support/sse-stream.js';
+import { GRACE, STORY_DELAY_MS } from './support/story.js';
 
 const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
 const FLAGS = [
@@ -44,16 +46,10 @@ let pageOrigin: string;
 let profile: string;
 let browser: BrowserContext;
 
-/** The dashboard's origin: the page, the compiled client (dist/), and §5.1's sample stream. */
+/** The dashboard's origin: the page and the compiled client (dist/); the hub is elsewhere. */
 async function servePages(port: number): Promise<Server> {
   const server = createServer(async (req, res) => {
     const path = new URL(req.url ?? '/', 'http://page').pathname;
-    if (path === '/sse-demo') {
-      res.writeHead(200, { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-store' });
-      res.flushHeaders();
-      for (const frame of FRAME_BYTES) await new Promise((sent) => res.write(frame, sent));
-      return res.end();
-    }
     const file = path === '/' ? 'test/browser/index.html' : normalize(path.slice(1));
     if (!(file.startsWith('dist/') || file === 'test/browser/index.html') || file.includes('..')) {
       return res.writeHead(404).end();
@@ -102,7 +98,7 @@ interface Seen {
   responseHeaders?: Record<string, string>;
 }
 
-test('a page on another origin uses the client: preflight, readable headers, an invocation, a stream', async () => {
+test('a page on another origin uses the client: preflight, readable headers, invocations, a live stream', async () => {
   const page = browser.pages()[0] ?? (await browser.newPage());
   const console: string[] = [];
   page.on('console', (message) => console.push(`${message.type()}: ${message.text()}`));
@@ -124,6 +120,17 @@ test('a page on another origin uses the client: preflight, readable headers, an 
   });
 
   await page.goto(`${pageOrigin}/?hub=${encodeURIComponent(hub.baseUrl)}`);
+  // watched from outside while the page runs: some words on screen, not all, the stream open
+  const midStream = page.waitForFunction(
+    (words) => {
+      const shown = document.querySelectorAll('#stream li').length;
+      if (shown >= 2 && shown < words) return { shown };
+      if (window.hubCheck !== undefined || window.hubCheckError !== undefined) return { shown: null };
+      return false;
+    },
+    GRACE.words.length,
+    { polling: 10, timeout: 60_000 },
+  );
   await page.waitForFunction(() => window.hubCheck !== undefined || window.hubCheckError !== undefined, null, {
     timeout: 60_000,
   });
@@ -180,10 +187,49 @@ test('a page on another origin uses the client: preflight, readable headers, an 
     assert.ok(exposed.includes(header), `${header} in Access-Control-Expose-Headers: ${exposed.join(', ')}`);
   }
 
-  // the stream, read from a fetch body in the browser, rendered as each event arrived
-  assert.deepEqual(check.streamed, EXPECTED);
-  const items = await page.locator('#stream li').allTextContents();
-  assert.deepEqual(items, ['Bonjour', ', ça va', ' — très bien 🎉', 'done: 12 tokens']);
+  // the streamed invocation, through the hub on the other origin: every word, then done
+  const { stream } = check;
+  assert.equal(stream.toolName, 'Story Stream');
+  const texts = [...GRACE.words, `done: ${GRACE.tokens} tokens`];
+  assert.deepEqual(
+    stream.rendered.map((r) => r.text),
+    texts,
+  );
+  assert.deepEqual(
+    stream.rendered.map((r) => r.event),
+    [...GRACE.words.map(() => 'chunk'), 'done'],
+  );
+  assert.deepEqual(await page.locator('#stream li').allTextContents(), texts);
+  assert.equal(stream.done?.status, 'success');
+  assert.equal(stream.done.tokens_used, GRACE.tokens);
+  assert.equal(stream.done.token_source, 'reported');
+  assert.ok(stream.quota, 'X-Quota-* readable on the stream too');
+  assert.equal(stream.quota.remaining, 1000 - check.invocation.tokensUsed); // the replay cost nothing
+
+  // ... rendered one by one as the words arrived: the tool sends one every 40 ms, so a page
+  // rendering only once the answer is complete would show all of them within a few ms
+  const times = stream.rendered.map((r) => r.at);
+  assert.deepEqual(
+    times,
+    [...times].sort((a, b) => a - b),
+  );
+  const spread = (times[GRACE.words.length - 1] ?? 0) - (times[0] ?? 0);
+  const paced = (GRACE.words.length - 1) * STORY_DELAY_MS;
+  assert.ok(spread >= paced / 2, `the words were rendered within ${spread} ms; the tool took ≥ ${paced} ms`);
+  const partly = (await (await midStream).jsonValue()) as { shown: number | null };
+  assert.ok(partly.shown !== null, 'the list was never seen partly rendered while the stream was open');
+
+  // the streamed POST itself: preflighted, answered text/event-stream to this origin
+  const storyCalls = invokes.filter((c) => c.url.includes(stream.done?.tool_id ?? '?'));
+  const streamPreflight = storyCalls.find((c) => c.method === 'OPTIONS');
+  assert.ok(streamPreflight?.status !== undefined && streamPreflight.status < 300, 'the stream was preflighted');
+  const streamPost = storyCalls.find((c) => c.method === 'POST');
+  assert.ok(streamPost?.responseHeaders, 'the streamed POST was seen');
+  assert.ok((streamPost.requestHeaders.authorization ?? '').startsWith('Bearer '), 'sent with Authorization');
+  assert.match(streamPost.requestHeaders.accept ?? '', /text\/event-stream/);
+  assert.equal(streamPost.status, 200);
+  assert.match(streamPost.responseHeaders['content-type'] ?? '', /^text\/event-stream/);
+  assert.equal(streamPost.responseHeaders['access-control-allow-origin'], pageOrigin);
 });
 
 function lower(headers: Record<string, unknown>): Record<string, string> {

@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
+import { setTimeout as pause } from 'node:timers/promises';
 
 import {
   type ApiKeyCreatedOut,
@@ -14,13 +15,17 @@ import {
   authRegister,
   createHub,
   type Hub,
+  HubError,
   type Invocation,
+  invokeStream,
   isReplayed,
   quotaOf,
   retryAfterSeconds,
   subscriptionsCurrent,
   subscriptionsListPlans,
   subscriptionsSubscribe,
+  type StreamDone,
+  type StreamEvent,
   type SubscriptionOut,
   type TokenPair,
   toolsInvoke,
@@ -38,6 +43,7 @@ import {
   type UserOut,
 } from '../src/index.js';
 import { type ServedHub, startHub } from './support/hub.js';
+import { ADA, chunksOf, STORY_DELAY_MS } from './support/story.js';
 
 const PASSWORD = 'Correct-Horse-Battery-9';
 let served: ServedHub;
@@ -319,5 +325,248 @@ describe('the session', () => {
     assert.deepEqual(rotations, [null]);
     assert.equal(hub.session.tokens, undefined);
     assert.equal(hub.session.credential, undefined);
+  });
+});
+
+/** The streaming demo tool (API.md §5.1): one word per event, every ~40 ms. */
+async function storyStream(hub: Hub): Promise<ToolOut> {
+  const { data } = await toolsList({ client: hub.client, query: { search: 'story' } });
+  const tool = data?.data.find((t) => t.name === 'Story Stream');
+  assert.ok(tool, 'the demo tool Story Stream is in the catalog');
+  assert.equal(tool.streaming, true);
+  return tool;
+}
+
+const STORY_INPUT = ADA.input;
+const STORY_TOKENS = ADA.tokens;
+const STORY_CHUNKS = chunksOf(ADA);
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+async function subscribedUser(): Promise<Hub> {
+  const hub = createHub({ baseUrl: served.baseUrl });
+  await signedUp(hub);
+  const subscribed = await subscriptionsSubscribe({ client: hub.client, body: { plan: 'free' } });
+  assert.equal(subscribed.response.status, 201);
+  return hub;
+}
+
+async function tokensCharged(hub: Hub): Promise<number> {
+  const { data } = await subscriptionsCurrent({ client: hub.client });
+  assert.ok(data?.data);
+  return data.data.tokens_used;
+}
+
+/**
+ * `probe`'s first defined answer, asked again every 25 ms for at most `timeoutMs`: for what the
+ * hub settles on its own after the caller has gone (a cancelled stream's usage record).
+ */
+async function eventually<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 15_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) assert.fail(`${what}: not within ${timeoutMs} ms`);
+    await pause(25);
+  }
+}
+
+/**
+ * Whether the served hub's `GET /usage` already tells streams apart (API.md §6: `token_source`,
+ * `status: "cancelled"`). This branch's hub does not yet: that is the `usage-cancelled` work,
+ * merged separately. Until then the assertions on it run as TODO (reported, not fatal); once
+ * the hub has it they are ordinary assertions, with no change here.
+ */
+async function usageTellsStreams(): Promise<string | false> {
+  const response = await fetch(`${served.baseUrl}/openapi.json`);
+  const document = (await response.json()) as {
+    components?: { schemas?: Record<string, { properties?: Record<string, { enum?: unknown[] }> }> };
+  };
+  const record = document.components?.schemas?.UsageRecord?.properties;
+  const knows = record?.token_source !== undefined && record.status?.enum?.includes('cancelled') === true;
+  return knows ? false : 'the hub under test has no token_source / cancelled in UsageRecord yet (usage-cancelled)';
+}
+
+/** A usage record as API.md §6 has it; the generated `UsageRecord` has `token_source` once the hub does. */
+type StreamedUsageRecord = UsageRecord & { token_source?: 'reported' | 'estimated' };
+
+describe('a streamed invocation (Story Stream)', () => {
+  test('yields typed chunks in order, then done; a repeated key replays it free', async (t) => {
+    const hub = await subscribedUser();
+    const tool = await storyStream(hub);
+    const key = randomUUID();
+    let response: Response | undefined;
+    const events: StreamEvent[] = [];
+    for await (const event of invokeStream({
+      client: hub.client,
+      toolId: tool.id,
+      input: STORY_INPUT,
+      idempotencyKey: key,
+      onResponse: (r) => (response = r),
+    })) {
+      events.push(event);
+    }
+
+    assert.deepEqual(
+      events.map((e) => e.event),
+      [...STORY_CHUNKS.map(() => 'chunk'), 'done'],
+    );
+    assert.deepEqual(
+      events.flatMap((e) => (e.event === 'chunk' ? [e.data] : [])),
+      STORY_CHUNKS,
+    );
+    const last = events.at(-1);
+    assert.ok(last?.event === 'done');
+    const done: StreamDone = last.data; // typed by the event name
+    assert.deepEqual(Object.keys(done).sort(), [
+      'duration_ms',
+      'invocation_id',
+      'status',
+      'token_source',
+      'tokens_used',
+      'tool_id',
+    ]);
+    assert.match(done.invocation_id, UUID);
+    assert.equal(done.tool_id, tool.id);
+    assert.equal(done.status, 'success');
+    assert.equal(done.tokens_used, STORY_TOKENS);
+    assert.equal(done.token_source, 'reported'); // the demo's own count, in its last chunk
+    // the whole stream, not the wait for its first chunk: the tool paces its words
+    assert.ok(done.duration_ms >= (STORY_CHUNKS.length - 1) * STORY_DELAY_MS, `duration_ms ${done.duration_ms}`);
+
+    assert.ok(response);
+    assert.match(response.headers.get('Content-Type') ?? '', /^text\/event-stream/);
+    const quota = quotaOf(response);
+    assert.ok(quota, 'X-Quota-* on the stream');
+    assert.equal(quota.remaining, quota.limit); // as admitted: nothing charged before this call
+    assert.equal(isReplayed(response), false);
+    assert.equal(await tokensCharged(hub), STORY_TOKENS);
+
+    // the same key: the stored events as the same stream, no new call and no charge
+    let replay: Response | undefined;
+    const again: StreamEvent[] = [];
+    for await (const event of invokeStream({
+      client: hub.client,
+      toolId: tool.id,
+      input: STORY_INPUT,
+      idempotencyKey: key,
+      onResponse: (r) => (replay = r),
+    })) {
+      again.push(event);
+    }
+    assert.deepEqual(again, events);
+    assert.ok(replay && isReplayed(replay));
+    assert.equal(await tokensCharged(hub), STORY_TOKENS);
+
+    const usage = await usageList({ client: hub.client });
+    assert.equal(usage.data?.meta.pagination?.total, 1);
+    const record: StreamedUsageRecord | undefined = usage.data?.data[0];
+    assert.ok(record);
+    assert.equal(record.tool_name, 'Story Stream');
+    assert.equal(record.status, 'success');
+    assert.equal(record.tokens_used, STORY_TOKENS);
+    assert.equal(record.request_id, response.headers.get('X-Request-ID'));
+    await t.test('its usage record says the count was reported', { todo: await usageTellsStreams() }, () => {
+      assert.equal(record.token_source, 'reported');
+    });
+  });
+
+  test('a caller who aborts after two chunks: the hub settles it cancelled, charged what was relayed', async (t) => {
+    const hub = await subscribedUser();
+    const tool = await storyStream(hub);
+    const words = 200; // ~8 s of story: the abort lands mid-stream
+    const stop = new AbortController();
+    const events: StreamEvent[] = [];
+    await assert.rejects(
+      async () => {
+        const stream = invokeStream({
+          client: hub.client,
+          toolId: tool.id,
+          input: { text: STORY_INPUT.text, words },
+          signal: stop.signal,
+        });
+        for await (const event of stream) {
+          events.push(event);
+          if (events.length === 2) stop.abort(); // e.g. the dashboard's Stop button
+        }
+      },
+      { name: 'AbortError' },
+    );
+    assert.deepEqual(
+      events.slice(0, 2).map((e) => e.data),
+      STORY_CHUNKS.slice(0, 2),
+    );
+    assert.ok(
+      events.every((e) => e.event === 'chunk'),
+      'no done or error after the abort',
+    );
+
+    // the hub saw the hang-up, stopped the tool and settled the call on its own
+    const charged = await eventually('the cancelled stream charged', async () => {
+      const tokens = await tokensCharged(hub);
+      return tokens > 0 ? tokens : undefined;
+    });
+    const wholeStory = Math.ceil(STORY_INPUT.text.length / 4) + words;
+    assert.ok(charged < wholeStory / 2, `charged ${charged}: what was relayed, not the whole story (${wholeStory})`);
+
+    // settled means logged: the charge and the usage record are one transaction (API.md §5, 2.)
+    const todo = await usageTellsStreams();
+    await t.test('GET /usage: status cancelled, token_source estimated', { todo }, async () => {
+      const { data } = await usageList({ client: hub.client });
+      assert.ok(data);
+      assert.equal(data.meta.pagination?.total, 1);
+      const record: StreamedUsageRecord | undefined = data.data[0];
+      assert.ok(record);
+      assert.equal(record.tool_name, 'Story Stream');
+      assert.equal(record.status, 'cancelled');
+      assert.equal(record.tokens_used, charged);
+      // the tool reports its count in its last chunk, which never came: the hub's estimate
+      assert.equal(record.token_source, 'estimated');
+    });
+  });
+
+  test('refusals before the stream are typed HubErrors; without stream: true the answer is JSON', async () => {
+    const hub = createHub({ baseUrl: served.baseUrl });
+    await signedUp(hub);
+    const tool = await storyStream(hub);
+    const unsubscribed = invokeStream({ client: hub.client, toolId: tool.id, input: STORY_INPUT });
+    await assert.rejects(unsubscribed.next(), (error) => {
+      assert.ok(error instanceof HubError);
+      assert.equal(error.status, 402);
+      assert.equal(error.code, 'SUBSCRIPTION_REQUIRED');
+      assert.match(error.requestId, /.+/);
+      return true;
+    });
+    await subscriptionsSubscribe({ client: hub.client, body: { plan: 'free' } });
+
+    // a tool that does not stream refuses stream: true (API.md §5.1)
+    const notStreaming = invokeStream({ client: hub.client, toolId: (await wordCount(hub)).id, input: { text: 'a' } });
+    await assert.rejects(notStreaming.next(), (error) => {
+      assert.ok(error instanceof HubError);
+      assert.equal(error.status, 422);
+      assert.equal(error.code, 'VALIDATION_ERROR');
+      assert.match(JSON.stringify(error.details), /stream/);
+      return true;
+    });
+
+    // the generated toolsInvoke reads JSON as before: the streaming tool consumed whole
+    const whole = await toolsInvoke({
+      client: hub.client,
+      path: { tool_id: tool.id },
+      body: { input: { text: STORY_INPUT.text, words: 3 } },
+    });
+    assert.equal(whole.response.status, 200);
+    assert.match(whole.response.headers.get('Content-Type') ?? '', /^application\/json/);
+    assert.ok(whole.data);
+    const invocation: Invocation = whole.data.data;
+    assert.equal(invocation.status, 'success');
+    assert.equal(invocation.tokens_used, 3 + 3);
+    assert.deepEqual(invocation.output, {
+      chunks: [
+        { index: 0, text: 'Ada ' },
+        { index: 1, text: 'Lovelace ' },
+        { index: 2, text: 'once.', usage: { total_tokens: 6 } },
+      ],
+    });
+    assert.equal(await tokensCharged(hub), 6);
   });
 });

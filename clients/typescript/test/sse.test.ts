@@ -1,7 +1,8 @@
 /**
  * The streamed-invocation reader (src/sse.ts) against API.md §5.1's framing: on in-memory
  * streams split at every byte, and over real HTTP from a tiny local server that speaks §5.1
- * (test/support/sse-server.ts), through a client made by `createHub`.
+ * (test/support/sse-server.ts), through a client made by `createHub`. The hub's own streams are
+ * read in hub.test.ts (Node) and browser.test.ts (Chromium).
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';

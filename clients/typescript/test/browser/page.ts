@@ -7,16 +7,26 @@ import {
   authLogin,
   authRegister,
   createHub,
+  invokeStream,
   isReplayed,
+  type Quota,
   quotaOf,
   rateLimitOf,
-  readEvents,
   retryAfterSeconds,
-  type StreamEvent,
+  type StreamDone,
   subscriptionsSubscribe,
   toolsInvoke,
   toolsList,
 } from '../../src/index.js';
+import { GRACE } from '../support/story.js';
+
+/** One rendered item of the streamed invocation, and when it was on the page. */
+export interface Rendered {
+  event: 'chunk' | 'done' | 'error';
+  text: string;
+  /** ms since the page sent the call (`performance.now()`), taken right after rendering */
+  at: number;
+}
 
 export interface HubCheck {
   email: string;
@@ -28,7 +38,12 @@ export interface HubCheck {
   replayed: boolean;
   rateLimit: { limit: number; remaining: number; resetSeconds: number } | null;
   throttled: { status: number; code: string | undefined; retryAfter: number | undefined };
-  streamed: StreamEvent[];
+  stream: {
+    toolName: string;
+    rendered: Rendered[];
+    done: StreamDone | null;
+    quota: { limit: number; remaining: number } | null;
+  };
 }
 
 declare global {
@@ -100,20 +115,43 @@ async function run(hubUrl: string): Promise<HubCheck> {
       `per-minute limit on invoke: ${rateLimit ? `${rateLimit.remaining}/${rateLimit.limit}` : 'none'}`,
   );
 
-  // a streamed invocation's events, rendered one by one as they arrive (the page's own origin
-  // serves §5.1's sample stream until the hub streams; the reader is the same)
-  const streamed: HubCheck['streamed'] = [];
+  // a streamed invocation through the hub, each event rendered as it arrives: Story Stream
+  // tells one word every ~40 ms, so a page that waited for the whole answer would show it late
+  const stories = await toolsList({ client, query: { search: 'story' } });
+  const story = stories.data?.data.find((t) => t.name === 'Story Stream');
+  if (!story) throw new Error('no Story Stream tool');
   const list = document.getElementById('stream');
-  const response = await fetch('/sse-demo', { method: 'POST', headers: { Accept: 'text/event-stream' } });
-  if (!response.body) throw new Error('no stream body');
-  for await (const event of readEvents(response.body)) {
-    streamed.push(event);
+  const rendered: Rendered[] = [];
+  let done: StreamDone | null = null;
+  let streamQuota: Quota | undefined;
+  const sent = performance.now();
+  for await (const event of invokeStream({
+    client,
+    toolId: story.id,
+    input: GRACE.input,
+    idempotencyKey: crypto.randomUUID(),
+    onResponse: (response) => (streamQuota = quotaOf(response)),
+  })) {
     const item = document.createElement('li');
-    item.textContent =
-      event.event === 'chunk' ? String(event.data.delta) : `${event.event}: ${event.data.tokens_used} tokens`;
+    if (event.event === 'chunk') {
+      item.textContent = String(event.data.text);
+    } else if (event.event === 'done') {
+      done = event.data;
+      item.textContent = `done: ${event.data.tokens_used} tokens`;
+      item.className = 'ok';
+    } else {
+      item.textContent = `${event.data.code}: ${event.data.message}`;
+      item.className = 'err';
+    }
     list?.append(item);
+    rendered.push({ event: event.event, text: item.textContent, at: performance.now() - sent });
   }
-  show('stream-status', `<span class="ok">${streamed.length} events</span>`);
+  const elapsed = Math.round(performance.now() - sent);
+  show(
+    'stream-status',
+    `<span class="ok">${escape(story.name)}: ${rendered.length} events in ${elapsed} ms</span>` +
+      (done ? `, ${done.tokens_used} tokens (${done.token_source})` : ''),
+  );
 
   return {
     email,
@@ -125,7 +163,12 @@ async function run(hubUrl: string): Promise<HubCheck> {
     replayed: isReplayed(replay.response),
     rateLimit,
     throttled: { status: throttled?.status ?? 0, code, retryAfter },
-    streamed,
+    stream: {
+      toolName: story.name,
+      rendered,
+      done,
+      quota: streamQuota ? { limit: streamQuota.limit, remaining: streamQuota.remaining } : null,
+    },
   };
 }
 

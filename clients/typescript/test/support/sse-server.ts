@@ -1,7 +1,9 @@
 /**
  * A tiny local server that speaks API.md §5.1 on `POST /api/v1/tools/{tool_id}/invoke`, for
- * the stream reader's tests until the hub streams itself. What it answers depends on the tool
- * id, so each test asks for one behaviour:
+ * what the reader must survive and a served hub does not do on demand: every framing detail at
+ * once, a chunk held back until released, an error event, a connection cut mid-stream (the
+ * real hub's stream is tested in hub.test.ts and browser.test.ts). What it answers depends on
+ * the tool id, so each test asks for one behaviour:
  *
  * - `refused`: the JSON envelope of a refusal (402 SUBSCRIPTION_REQUIRED), as the hub does;
  * - `script`: the §5.1 sample stream (sse-stream.ts), frame by frame;
