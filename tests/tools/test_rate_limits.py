@@ -201,3 +201,25 @@ async def test_a_plan_edit_applies_to_the_very_next_call_and_refusals_cost_nothi
     await _sql(engine, "UPDATE subscriptions SET inflight = 0 WHERE id = :s", s=fresh.subscription_id)
     await assert_untouched(engine, fresh)  # no log, no charge, no reservation
     await assert_settled(engine, caller)
+
+
+async def test_refusals_per_day_show_in_the_summary_and_the_platform_stats(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    from joyhub.core.clock import utcnow
+
+    await set_plan(engine, "free", 2)
+    caller = await make_caller(engine, "free")
+    admin = await make_caller(engine, None)
+    await _sql(engine, "UPDATE users SET role = 'admin' WHERE id = :u", u=admin.user_id)
+    tool = await make_tool(engine, upstream.url("/fast"))
+    clock.freeze()
+    codes = [(await invoke(client, caller, tool)).status_code for _ in range(5)]
+    assert codes == [200, 200, 429, 429, 429]
+    today = utcnow().date().isoformat()
+    summary = (await client.get(f"{API}/usage/summary", headers=caller.headers)).json()["data"]
+    assert summary["rate_limited"] == [{"date": today, "refusals": 3}]
+    assert summary["total_invocations"] == 2  # refusals are not invocations
+    stats = (await client.get(f"{API}/admin/usage/stats", headers=admin.headers)).json()["data"]
+    assert stats["rate_limited"] == [{"date": today, "refusals": 3}]
+    assert stats["total_invocations"] == 2

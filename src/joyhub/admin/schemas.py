@@ -6,10 +6,10 @@ import uuid
 from datetime import date
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from joyhub.usage.dates import UtcDateTime
-from joyhub.usage.schemas import ToolUsage
+from joyhub.usage.schemas import DailyRefusals, ToolUsage
 from joyhub.users.schemas import Name
 
 Role = Literal["user", "admin"]
@@ -104,6 +104,9 @@ class PlatformStats(BaseModel):
     by_plan: list[PlanUsage]
     top_users: list[TopUser]
     daily: list[DailyUsage]
+    rate_limited: list[DailyRefusals] = Field(
+        description="Calls refused by a rate or concurrency limit (API.md §4.1), per UTC day that had any"
+    )
     subscriptions: SubscriptionStats
 
 

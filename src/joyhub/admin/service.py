@@ -77,7 +77,7 @@ from joyhub.models import (
 )
 from joyhub.subscriptions.rollover import advance
 from joyhub.usage.dates import DAY, Bound, TimeRange, ceil_to, floor_to, resolve
-from joyhub.usage.schemas import ToolUsage
+from joyhub.usage.schemas import DailyRefusals, ToolUsage
 from joyhub.usage.service import last_days
 
 from .schemas import (
@@ -332,10 +332,13 @@ async def platform_stats(
     top, active = await _top_users(session, first, stop)
     daily_counts = usage["day"]
     daily = []
+    refusals: list[DailyRefusals] = []
     cursor = first
     while cursor < stop:
-        inv, tok = daily_counts.get(cursor, (0, 0))
+        inv, tok, limited = daily_counts.get(cursor, (0, 0, 0))
         daily.append(DailyUsage(date=cursor, invocations=inv, tokens=tok))
+        if limited:
+            refusals.append(DailyRefusals(date=cursor, refusals=limited))
         cursor += timedelta(days=1)
     totals = usage["totals"]
     assert rng.start is not None and rng.end is not None
@@ -355,6 +358,7 @@ async def platform_stats(
         by_plan=usage["plans"],
         top_users=top,
         daily=daily,
+        rate_limited=refusals,
         subscriptions=await _subscription_stats(session),
     )
 
@@ -375,24 +379,29 @@ async def _usage_breakdown(session: AsyncSession, first: date, stop: date) -> di
             _big(func.sum(p.timeouts)),
             _big(func.sum(p.cancelled)),
             _big(func.sum(p.tokens)),
+            _big(func.sum(p.rate_limited)),
         )
         .where(p.day >= first, p.day < stop)
         .group_by(func.grouping_sets(tuple_(p.day), tuple_(p.tool_id), tuple_(p.plan_code)))
     )
-    days: dict[date, tuple[int, int]] = {}
+    days: dict[date, tuple[int, int, int]] = {}
     tools: dict[uuid.UUID, tuple[int, int]] = {}
     plans: list[PlanUsage] = []
-    totals = {"invocations": 0, "successes": 0, "errors": 0, "timeouts": 0, "cancelled": 0, "tokens": 0}
+    totals = dict.fromkeys(
+        ("invocations", "successes", "errors", "timeouts", "cancelled", "tokens", "rate_limited"), 0
+    )
     rows = (await session.execute(stmt)).all()
-    for grouping, day, tool_id, plan_code, inv, ok, err, tmo, cxl, tok in rows:
+    for grouping, day, tool_id, plan_code, inv, ok, err, tmo, cxl, tok, limited in rows:
         if grouping == 0b011:  # grouped by day only
-            days[day] = (int(inv), int(tok))
+            days[day] = (int(inv), int(tok), int(limited))
             totals["invocations"] += int(inv)
             totals["successes"] += int(ok)
             totals["errors"] += int(err)
             totals["timeouts"] += int(tmo)
             totals["cancelled"] += int(cxl)
             totals["tokens"] += int(tok)
+        elif not inv:  # a tool or plan with refusals only (rate limits): no calls to show
+            continue
         elif grouping == 0b101:  # by tool
             tools[tool_id] = (int(inv), int(tok))
         elif grouping == 0b110:  # by plan ('' = no plan)

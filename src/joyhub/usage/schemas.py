@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from datetime import date
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from joyhub.usage.dates import UtcDateTime
 
@@ -45,6 +46,11 @@ class Quota(BaseModel):
     period_end: UtcDateTime
 
 
+class DailyRefusals(BaseModel):
+    date: date
+    refusals: int
+
+
 class UsageSummary(BaseModel):
     period_start: UtcDateTime
     period_end: UtcDateTime
@@ -55,6 +61,10 @@ class UsageSummary(BaseModel):
     total_tokens: int
     by_tool: list[ToolUsage]
     quota: Quota | None
+    rate_limited: list[DailyRefusals] = Field(
+        description="Calls refused by a rate or concurrency limit (API.md §4.1), per UTC day of the "
+        "range that had any (counted by day: a partial first or last day counts whole)"
+    )
 
 
 class TimeseriesPoint(BaseModel):

@@ -73,6 +73,7 @@ from joyhub.usage.dates import (
     split,
 )
 from joyhub.usage.schemas import (
+    DailyRefusals,
     Quota,
     TimeseriesPoint,
     ToolUsage,
@@ -421,7 +422,26 @@ async def summary(
         total_tokens=sum(t.tokens for t in by_tool),
         by_tool=tools,
         quota=period.quota,
+        rate_limited=await _refusals(session, user_id, rng),
     )
+
+
+_REFUSALS = text(
+    """
+    SELECT day, SUM(rate_limited) AS refusals FROM usage_daily
+    WHERE user_id = :user_id AND day >= :first AND day <= :last AND rate_limited > 0
+    GROUP BY day ORDER BY day
+    """
+)
+
+
+async def _refusals(session: AsyncSession, user_id: uuid.UUID, rng: TimeRange) -> list[DailyRefusals]:
+    """Rate-limited refusals per day (the rollups count them by day: no row per refusal)."""
+    assert rng.start is not None and rng.end is not None
+    first = rng.start.astimezone(UTC).date()
+    last = (rng.end - timedelta(microseconds=1)).astimezone(UTC).date()
+    rows = await session.execute(_REFUSALS, {"user_id": user_id, "first": first, "last": last})
+    return [DailyRefusals(date=day, refusals=int(n)) for day, n in rows.all()]
 
 
 @dataclass(frozen=True)

@@ -298,7 +298,7 @@ export const usageTimeseries = <ThrowOnError extends boolean = false>(options?: 
 /**
  * Your usage records as a CSV download, streamed
  *
- * Columns: id, timestamp, tool_id, tool_name, status, tokens_used, duration_ms, request_id, error_code; newest first. Text cells starting with = + - @ are prefixed with an apostrophe.
+ * Columns: id, timestamp, tool_id, tool_name, status, tokens_used, duration_ms, request_id, error_code, token_source; newest first. Text cells starting with = + - @ are prefixed with an apostrophe.
  */
 export const usageExport = <ThrowOnError extends boolean = false>(options?: Options<UsageExportData, ThrowOnError>) => (options?.client ?? client).get<UsageExportResponses, UsageExportErrors, ThrowOnError>({
     security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],

@@ -447,6 +447,20 @@ export type CircuitOut = {
 };
 
 /**
+ * DailyRefusals
+ */
+export type DailyRefusals = {
+    /**
+     * Date
+     */
+    date: string;
+    /**
+     * Refusals
+     */
+    refusals: number;
+};
+
+/**
  * DailyUsage
  */
 export type DailyUsage = {
@@ -1081,6 +1095,12 @@ export type PlatformStats = {
      * Daily
      */
     daily: Array<DailyUsage>;
+    /**
+     * Rate Limited
+     *
+     * Calls refused by a rate or concurrency limit (API.md §4.1), per UTC day that had any
+     */
+    rate_limited: Array<DailyRefusals>;
     subscriptions: SubscriptionStats;
 };
 
@@ -1148,6 +1168,8 @@ export type RegisterOut = {
 
 /**
  * StatusCounts
+ *
+ * Settled calls by outcome (API.md §7); together they make `total_invocations`.
  */
 export type StatusCounts = {
     /**
@@ -1162,6 +1184,10 @@ export type StatusCounts = {
      * Timeout
      */
     timeout: number;
+    /**
+     * Cancelled
+     */
+    cancelled: number;
 };
 
 /**
@@ -1553,9 +1579,13 @@ export type UsageRecord = {
      */
     tokens_used: number;
     /**
+     * Token Source
+     */
+    token_source: 'reported' | 'estimated';
+    /**
      * Status
      */
-    status: 'success' | 'error' | 'timeout';
+    status: 'success' | 'error' | 'timeout' | 'cancelled';
     /**
      * Duration Ms
      */
@@ -1595,6 +1625,10 @@ export type UsageSummary = {
      */
     failed_invocations: number;
     /**
+     * Cancelled Invocations
+     */
+    cancelled_invocations: number;
+    /**
      * Total Tokens
      */
     total_tokens: number;
@@ -1603,6 +1637,12 @@ export type UsageSummary = {
      */
     by_tool: Array<ToolUsage>;
     quota: Quota | null;
+    /**
+     * Rate Limited
+     *
+     * Calls refused by a rate or concurrency limit (API.md §4.1), per UTC day of the range that had any (counted by day: a partial first or last day counts whole)
+     */
+    rate_limited: Array<DailyRefusals>;
 };
 
 /**
@@ -2840,7 +2880,7 @@ export type UsageListData = {
          *
          * Only records with this outcome
          */
-        status?: 'success' | 'error' | 'timeout' | null;
+        status?: 'success' | 'error' | 'timeout' | 'cancelled' | null;
         /**
          * Start Date
          *
@@ -3044,7 +3084,7 @@ export type UsageExportData = {
          *
          * Only records with this outcome
          */
-        status?: 'success' | 'error' | 'timeout' | null;
+        status?: 'success' | 'error' | 'timeout' | 'cancelled' | null;
         /**
          * Start Date
          *
