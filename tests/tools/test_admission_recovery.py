@@ -52,19 +52,19 @@ async def test_an_admission_whose_reply_was_lost_is_undone_and_made_once(
     tool = await make_tool(engine, upstream.url("/fast?tokens=4"))
     caller = await make_caller(engine, "pro")
     assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200  # version known
-    real = MeteringConnection.admit
+    real = MeteringConnection.admit_many
     committed: list[AdmitResult] = []
 
-    async def reply_lost(conn: MeteringConnection, req: AdmitRequest) -> AdmitResult:
-        result = await real(conn, req)
+    async def reply_lost(conn: MeteringConnection, reqs: list[AdmitRequest]) -> list[AdmitResult]:
+        results = await real(conn, reqs)
         if not committed:
-            committed.append(result)
+            committed.extend(results)
             raise asyncpg.exceptions.ConnectionDoesNotExistError(
                 "connection was closed in the middle of operation"
             )
-        return result
+        return results
 
-    monkeypatch.setattr(MeteringConnection, "admit", reply_lost)
+    monkeypatch.setattr(MeteringConnection, "admit_many", reply_lost)
     recoveries = metrics.ADMISSION_RECOVERIES._value.get()
     r = await invoke(client, caller, tool, {"text": "x"})
     assert r.status_code == 200, r.text
@@ -81,15 +81,15 @@ async def test_a_failure_that_persists_is_503_and_leaves_nothing(
     tool = await make_tool(engine, upstream.url("/fast"))
     caller = await make_caller(engine, "pro")
     assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200
-    real = MeteringConnection.admit
+    real = MeteringConnection.admit_many
 
-    async def always_lost(conn: MeteringConnection, req: AdmitRequest) -> AdmitResult:
-        await real(conn, req)
+    async def always_lost(conn: MeteringConnection, reqs: list[AdmitRequest]) -> list[AdmitResult]:
+        await real(conn, reqs)
         raise asyncpg.exceptions.ConnectionDoesNotExistError(
             "connection was closed in the middle of operation"
         )
 
-    monkeypatch.setattr(MeteringConnection, "admit", always_lost)
+    monkeypatch.setattr(MeteringConnection, "admit_many", always_lost)
     r = await invoke(client, caller, tool, {"text": "x"})
     assert (r.status_code, r.json()["error"]["code"]) == (503, "SERVICE_UNAVAILABLE")
     assert upstream.count("/fast") == 1  # only the warm-up call went upstream
@@ -111,25 +111,25 @@ async def test_a_lost_statement_that_commits_late_cannot_admit_the_call_twice(
     tool = await make_tool(engine, upstream.url("/fast?tokens=5"))
     caller = await make_caller(engine, "pro")
     assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200  # version known
-    real = MeteringConnection.admit
+    real = MeteringConnection.admit_many
     lost: list[AdmitRequest] = []
 
-    async def not_yet(conn: MeteringConnection, req: AdmitRequest) -> AdmitResult:
+    async def not_yet(conn: MeteringConnection, reqs: list[AdmitRequest]) -> list[AdmitResult]:
         if not lost:
-            lost.append(req)  # "sent", but it has not reached the server yet
+            lost.extend(reqs)  # "sent", but it has not reached the server yet
             raise asyncpg.exceptions.ConnectionDoesNotExistError(
                 "connection was closed in the middle of operation"
             )
-        return await real(conn, req)
+        return await real(conn, reqs)
 
-    monkeypatch.setattr(MeteringConnection, "admit", not_yet)
+    monkeypatch.setattr(MeteringConnection, "admit_many", not_yet)
     r = await invoke(client, caller, tool, {"text": "x"})
     assert r.status_code == 200, r.text
     assert r.json()["data"]["invocation_id"] == str(lost[0].log_id)  # the retry reused the log id
 
     async with engine.connect() as conn:  # now the lost statement runs, late
         with pytest.raises(asyncpg.exceptions.UniqueViolationError):
-            await real(MeteringConnection(DriverSession(await driver_of(conn))), lost[0])
+            await real(MeteringConnection(DriverSession(await driver_of(conn))), lost)
     logs = await usage_logs(engine, caller.user_id)
     assert [(log.status, log.tokens_used) for log in logs] == [("success", 5), ("success", 5)]
     await assert_settled(engine, caller)

@@ -130,25 +130,25 @@ async def test_settle_retries_transient_errors(
     caller = await make_caller(engine, "pro")
     tool = await make_tool(engine, upstream.url("/fast"))
     admission = await _pending(engine, caller, tool)
-    real = MeteringStore.settle_once
+    real = MeteringStore.settle_many
     calls = {"n": 0}
 
-    async def flaky(*args: Any, **kw: Any) -> Settlement:
+    async def flaky(*args: Any, **kw: Any) -> dict[uuid.UUID, Settlement]:
         calls["n"] += 1
         if calls["n"] == 1:
             raise OperationalError("SELECT 1", {}, ConnectionResetError("connection reset"))
         return await real(*args, **kw)
 
-    monkeypatch.setattr(MeteringStore, "settle_once", flaky)
+    monkeypatch.setattr(MeteringStore, "settle_many", flaky)
     monkeypatch.setattr(metering, "SETTLE_RETRY_DELAYS", (0.0, 0.0))
     result = await MeteringStore(engine).settle(_settle_kw(admission, caller, tool))
     assert result.settled and calls["n"] == 2
     await assert_settled(engine, caller)
 
-    async def broken(*args: Any, **kw: Any) -> Settlement:
+    async def broken(*args: Any, **kw: Any) -> dict[uuid.UUID, Settlement]:
         raise ValueError("a bug, not a blip")
 
-    monkeypatch.setattr(MeteringStore, "settle_once", broken)
+    monkeypatch.setattr(MeteringStore, "settle_many", broken)
     with pytest.raises(ValueError):
         await MeteringStore(engine).settle(_settle_kw(admission, caller, tool))
 
@@ -164,17 +164,17 @@ async def test_a_settle_whose_reply_was_lost_is_reported_as_charged(
     caller = await make_caller(engine, "pro")
     tool = await make_tool(engine, upstream.url("/fast"))
     admission = await _pending(engine, caller, tool)
-    real = MeteringStore.settle_once
+    real = MeteringStore.settle_many
     calls = {"n": 0}
 
-    async def lost_reply(*args: Any, **kw: Any) -> Settlement:
+    async def lost_reply(*args: Any, **kw: Any) -> dict[uuid.UUID, Settlement]:
         calls["n"] += 1
         result = await real(*args, **kw)
         if calls["n"] == 1:
             raise asyncpg.exceptions.ConnectionDoesNotExistError("closed mid-operation")
         return result
 
-    monkeypatch.setattr(MeteringStore, "settle_once", lost_reply)
+    monkeypatch.setattr(MeteringStore, "settle_many", lost_reply)
     monkeypatch.setattr(metering, "SETTLE_RETRY_DELAYS", (0.0, 0.0))
     with caplog.at_level(logging.INFO, logger="joyhub.tools.metering"):
         result = await MeteringStore(engine).settle(_settle_kw(admission, caller, tool))

@@ -46,6 +46,12 @@ CIRCUIT_STATE = Gauge(
     multiprocess_mode="max",
 )
 QUOTA_DENIALS = Counter("joyhub_quota_denials_total", "Invocations refused for quota", ["plan"])
+GROUP_COMMIT_BATCH = Histogram(
+    "joyhub_group_commit_batch_size",
+    "Calls written by one group-committed statement (issue 15): admissions and settles of one account",
+    ["kind"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 RATE_LIMITED = Counter(
     "joyhub_rate_limited", "Invocations refused by a rate or concurrency limit (API.md §4.1)", ["scope"]
 )

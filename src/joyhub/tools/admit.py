@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, NoReturn
@@ -40,6 +41,7 @@ from joyhub.tools.metering import (
     Admission,
     AdmissionRead,
     AdmitRequest,
+    AdmitResult,
     MeteringConnection,
     Quota,
     connection_lost,
@@ -73,6 +75,10 @@ class Admitted:
 
     admission: Admission
     permit: Permit
+
+
+# how a statement is run: on the request's own connection, or group-committed
+Admit = Callable[[AdmitRequest], Awaitable[AdmitResult]]
 
 
 class _KeyTaken(Exception):
@@ -181,16 +187,17 @@ class AdmissionRun:
         return False
 
     async def _admit_once(self, *, may_roll_over: bool, ping: bool) -> Admitted | Replay:
-        """One connection's worth of admitting. Without an Idempotency-Key the connection comes
-        without the pre-ping when it was used within the last second: `run` admits again when it
+        """One round of admitting. Without an Idempotency-Key the statement commits on its own (a
+        refusal writes nothing but an API key's last-used stamp) and is group-committed with the
+        same caller's other calls to the same tool (`group_commit.py`), on a connection taken
+        without the pre-ping: `run` admits again, alone and on a pinged connection, when it
         turns out dead (`_recover`). With a key the statement runs in a transaction with the
         claim, on a pinged connection."""
-        keyed = self.request.idempotency_key is not None
-        async with self.gateway.store.connection(ping=ping or keyed) as conn:
-            if not keyed:
-                # one statement, committed on its own: a refusal writes nothing but an API key's
-                # last-used stamp
-                return await self._admit(conn, may_roll_over=may_roll_over)
+        if self.request.idempotency_key is None and not ping:
+            return await self._admit(self.gateway.admit_batched, may_roll_over=may_roll_over)
+        async with self.gateway.store.connection(ping=True) as conn:
+            if self.request.idempotency_key is None:
+                return await self._admit(conn.admit, may_roll_over=may_roll_over)
             return await self._admit_with_key(conn, may_roll_over=may_roll_over)
 
     async def _admit_with_key(self, conn: MeteringConnection, *, may_roll_over: bool) -> Admitted | Replay:
@@ -200,7 +207,7 @@ class AdmissionRun:
         admitted: Admitted | Replay | None = None
         try:
             async with conn.transaction():
-                admitted = await self._admit(conn, may_roll_over=may_roll_over)
+                admitted = await self._admit(conn.admit, may_roll_over=may_roll_over)
                 if isinstance(admitted, Replay):
                     return admitted
                 user_id = admitted.admission.user_id
@@ -244,7 +251,7 @@ class AdmissionRun:
         )
         return [], permit
 
-    async def _admit(self, conn: MeteringConnection, *, may_roll_over: bool) -> Admitted | Replay:
+    async def _admit(self, admit: Admit, *, may_roll_over: bool) -> Admitted | Replay:
         """The admission statement after the checks only Python can make; re-run when the tool
         turned out new or edited, or when a deferred check may now be made. Returns the admission
         or an idempotent replay; raises every refusal, and `_RollOver` when the period is over."""
@@ -255,7 +262,7 @@ class AdmissionRun:
             log_id = self.fence or uuid.uuid4()
             self.tried_log_ids.append(log_id)
             try:
-                result = await conn.admit(
+                result = await admit(
                     AdmitRequest(
                         tool_id=self.request.tool_id,
                         credential=self.request.credential,

@@ -65,7 +65,8 @@ from joyhub.tools.admission import AdmissionGate, AdmissionSlot
 from joyhub.tools.admit import AdmissionRun, Admitted
 from joyhub.tools.breaker import Breakers
 from joyhub.tools.call import Call
-from joyhub.tools.metering import MeteringStore
+from joyhub.tools.group_commit import GroupCommit
+from joyhub.tools.metering import AdmitRequest, AdmitResult, MeteringStore
 from joyhub.tools.outcomes import ENVELOPE, InvocationRequest, Outcome, Presenter, Stream
 from joyhub.tools.tool_versions import ToolVersions
 from joyhub.tools.upstream import Upstream
@@ -124,6 +125,10 @@ class Gateway:
         self.sessionmaker = sessionmaker
         self.tool_versions = ToolVersions()
         self.recent_keys = RecentKeys()
+        # one caller's calls to one tool arriving together are admitted by one statement
+        self.admissions: GroupCommit[tuple[Any, ...], AdmitRequest, AdmitResult] = GroupCommit(
+            "admit", store.admit_batch
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def invoke(
@@ -194,6 +199,11 @@ class Gateway:
         if run.request.stream:
             return await call.stream(keep_events=admitted.admission.idem_id is not None)
         return await call.run()
+
+    async def admit_batched(self, req: AdmitRequest) -> AdmitResult:
+        """Admit a call without an Idempotency-Key, group-committed with the same caller's calls
+        to the same tool that arrive meanwhile (`group_commit.py`)."""
+        return await self.admissions.submit(req.batch_key, req)
 
     async def roll_over(self, subscription_id: uuid.UUID, now: datetime) -> None:
         """Roll a subscription whose period is over forward (rare: once a period), then re-run."""

@@ -54,6 +54,7 @@ from joyhub.core.config import Settings
 from joyhub.core.db import connect_retried
 from joyhub.core.errors import is_db_unavailable, sqlstates
 from joyhub.tools.driver import DriverSession, Record, driver_of
+from joyhub.tools.group_commit import GroupCommit
 from joyhub.tools.idempotency import KEY_TTL, StoredKey, encode_response
 from joyhub.tools.rate_limits import NO_LIMITS, Bucket, Concurrency, Limits, Scope
 from joyhub.usage import rollups
@@ -178,6 +179,11 @@ class AdmitRequest:
     go: bool  # the input is valid for that version and the circuit let the call through
     log_id: uuid.UUID
 
+    @property
+    def batch_key(self) -> tuple[Credential, uuid.UUID, datetime | None]:
+        """Calls that may be admitted by one statement: one caller, one tool, one version."""
+        return (self.credential, self.tool_id, self.tool_version)
+
 
 @dataclass(frozen=True)
 class SettleRequest:
@@ -205,33 +211,43 @@ class Settlement:
 # The statements
 # ---------------------------------------------------------------------------------------------
 
-# The authentication, the read, the limits and the admission in one statement:
+# The authentication, the read, the limits and the admission of one call — or of a batch of
+# calls of one caller to one tool (group commit, `group_commit.py`) — in one statement:
+# - `req` is the batch, in arrival order: each call's usage log id, reservation, request id and
+#   whether its Python checks passed (`go`: input valid for this tool version, circuit closed);
 # - `who` is the one credential rule (`auth/credentials.py`);
-# - `lk_key`, `lk_tool` and `account` lock what the call may change, in that order (each waits
+# - `lk_key`, `lk_tool` and `account` lock what the calls may change, in that order (each waits
 #   for the one before through its sub-select, so every admission locks key → tool → account and
 #   two admissions cannot deadlock): the caller's API key when it has its own rate limit, the tool
 #   when it has one, and the subscription the caller bills (today: their own). Locked rows are
-#   read as they are *now*, after any concurrent admission that held them, so every check below
-#   sees exact numbers — the quota, the concurrency and each limit's GCRA state;
+#   read as they are *now*, after any concurrent admission that held them, so every check sees
+#   exact numbers — the quota, the calls running and each limit's GCRA state;
 # - `touch` records an unlimited API key's use at most once a minute, best effort: SKIP LOCKED, so
 #   it never waits (a limited key is stamped by `key_rate`: one statement must not update a row
 #   twice);
 # - `ctx` reads the tool, the account and its plan, the tool's minimum plan and any live
 #   idempotency record (and the tool's input schema when the caller validated against another
-#   version, `tool_versions.py`), and `checks` decides, in the contract's order;
-# - `adm` reserves the call's tokens, counts it in flight and advances the plan's GCRA only when
-#   every check passes — and, decided by the caller before the statement (`:go`), the input is
-#   valid for this very tool version and the circuit closed; `key_rate` and `tool_rate` then
-#   advance the key's and the tool's;
-# - `limited` / `limited_platform` count a refusal by a rate or concurrency limit in the day's
-#   rollups (a counter, not a row per refusal);
-# - `log` writes the pending usage log.
-# GCRA (API.md §4.1): a limit of L a minute admits a request at `now` when the bucket's
-# theoretical arrival time, max(tat, now) + 60/L s, is at most 60 s ahead of `now`; admitting
-# moves tat there. A burst of L passes at once, then one request every 60/L s, evenly.
+#   version, `tool_versions.py`);
+# - `room` is what the account and each limit have room for now: calls under each per-minute
+#   limit (GCRA: a limit of L admits a call when max(tat, now) + 60/L s is at most 60 s ahead of
+#   now, and moves tat there — a burst of L at once, then one every 60/L s, evenly), calls
+#   running, and tokens;
+# - `ranked` lines the batch up: a call is admitted when every check passes for it with the
+#   calls eligible before it counted (`ahead`, `ahead_tokens`), so the admitted calls are the
+#   longest run that fits — exactly as if they had come one by one;
+# - `adm` reserves the admitted calls' tokens on the account, counts them in flight and advances
+#   the plan's GCRA; `key_rate` and `tool_rate` advance the key's and the tool's;
+# - `limited` / `limited_platform` count the calls refused by a rate or concurrency limit in the
+#   day's rollups (a counter, not a row per refusal);
+# - `log` writes each admitted call's pending usage log.
 _ADMIT = text(
     """
-    WITH who AS ("""  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
+    WITH req AS (
+        SELECT r.n, r.log_id, r.reserve, r.request_id, r.go
+        FROM unnest(CAST(:log_ids AS uuid[]), CAST(:reserves AS bigint[]),
+                    CAST(:request_ids AS varchar[]), CAST(:gos AS boolean[]))
+             WITH ORDINALITY AS r(log_id, reserve, request_id, go, n)
+    ), who AS ("""  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + CREDENTIAL_USERS
     + """
     ), lk_key AS (
@@ -280,71 +296,98 @@ _ADMIT = text(
         LEFT JOIN lk_tool ON true
         LEFT JOIN idempotency_keys AS kk
                ON kk.user_id = who.user_id AND kk.key = :idempotency_key AND kk.expires_at > :now
-    ), checks AS (
+    ), room AS (
         SELECT ctx.*,
                ctx.user_id IS NOT NULL AND ctx.tool_id IS NOT NULL AND ctx.idem_state IS NULL
                  AND ctx.sub_status = 'active' AND ctx.current_period_end > :now
                  AND (ctx.expires_at IS NULL OR ctx.expires_at > :now)
                  AND (ctx.min_rank IS NULL OR ctx.plan_rank >= ctx.min_rank) AS gate_ok,
-               ctx.plan_rpm IS NULL OR GREATEST(ctx.plan_tat, :now)
-                 + make_interval(secs => 60.0 / ctx.plan_rpm) - :now <= interval '60 seconds' AS plan_rate_ok,
-               ctx.key_rpm IS NULL OR GREATEST(ctx.key_tat, :now)
-                 + make_interval(secs => 60.0 / ctx.key_rpm) - :now <= interval '60 seconds' AS key_rate_ok,
-               ctx.tool_rpm IS NULL OR GREATEST(ctx.tool_tat, :now)
-                 + make_interval(secs => 60.0 / ctx.tool_rpm) - :now <= interval '60 seconds' AS tool_rate_ok,
-               ctx.max_concurrent IS NULL OR ctx.inflight < ctx.max_concurrent AS concurrency_ok
+               ctx.tool_updated_at = :tool_version AS version_ok,
+               floor((60 - EXTRACT(EPOCH FROM GREATEST(ctx.plan_tat, :now) - :now)) * ctx.plan_rpm / 60)
+                   AS plan_room,
+               floor((60 - EXTRACT(EPOCH FROM GREATEST(ctx.key_tat, :now) - :now)) * ctx.key_rpm / 60)
+                   AS key_room,
+               floor((60 - EXTRACT(EPOCH FROM GREATEST(ctx.tool_tat, :now) - :now)) * ctx.tool_rpm / 60)
+                   AS tool_room,
+               ctx.token_limit - ctx.tokens_used - ctx.tokens_reserved AS token_room
         FROM ctx
+    ), ranked AS (
+        SELECT req.n, req.log_id, req.reserve, req.request_id,
+               room.gate_ok AND room.version_ok AND req.go AS eligible,
+               COALESCE(count(*) FILTER (WHERE room.gate_ok AND room.version_ok AND req.go) OVER w, 0)
+                   AS ahead,
+               COALESCE(sum(req.reserve) FILTER (WHERE room.gate_ok AND room.version_ok AND req.go) OVER w, 0)
+                   AS ahead_tokens
+        FROM req CROSS JOIN room
+        WINDOW w AS (ORDER BY req.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+    ), decided AS (
+        SELECT ranked.*,
+               room.plan_room IS NULL OR ranked.ahead < room.plan_room AS plan_rate_ok,
+               room.key_room IS NULL OR ranked.ahead < room.key_room AS key_rate_ok,
+               room.tool_room IS NULL OR ranked.ahead < room.tool_room AS tool_rate_ok,
+               room.max_concurrent IS NULL OR room.inflight + ranked.ahead < room.max_concurrent
+                   AS concurrency_ok,
+               ranked.ahead_tokens < room.token_room AS tokens_ok
+        FROM ranked CROSS JOIN room
+    ), admitted AS (
+        SELECT * FROM decided
+        WHERE eligible AND plan_rate_ok AND key_rate_ok AND tool_rate_ok AND concurrency_ok AND tokens_ok
+    ), total AS (
+        SELECT count(*) AS calls, COALESCE(sum(reserve), 0) AS reserve FROM admitted
     ), adm AS (
         UPDATE subscriptions AS s
-        SET tokens_reserved = s.tokens_reserved + :reserve, inflight = s.inflight + 1,
-            rate_tat = CASE WHEN c.plan_rpm IS NULL THEN s.rate_tat
-                            ELSE GREATEST(s.rate_tat, :now) + make_interval(secs => 60.0 / c.plan_rpm) END
-        FROM checks AS c
-        WHERE s.id = c.sub_id AND c.gate_ok
-          AND c.plan_rate_ok AND c.key_rate_ok AND c.tool_rate_ok AND c.concurrency_ok
-          AND s.tokens_used + s.tokens_reserved < c.token_limit
-          AND c.tool_updated_at = :tool_version AND CAST(:go AS boolean)
-        RETURNING s.id, s.plan_code, c.user_id, s.rate_tat
+        SET tokens_reserved = s.tokens_reserved + total.reserve, inflight = s.inflight + total.calls,
+            rate_tat = CASE WHEN room.plan_rpm IS NULL THEN s.rate_tat
+                            ELSE GREATEST(s.rate_tat, :now)
+                                 + make_interval(secs => total.calls * 60.0 / room.plan_rpm) END
+        FROM room, total
+        WHERE s.id = room.sub_id AND total.calls > 0
+        RETURNING s.id, s.plan_code
     ), key_rate AS (
         UPDATE api_keys AS k
-        SET rate_tat = GREATEST(k.rate_tat, :now) + make_interval(secs => 60.0 / k.requests_per_minute),
+        SET rate_tat = GREATEST(k.rate_tat, :now)
+                       + make_interval(secs => total.calls * 60.0 / k.requests_per_minute),
             last_used_at = :now
-        FROM adm, lk_key WHERE k.id = lk_key.id
-        RETURNING k.rate_tat
+        FROM total, lk_key WHERE k.id = lk_key.id AND total.calls > 0
     ), tool_rate AS (
         UPDATE tools AS t
-        SET rate_tat = GREATEST(t.rate_tat, :now) + make_interval(secs => 60.0 / t.requests_per_minute)
-        FROM adm, lk_tool WHERE t.id = lk_tool.id
-        RETURNING t.rate_tat
+        SET rate_tat = GREATEST(t.rate_tat, :now)
+                       + make_interval(secs => total.calls * 60.0 / t.requests_per_minute)
+        FROM total, lk_tool WHERE t.id = lk_tool.id AND total.calls > 0
     ), refused AS (
-        SELECT c.user_id, c.tool_id, c.plan_code, get_byte(uuid_send(c.user_id), 15) % 16 AS shard
-        FROM checks AS c
-        WHERE c.gate_ok AND c.tool_updated_at = :tool_version
-          AND NOT (c.plan_rate_ok AND c.key_rate_ok AND c.tool_rate_ok AND c.concurrency_ok)
+        SELECT room.user_id, room.tool_id, room.plan_code,
+               get_byte(uuid_send(room.user_id), 15) % 16 AS shard, count(*) AS calls
+        FROM decided CROSS JOIN room
+        WHERE room.gate_ok AND room.version_ok
+          AND NOT (decided.plan_rate_ok AND decided.key_rate_ok AND decided.tool_rate_ok
+                   AND decided.concurrency_ok)
+        GROUP BY 1, 2, 3, 4
     ), limited AS (
         INSERT INTO usage_daily AS d
             (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, tokens, rate_limited)
-        SELECT user_id, CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, 0, 0, 0, 0, 0, 1
+        SELECT user_id, CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, 0, 0, 0, 0, 0, calls
         FROM refused
-        ON CONFLICT (user_id, day, tool_id, plan_code) DO UPDATE SET rate_limited = d.rate_limited + 1
+        ON CONFLICT (user_id, day, tool_id, plan_code)
+            DO UPDATE SET rate_limited = d.rate_limited + EXCLUDED.rate_limited
     ), limited_platform AS (
         INSERT INTO usage_platform_daily AS pd
             (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, tokens, rate_limited)
-        SELECT CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, shard, 0, 0, 0, 0, 0, 1
+        SELECT CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, shard, 0, 0, 0, 0, 0, calls
         FROM refused
-        ON CONFLICT (day, tool_id, plan_code, shard) DO UPDATE SET rate_limited = pd.rate_limited + 1
+        ON CONFLICT (day, tool_id, plan_code, shard)
+            DO UPDATE SET rate_limited = pd.rate_limited + EXCLUDED.rate_limited
     ), log AS (
         INSERT INTO usage_logs (id, user_id, tool_id, subscription_id, plan_code, status,
                                 started_at, "timestamp", tokens_used, tokens_reserved, request_id)
-        SELECT CAST(:log_id AS uuid), adm.user_id, CAST(:tool_id AS uuid), adm.id, adm.plan_code,
-               'pending', :now, :now, 0, :reserve, CAST(:request_id AS varchar)
-        FROM adm
-        RETURNING plan_code
+        SELECT a.log_id, room.user_id, CAST(:tool_id AS uuid), adm.id, adm.plan_code,
+               'pending', :now, :now, 0, a.reserve, a.request_id
+        FROM admitted AS a CROSS JOIN room CROSS JOIN adm
+        RETURNING id
     )
-    SELECT checks.*, log.plan_code AS admitted_plan, adm.rate_tat AS new_plan_tat,
-           key_rate.rate_tat AS new_key_tat, tool_rate.rate_tat AS new_tool_tat
-    FROM checks LEFT JOIN log ON true LEFT JOIN adm ON true
-    LEFT JOIN key_rate ON true LEFT JOIN tool_rate ON true
+    SELECT room.*, decided.n, decided.ahead, decided.ahead_tokens, decided.plan_rate_ok, decided.key_rate_ok,
+           decided.tool_rate_ok, decided.concurrency_ok, log.id IS NOT NULL AS admitted
+    FROM decided CROSS JOIN room LEFT JOIN log ON log.id = decided.log_id
+    ORDER BY decided.n
     """
 )
 
@@ -374,47 +417,63 @@ _LOOKUP_KEY = text(
 
 _LINK_KEY = text("UPDATE idempotency_keys SET usage_log_id = :log_id WHERE id = :idem_id")
 
-# Settle in one statement: `l` locks the pending log (a log the sweep closed meanwhile is no
-# longer pending, so nothing below happens and the statement returns no row); `sub` charges the
-# tokens and releases the reservation; `stamp` is the settle time clamped into the period the
-# tokens were charged to; `log` writes the outcome; `idem` stores the response for replay;
-# `settled` feeds the rollup upserts (`rollups.ROLLUP_CTES`).
+# Settle one call — or a batch of calls of one subscription to one tool (group commit,
+# `group_commit.py`) — in one statement: `req` is the batch; `l` locks the calls' pending logs
+# (a log the sweep closed meanwhile is no longer pending, so nothing below happens for it);
+# `charge` adds up what they cost and held; `sub` charges the account and releases the
+# reservations; `log` writes each outcome, stamped with the settle time clamped into the period the
+# tokens were charged to (so tokens_used always equals the sum of the current period's logs);
+# `idem` stores each answer for replay; `settled` feeds the rollup upserts (`rollups.ROLLUP_CTES`).
 _SETTLE = text(
     """
-    WITH l AS (
-        SELECT id, subscription_id, tokens_reserved FROM usage_logs
-        WHERE id = :log_id AND status = 'pending'
-        FOR UPDATE
+    WITH req AS (
+        SELECT * FROM unnest(
+            CAST(:log_ids AS uuid[]), CAST(:statuses AS varchar[]), CAST(:tokens AS bigint[]),
+            CAST(:durations AS integer[]), CAST(:error_codes AS varchar[]), CAST(:token_sources AS varchar[]),
+            CAST(:idem_ids AS uuid[]), CAST(:response_statuses AS integer[]),
+            CAST(:response_bodies AS text[]))
+        AS r(log_id, status, tokens, duration_ms, error_code, token_source, idem_id, response_status,
+             response_body)
+    ), l AS (
+        SELECT u.id, u.subscription_id, u.tokens_reserved, req.*
+        FROM usage_logs AS u JOIN req ON u.id = req.log_id
+        WHERE u.status = 'pending'
+        ORDER BY u.id
+        FOR UPDATE OF u
+    ), charge AS (
+        SELECT subscription_id, sum(tokens) AS tokens, sum(tokens_reserved) AS reserved, count(*) AS calls
+        FROM l GROUP BY subscription_id
     ), sub AS (
         UPDATE subscriptions AS s
-        SET tokens_used = s.tokens_used + CAST(:tokens AS bigint),
-            tokens_reserved = GREATEST(s.tokens_reserved - l.tokens_reserved, 0),
-            inflight = GREATEST(s.inflight - 1, 0)
-        FROM l WHERE s.id = l.subscription_id
-        RETURNING s.tokens_used, s.current_period_start, s.current_period_end,
+        SET tokens_used = s.tokens_used + charge.tokens,
+            tokens_reserved = GREATEST(s.tokens_reserved - charge.reserved, 0),
+            inflight = GREATEST(s.inflight - charge.calls, 0)
+        FROM charge WHERE s.id = charge.subscription_id
+        RETURNING s.id, s.tokens_used, s.current_period_start, s.current_period_end,
                   (SELECT p.token_limit FROM plans AS p WHERE p.code = s.plan_code) AS token_limit
-    ), stamp AS (
-        SELECT l.id, COALESCE(
-            (SELECT LEAST(GREATEST(CAST(:now AS timestamptz), sub.current_period_start),
-                          sub.current_period_end - interval '1 microsecond') FROM sub),
-            CAST(:now AS timestamptz)) AS ts
-        FROM l
     ), log AS (
         UPDATE usage_logs AS u
-        SET status = :status, tokens_used = CAST(:tokens AS bigint), duration_ms = :duration_ms,
-            "timestamp" = stamp.ts, error_code = :error_code, token_source = :token_source
-        FROM stamp WHERE u.id = stamp.id
-        RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp"
+        SET status = l.status, tokens_used = l.tokens, duration_ms = l.duration_ms, error_code = l.error_code,
+            token_source = l.token_source,
+            "timestamp" = COALESCE(
+                LEAST(GREATEST(CAST(:now AS timestamptz), sub.current_period_start),
+                      sub.current_period_end - interval '1 microsecond'),
+                CAST(:now AS timestamptz))
+        FROM l LEFT JOIN sub ON sub.id = l.subscription_id
+        WHERE u.id = l.id
+        RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp", u.status, u.tokens_used
     ), idem AS (
-        UPDATE idempotency_keys
-        SET state = 'done', response_status = :response_status,
-            response_body = CAST(:response_body AS jsonb), usage_log_id = :log_id
-        WHERE id = :idem_id
+        UPDATE idempotency_keys AS k
+        SET state = 'done', response_status = l.response_status,
+            response_body = CAST(l.response_body AS jsonb), usage_log_id = l.id
+        FROM l WHERE k.id = l.idem_id
     ), settled AS (
-        SELECT user_id, tool_id, COALESCE(plan_code, '') AS plan_code, CAST(:shard AS integer) AS shard,
-               "timestamp" AS ts, CAST(:success AS integer) AS success,
-               CAST(:error AS integer) AS error, CAST(:timeout AS integer) AS timeout,
-               CAST(:cancelled AS integer) AS cancelled, CAST(:tokens AS bigint) AS tokens
+        SELECT user_id, tool_id, COALESCE(plan_code, '') AS plan_code,
+               get_byte(uuid_send(user_id), 15) % 16 AS shard, "timestamp" AS ts,
+               CAST(status = 'success' AS integer) AS success, CAST(status = 'error' AS integer) AS error,
+               CAST(status = 'timeout' AS integer) AS timeout,
+               CAST(status = 'cancelled' AS integer) AS cancelled,
+               tokens_used AS tokens
         FROM log
     ), """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + rollups.ROLLUP_CTES
@@ -501,7 +560,9 @@ _DELETE_EXPIRED_KEYS = text(
 # ---------------------------------------------------------------------------------------------
 
 
-def _admission_read(row: Record) -> AdmissionRead:
+def _admission_read(row: Record, now: datetime) -> AdmissionRead:
+    """What the statement read, as the call of this row saw it: with the calls admitted ahead of
+    it in its batch already holding their tokens, their slots and their places in each limit."""
     tool = None
     if row["tool_id"] is not None:
         secret = (row["auth_header_name"], row["auth_header_value"])
@@ -526,7 +587,7 @@ def _admission_read(row: Record) -> AdmissionRead:
             plan_rank=row["plan_rank"],
             token_limit=row["token_limit"],
             tokens_used=row["tokens_used"],
-            tokens_reserved=row["tokens_reserved"],
+            tokens_reserved=row["tokens_reserved"] + int(row["ahead_tokens"]),
             current_period_end=row["current_period_end"],
             expires_at=row["expires_at"],
         )
@@ -534,7 +595,7 @@ def _admission_read(row: Record) -> AdmissionRead:
     if row["idem_state"] is not None:
         stored = StoredKey(row["idem_state"], bytes(row["idem_hash"]), row["idem_status"], row["idem_body"])
     return AdmissionRead(
-        user_id=row["user_id"], tool=tool, account=account, stored=stored, limits=_limits(row)
+        user_id=row["user_id"], tool=tool, account=account, stored=stored, limits=_limits(row, now)
     )
 
 
@@ -542,58 +603,61 @@ def _admission_read(row: Record) -> AdmissionRead:
 _BUCKETS: tuple[tuple[Scope, str], ...] = (("plan", "plan"), ("api_key", "key"), ("tool", "tool"))
 
 
-def _limits(row: Record) -> Limits:
-    """The limits that apply to the call, in the contract's order (`rate_limits.py`)."""
-    buckets = [
-        Bucket(scope, row[f"{p}_rpm"], row[f"{p}_tat"], row[f"{p}_rate_ok"], row[f"new_{p}_tat"])
-        for scope, p in _BUCKETS
-        if row[f"{p}_rpm"] is not None
-    ]
+def _limits(row: Record, now: datetime) -> Limits:
+    """The limits that apply to the call, in the contract's order (`rate_limits.py`), each with
+    the calls admitted ahead of it in its batch counted."""
+    ahead = int(row["ahead"])
+    buckets = []
+    for scope, p in _BUCKETS:
+        rpm = row[f"{p}_rpm"]
+        if rpm is None:
+            continue
+        start = max(row[f"{p}_tat"] or now, now)
+        interval = timedelta(seconds=60) / rpm
+        tat = start + ahead * interval if ahead else row[f"{p}_tat"]
+        new_tat = start + (ahead + 1) * interval if row["admitted"] else None
+        buckets.append(Bucket(scope, rpm, tat, row[f"{p}_rate_ok"], new_tat))
     concurrency = None
     if row["max_concurrent"] is not None:
-        concurrency = Concurrency(row["max_concurrent"], row["inflight"], row["concurrency_ok"])
+        concurrency = Concurrency(row["max_concurrent"], row["inflight"] + ahead, row["concurrency_ok"])
     return Limits(tuple(buckets), concurrency)
 
 
-def _admit_result(row: Record, req: AdmitRequest) -> AdmitResult:
-    read = _admission_read(row)
-    if row["admitted_plan"] is None:
+def _admit_result(row: Record, req: AdmitRequest, now: datetime) -> AdmitResult:
+    read = _admission_read(row, now)
+    if not row["admitted"]:
         return AdmitResult(read, None)
     assert read.user_id is not None and read.tool is not None and read.account is not None
     admission = Admission(
         log_id=req.log_id,
         user_id=read.user_id,
         subscription_id=read.account.subscription_id,
-        plan_code=row["admitted_plan"],
+        plan_code=read.account.plan_code,
         tool=read.tool,
         quota=read.account.quota,
-        started_at=req.now,
+        started_at=now,
         tokens_left=read.account.token_limit - read.account.tokens_used - read.account.tokens_reserved,
         limits=read.limits,
     )
     return AdmitResult(read, admission)
 
 
-def _settle_params(req: SettleRequest) -> dict[str, Any]:
-    admission = req.admission
+def _settle_params(reqs: list[SettleRequest]) -> dict[str, Any]:
+    """The batch as the statement's arrays (one element per call), settled at the latest `now`."""
     return {
-        "log_id": admission.log_id,
-        "idem_id": admission.idem_id,
-        "shard": rollups.platform_shard(admission.user_id),
-        "status": req.status,
-        "tokens": req.tokens,
-        "duration_ms": req.duration_ms,
-        "now": req.now,
-        "error_code": req.error_code,
-        "response_status": req.response_status,
-        "response_body": (
-            encode_response(req.response_body, req.media_type) if admission.idem_id is not None else None
-        ),
-        "success": int(req.status == "success"),
-        "error": int(req.status == "error"),
-        "timeout": int(req.status == "timeout"),
-        "cancelled": int(req.status == "cancelled"),
-        "token_source": req.token_source,
+        "now": max(r.now for r in reqs),
+        "log_ids": [r.admission.log_id for r in reqs],
+        "statuses": [r.status for r in reqs],
+        "tokens": [r.tokens for r in reqs],
+        "durations": [r.duration_ms for r in reqs],
+        "error_codes": [r.error_code for r in reqs],
+        "token_sources": [r.token_source for r in reqs],
+        "idem_ids": [r.admission.idem_id for r in reqs],
+        "response_statuses": [r.response_status for r in reqs],
+        "response_bodies": [
+            encode_response(r.response_body, r.media_type) if r.admission.idem_id is not None else None
+            for r in reqs
+        ],
     }
 
 
@@ -644,21 +708,26 @@ class MeteringConnection:
         return self._session.driver.transaction()
 
     async def admit(self, req: AdmitRequest) -> AdmitResult:
-        now = req.now
+        return (await self.admit_many([req]))[0]
+
+    async def admit_many(self, reqs: list[AdmitRequest]) -> list[AdmitResult]:
+        """Admit a batch of calls (one caller, one tool: `AdmitRequest.batch_key`) in one
+        statement, deciding each as if they had come one by one, in order."""
+        first = reqs[0]
+        now = max(r.now for r in reqs)
         params = {
-            **req.credential.params(now),
-            "tool_id": req.tool_id,
-            "idempotency_key": req.idempotency_key,
-            "reserve": req.reserve,
-            "log_id": req.log_id,
-            "request_id": req.request_id,
-            "tool_version": req.tool_version,
-            "go": req.go,
+            **first.credential.params(now),
+            "tool_id": first.tool_id,
+            "tool_version": first.tool_version,
+            "idempotency_key": first.idempotency_key if len(reqs) == 1 else None,
             "touch_before": now - API_KEY_TOUCH_INTERVAL,
+            "log_ids": [r.log_id for r in reqs],
+            "reserves": [r.reserve for r in reqs],
+            "request_ids": [r.request_id for r in reqs],
+            "gos": [r.go for r in reqs],
         }
-        row = await self._session.fetchrow(_ADMIT, params)
-        assert row is not None  # `ctx` always has its one row
-        return _admit_result(row, req)
+        rows = await self._session.fetch(_ADMIT, params)
+        return [_admit_result(row, req, now) for row, req in zip(rows, reqs, strict=True)]
 
     async def claim_key(
         self, *, user_id: uuid.UUID, key: str, digest: bytes, tool_id: uuid.UUID, now: datetime
@@ -693,6 +762,10 @@ class MeteringStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # the settles of one subscription's calls to one tool that arrive together: one statement
+        self._settles: GroupCommit[tuple[uuid.UUID, uuid.UUID], SettleRequest, Settlement] = GroupCommit(
+            "settle", self._settle_batch
+        )
 
     @asynccontextmanager
     async def connection(self, *, ping: bool) -> AsyncIterator[MeteringConnection]:
@@ -708,6 +781,12 @@ class MeteringStore:
                     await conn.invalidate()
                 raise
 
+    async def admit_batch(self, reqs: list[AdmitRequest]) -> list[AdmitResult]:
+        """A batch of calls without Idempotency-Keys, on a connection taken without the pre-ping
+        (`connection`): its callers admit again, one by one, when it turns out dead."""
+        async with self.connection(ping=False) as conn:
+            return await conn.admit_many(reqs)
+
     async def undo_admissions(self, log_ids: list[uuid.UUID]) -> None:
         """Take back admissions made without an Idempotency-Key whose outcome is unknown."""
         if log_ids:
@@ -715,7 +794,12 @@ class MeteringStore:
                 await conn.execute(_UNDO_ADMISSIONS, {"log_ids": log_ids})
 
     async def settle(self, req: SettleRequest) -> Settlement:
-        """`settle_once`, retried a few times on transient database errors.
+        """Settle a call: group-committed with the calls of the same subscription and tool that
+        are being settled meanwhile (`group_commit.py`)."""
+        return await self._settles.submit((req.admission.subscription_id, req.admission.tool.id), req)
+
+    async def _settle_batch(self, reqs: list[SettleRequest]) -> list[Settlement]:
+        """`settle_many`, retried a few times on transient database errors.
 
         A blip must not turn a completed call into one the sweep closes as abandoned. Retrying is
         safe: a first attempt that committed without us hearing back leaves nothing `pending`, so
@@ -725,37 +809,36 @@ class MeteringStore:
         retried = False
         for delay in SETTLE_RETRY_DELAYS:
             try:
-                result = await self.settle_once(req)
+                settled = await self.settle_many(reqs)
                 break
             except Exception as exc:
                 if not transient(exc):
                     raise
                 log.warning(
                     "settle failed; retrying",
-                    extra={"invocation_id": str(req.admission.log_id), "error": type(exc).__name__},
+                    extra={"invocations": len(reqs), "error": type(exc).__name__},
                 )
                 retried = True
                 await asyncio.sleep(delay)
         else:
-            result = await self.settle_once(req)
-        if result.settled:
-            return result
-        return await self._settled_before(req, retried=retried)
+            settled = await self.settle_many(reqs)
+        return [
+            settled.get(req.admission.log_id) or await self._settled_before(req, retried=retried)
+            for req in reqs
+        ]
 
-    async def settle_once(self, req: SettleRequest) -> Settlement:
-        """Write the outcome, charge, release, store the idempotent response, bump the rollups:
-        one statement, outside any explicit transaction (a single statement is atomic on its own
-        and needs no BEGIN/COMMIT round trips)."""
-        async with connect_retried(self.engine) as conn:  # `settle` retries a dead connection
+    async def settle_many(self, reqs: list[SettleRequest]) -> dict[uuid.UUID, Settlement]:
+        """Write the outcomes, charge, release, store the idempotent answers, bump the rollups: one
+        statement, outside any explicit transaction (a single statement is atomic on its own and
+        needs no BEGIN/COMMIT round trips). The calls it settled, by usage log id."""
+        async with connect_retried(self.engine) as conn:  # `_settle_batch` retries a dead connection
             try:
-                row = await DriverSession(await driver_of(conn)).fetchrow(_SETTLE, _settle_params(req))
+                rows = await DriverSession(await driver_of(conn)).fetch(_SETTLE, _settle_params(reqs))
             except Exception as exc:
                 if connection_lost(exc):
                     await conn.invalidate()  # asyncpg raised it, not SQLAlchemy: the pool must know
                 raise
-        if row is None:  # nothing pending: see `settle`
-            return Settlement(False)
-        return Settlement(True, _quota_of(row))
+        return {row["id"]: Settlement(True, _quota_of(row)) for row in rows}
 
     async def _settled_before(self, req: SettleRequest, *, retried: bool) -> Settlement:
         """Why a settle found nothing pending: the sweep closed the call (not charged), or an

@@ -29,18 +29,21 @@ from joyhub.models.usage import PLATFORM_SHARDS
 
 # The rollup upserts as CTEs that count every row of a CTE named `settled` — columns user_id,
 # tool_id, plan_code ('' for none), shard, ts (timestamptz), success, error, timeout, cancelled
-# (0/1) and tokens — in all five read models. Put them in a WITH after `settled`: the settle statement
-# (`tools/metering.py`) derives `settled` from the usage log it closes, `bump` from parameters. One
-# text for both, so the rollups cannot be counted one way at settle and another in the sweep.
+# (0/1) and tokens; one row per settled call — in all five read models. Each upsert first adds up
+# the rows that fall on the same rollup row (a batch of calls settled together, `metering.py`), so
+# one statement never updates a row twice, and takes its rows in key order, so two batches
+# cannot deadlock on them. Put them in a WITH after `settled`: the settle statement derives
+# `settled` from the usage logs it closes, `bump` from parameters. One text for both, so the
+# rollups cannot be counted one way at settle and another in the sweep.
 ROLLUP_CTES = """
     daily AS (
         INSERT INTO usage_daily AS d
             (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, cancelled, tokens)
-        SELECT user_id, ts AT TIME ZONE 'UTC', tool_id, plan_code, 1, success, error, timeout, cancelled,
-               tokens
-        FROM settled
+        SELECT user_id, ts AT TIME ZONE 'UTC', tool_id, plan_code, count(*), sum(success), sum(error),
+               sum(timeout), sum(cancelled), sum(tokens)
+        FROM settled GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
         ON CONFLICT (user_id, day, tool_id, plan_code) DO UPDATE SET
-            invocations = d.invocations + 1,
+            invocations = d.invocations + EXCLUDED.invocations,
             successes = d.successes + EXCLUDED.successes,
             errors = d.errors + EXCLUDED.errors,
             timeouts = d.timeouts + EXCLUDED.timeouts,
@@ -49,26 +52,28 @@ ROLLUP_CTES = """
         RETURNING 1
     ), user_daily AS (
         INSERT INTO usage_user_daily AS ud (user_id, day, invocations, tokens)
-        SELECT user_id, ts AT TIME ZONE 'UTC', 1, tokens FROM settled
+        SELECT user_id, ts AT TIME ZONE 'UTC', count(*), sum(tokens)
+        FROM settled GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (user_id, day) DO UPDATE SET
-            invocations = ud.invocations + 1,
+            invocations = ud.invocations + EXCLUDED.invocations,
             tokens = ud.tokens + EXCLUDED.tokens
         RETURNING 1
     ), user_weekly AS (
         INSERT INTO usage_user_weekly AS uw (user_id, week, invocations, tokens)
-        SELECT user_id, date_trunc('week', ts AT TIME ZONE 'UTC'), 1, tokens FROM settled
+        SELECT user_id, date_trunc('week', ts AT TIME ZONE 'UTC'), count(*), sum(tokens)
+        FROM settled GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (user_id, week) DO UPDATE SET
-            invocations = uw.invocations + 1,
+            invocations = uw.invocations + EXCLUDED.invocations,
             tokens = uw.tokens + EXCLUDED.tokens
         RETURNING 1
     ), platform AS (
         INSERT INTO usage_platform_daily AS p
             (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, cancelled, tokens)
-        SELECT ts AT TIME ZONE 'UTC', tool_id, plan_code, shard, 1, success, error, timeout, cancelled,
-               tokens
-        FROM settled
+        SELECT ts AT TIME ZONE 'UTC', tool_id, plan_code, shard, count(*), sum(success), sum(error),
+               sum(timeout), sum(cancelled), sum(tokens)
+        FROM settled GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
         ON CONFLICT (day, tool_id, plan_code, shard) DO UPDATE SET
-            invocations = p.invocations + 1,
+            invocations = p.invocations + EXCLUDED.invocations,
             successes = p.successes + EXCLUDED.successes,
             errors = p.errors + EXCLUDED.errors,
             timeouts = p.timeouts + EXCLUDED.timeouts,
@@ -77,10 +82,10 @@ ROLLUP_CTES = """
         RETURNING 1
     ), hourly AS (
         INSERT INTO usage_hourly AS h (user_id, hour, invocations, tokens)
-        SELECT user_id, date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', 1, tokens
-        FROM settled
+        SELECT user_id, date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', count(*), sum(tokens)
+        FROM settled GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (user_id, hour) DO UPDATE SET
-            invocations = h.invocations + 1,
+            invocations = h.invocations + EXCLUDED.invocations,
             tokens = h.tokens + EXCLUDED.tokens
         RETURNING 1
     )
