@@ -392,6 +392,40 @@ async def _ledger(db_url: str) -> dict[str, int]:
 # ------------------------------------------------------------------------------ main
 
 
+async def _configure_limits(db_url: str, limits: str, tool_id: str) -> None:
+    """Limits the run never reaches, so their cost is measured without refusals."""
+    if limits == "none":
+        return
+    await _db_sql(
+        db_url,
+        "UPDATE plans SET requests_per_minute = 100000000, max_concurrent = 100000 WHERE code = 'enterprise'",
+    )
+    if limits == "plan+tool":
+        await _db_sql(db_url, f"UPDATE tools SET requests_per_minute = 100000000 WHERE id = '{tool_id}'")
+
+
+async def _db_sql(db_url: str, sql: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    eng = create_async_engine(db_url)
+    async with eng.begin() as conn:
+        await conn.execute(text(sql))
+    await eng.dispose()
+
+
+def _measure_refusals(
+    tool: str, url: str, headers: list[dict[str, str]], c: int, duration: float, db_url: str
+) -> dict[str, float]:
+    """429 RATE_LIMITED at c: every caller's plan allows one call a minute, already used."""
+    asyncio.run(_db_sql(db_url, "UPDATE plans SET requests_per_minute = 1 WHERE code = 'enterprise'"))
+    try:
+        measure(tool, url, headers, BODY, c, 1)  # each caller's one call, then refusals
+        return measure(tool, url, headers, BODY, c, duration)
+    finally:
+        asyncio.run(_db_sql(db_url, "UPDATE plans SET requests_per_minute = NULL WHERE code = 'enterprise'"))
+
+
 def _line(label: str, m: dict[str, float]) -> str:
     return (
         f"{label}: {m['rps']:.0f} req/s  p50 {m['p50_ms']:.2f} ms  p99 {m['p99_ms']:.2f} ms  "
@@ -415,6 +449,21 @@ def main() -> int:
         "--async-commit",
         action="store_true",
         help="ALTER DATABASE ... SET synchronous_commit = off for the bench database (see README)",
+    )
+    parser.add_argument(
+        "--limits",
+        default="none",
+        choices=["none", "plan", "plan+tool"],
+        help="configure rate/concurrency limits that the run never reaches (API.md §4.1): on the "
+        "plan, or on the plan and the tool (a tool limit is one row every caller's admission locks)",
+    )
+    parser.add_argument(
+        "--extra-one-caller-c", type=int, default=0, help="also run one caller at this concurrency (e.g. 256)"
+    )
+    parser.add_argument(
+        "--refusals",
+        action="store_true",
+        help="also measure 429 RATE_LIMITED answers at c (a plan limit of 1)",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--serve-mock", type=int, default=None, help=argparse.SUPPRESS)
@@ -472,6 +521,7 @@ def main() -> int:
             hub = start_hub(db_url, workers, port, args.redis_url)
             if seeded is None:
                 seeded = asyncio.run(_seed(db_url, upstream_url, args.users))
+                asyncio.run(_configure_limits(db_url, args.limits, seeded["tool_id"]))
             url = f"http://127.0.0.1:{port}/api/v1/tools/{seeded['tool_id']}/invoke"
             every = [
                 {"Content-Type": "application/json", "Authorization": f"Bearer {t}"} for t in seeded["tokens"]
@@ -511,7 +561,16 @@ def main() -> int:
                 "overhead_c1": overhead,
                 "accounting": check,
                 "hub_cpu_ms_per_invocation": cpu_ms,
+                "one_caller_vs_many": single["rps"] / many["rps"] if many["rps"] else 0.0,
             }
+            if args.extra_one_caller_c:
+                big = measure(tool, url, one, BODY, args.extra_one_caller_c, args.duration)
+                results[f"hub_{workers}w"][f"c{args.extra_one_caller_c}_1_user"] = big
+                print(_line(f"hub {workers}w c={args.extra_one_caller_c} 1 user", big))
+            if args.refusals:
+                refused = _measure_refusals(tool, url, every, c, args.duration, db_url)
+                results[f"hub_{workers}w"][f"c{c}_refusals"] = refused
+                print(_line(f"hub {workers}w c={c} 429 refusals", refused))
             print(_line(f"hub {workers}w c=1", c1))
             print(
                 f"hub {workers}w gateway overhead c=1: p50 {overhead['p50_ms']:.2f} ms  "
@@ -519,6 +578,8 @@ def main() -> int:
             )
             print(_line(f"hub {workers}w c={c} {args.users} users", many))
             print(_line(f"hub {workers}w c={c} 1 user", single))
+            ratio = single["rps"] / many["rps"] if many["rps"] else 0.0
+            print(f"hub {workers}w one caller / {args.users} callers at c={c}: {ratio:.2f}")
             print(f"hub {workers}w hub CPU per invocation: {cpu_ms:.2f} ms")
             print(f"hub {workers}w accounting: {check}")
             stop(hub)
