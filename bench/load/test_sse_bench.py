@@ -172,3 +172,20 @@ def test_accounting_catches_a_missing_chunk() -> None:
     short = _report(10, 5)
     short.chunks_per_stream = {"5": 9, "4": 1}
     assert not accounting(_ledger(), _after(10, 50), [(short, Shape(5, 0))])["all_delivered"]
+
+
+def test_probe_phases_split_by_streams_relaying() -> None:
+    """Opening until 90 % of the streams relay, steady while they do, closing from the first
+    end; one stream that waits long for its first chunk does not stretch the opening."""
+    from stream_bench import probe_phases
+
+    firsts = [1.0] * 9 + [20.0]
+    report = Report(streams=10, started_at=100.0, first_chunk_s=firsts, ended_s=[30.0] * 9 + [50.0])
+
+    class Probe:
+        samples = [(100.5, 1.0), (105.0, 2.0), (125.0, 3.0), (131.0, 4.0)]
+        failures = [(102.0, "TimeoutError")]
+
+    phases = probe_phases(Probe(), report)  # type: ignore[arg-type]
+    assert [phases[k]["n"] for k in ("opening", "steady", "closing")] == [1, 2, 1]
+    assert phases["failures"] == {"TimeoutError": 1} and phases["failures_at_s"] == [2.0]
