@@ -197,10 +197,21 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, byt
     return status, headers
 
 
+@dataclass
+class _Run:
+    """One run's shared state: what to do, what was seen, its start, the streams open now."""
+
+    spec: Spec
+    out: Report
+    t0: float  # time.perf_counter() at the start
+    open: int = 0
+
+
 async def _one_stream(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, spec: Spec, out: Report
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, run: _Run
 ) -> bool:
     """One request and its whole answer; False when the connection cannot be reused."""
+    spec, out = run.spec, run.out
     state = _StreamState()
     started = time.perf_counter()
     writer.write(request)
@@ -240,10 +251,10 @@ async def _one_stream(
     out.chunks_per_stream[str(state.chunks)] = out.chunks_per_stream.get(str(state.chunks), 0) + 1
     if state.chunks:
         out.ttfc_ms.append((state.first_chunk_at - started) * 1000)
-        out.first_chunk_s.append(state.first_chunk_at - _t0[0])
+        out.first_chunk_s.append(state.first_chunk_at - run.t0)
     out.total_ms.append((ended - started) * 1000)
-    out.requested_s.append(started - _t0[0])
-    out.ended_s.append(ended - _t0[0])
+    out.requested_s.append(started - run.t0)
+    out.ended_s.append(ended - run.t0)
     if state.ended == "done":
         out.completed += 1
     else:
@@ -272,31 +283,28 @@ def _whole(body: bytes, started: float, out: Report) -> bool:
     return True
 
 
-_open = [0]
-_t0 = [0.0]  # time.perf_counter() at the start of the run
-
-
-async def _connection(i: int, spec: Spec, host: str, port: int, request: bytes, out: Report) -> None:
+async def _connection(i: int, run: _Run, host: str, port: int, request: bytes) -> None:
+    spec, out = run.spec, run.out
     if spec.ramp:
         await asyncio.sleep(spec.ramp * i / spec.connections)
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
     for _ in range(spec.per_connection):
         out.streams += 1
-        _open[0] += 1
-        out.max_open = max(out.max_open, _open[0])
+        run.open += 1
+        out.max_open = max(out.max_open, run.open)
         try:
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port, limit=READ_BYTES * 4)
             assert reader is not None
             async with asyncio.timeout(spec.stream_timeout):
-                reusable = await _one_stream(reader, writer, request, spec, out)
+                reusable = await _one_stream(reader, writer, request, run)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             key = f"socket {type(exc).__name__}"
             out.errors[key] = out.errors.get(key, 0) + 1
             reusable = False
         finally:
-            _open[0] -= 1
+            run.open -= 1
         if not reusable and writer is not None:
             writer.close()
             reader = writer = None
@@ -318,14 +326,14 @@ async def run(spec: Spec) -> Report:
 
     out = Report(started_at=time.time())
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    started = _t0[0] = time.perf_counter()
+    state = _Run(spec, out, time.perf_counter())
     await asyncio.gather(
         *(
-            _connection(i, spec, host, port, request(spec.headers[i % len(spec.headers)]), out)
+            _connection(i, state, host, port, request(spec.headers[i % len(spec.headers)]))
             for i in range(spec.connections)
         )
     )
-    out.seconds = time.perf_counter() - started
+    out.seconds = time.perf_counter() - state.t0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     out.cpu_seconds = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return out
