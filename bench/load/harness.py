@@ -101,6 +101,11 @@ async def _admin(pg_url: str, *statements: str) -> None:
         await conn.close()
 
 
+def admin(pg_url: str, *statements: str) -> None:
+    """Statements on the server of `pg_url` outside a transaction (CREATE/ALTER/DROP DATABASE)."""
+    asyncio.run(_admin(pg_url, *statements))
+
+
 @contextlib.contextmanager
 def fresh_database(pg_url: str, keep: bool = False) -> Iterator[str]:
     """A new, migrated database on the server of `pg_url`; dropped afterwards unless `keep`."""
@@ -316,6 +321,12 @@ class Hub:
                 total += t.user + t.system
         return total
 
+    def group_cpu_seconds(self) -> float:
+        """User+system CPU of every process of the hub's group, read from /proc: the workers and
+        uvicorn's supervisor (`start_hub` makes the hub a session leader, so its pid is the
+        group's id). Unlike `cpu_seconds`, no psutil and nothing missed between samples."""
+        return process_group_cpu_seconds(self.proc.pid)
+
     def cleanup(self) -> None:
         """Remove the hub's data directory (its log, metrics files): after a clean exit only."""
         import shutil
@@ -324,6 +335,23 @@ class Hub:
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
+
+
+def process_group_cpu_seconds(pgid: int) -> float:
+    """User+system CPU seconds of every live process in process group `pgid`, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:  # pgrp, the 5th field (the 3rd after the command name)
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
 
 
 def hub_env(db_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
