@@ -18,6 +18,12 @@ from tests.factories import Account, make_account, make_subscription
 API = "/api/v1"
 
 
+async def run_sql(engine: AsyncEngine, sql: str, **params: Any) -> None:
+    """One statement in its own transaction (a test's direct change to the database)."""
+    async with engine.begin() as conn:
+        await conn.execute(text(sql), params)
+
+
 async def make_tool(engine: AsyncEngine, endpoint: str, **fields: Any) -> uuid.UUID:
     """A live, active tool pointing at `endpoint` (fields override the defaults)."""
     now = utcnow()

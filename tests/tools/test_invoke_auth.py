@@ -23,16 +23,12 @@ from tests.tools.helpers import (
     invoke,
     make_caller,
     make_tool,
+    run_sql,
     usage_logs,
 )
 from tests.tools.upstream_server import Upstream
 
 pytestmark = pytest.mark.integration
-
-
-async def _sql(engine: AsyncEngine, sql: str, **params: Any) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(text(sql), params)
 
 
 async def _new_key(client: httpx.AsyncClient, headers: dict[str, str]) -> tuple[str, str]:
@@ -46,11 +42,11 @@ async def test_revoked_session_or_disabled_user_is_401_before_every_other_check(
 ) -> None:
     tool = await make_tool(engine, upstream.url("/fast"))
     revoked = await make_caller(engine, "pro")
-    await _sql(
+    await run_sql(
         engine, "UPDATE auth_sessions SET revoked_at = now() WHERE id = :id", id=revoked.account.session_id
     )
     disabled = await make_caller(engine, "pro")
-    await _sql(engine, "UPDATE users SET is_active = false WHERE id = :id", id=disabled.user_id)
+    await run_sql(engine, "UPDATE users SET is_active = false WHERE id = :id", id=disabled.user_id)
     for caller in (revoked, disabled):
         # 401 even for a tool that does not exist (authentication comes first)
         for target in (tool, uuid.uuid4()):
@@ -101,7 +97,7 @@ async def test_api_keys_invoke_and_are_touched_once_a_minute(
         ).scalar_one()
     assert first is not None and abs((utcnow() - first).total_seconds()) < 60
     # an hour-old stamp is refreshed by the next call, even one that is then refused (404)
-    await _sql(
+    await run_sql(
         engine, "UPDATE api_keys SET last_used_at = now() - interval '1 hour' WHERE id = :id", id=key_id
     )
     r = await client.post(
@@ -129,7 +125,7 @@ async def test_unusable_api_keys_are_401_and_leave_nothing(
             await client.delete(f"{API}/users/me/api-keys/{key_id}", headers=caller.headers)
         ).status_code == 204
     elif how == "expired":
-        await _sql(
+        await run_sql(
             engine, "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = :id", id=key_id
         )
     elif how == "unknown":
@@ -198,7 +194,7 @@ async def test_an_unusable_credential_is_401_before_any_validation_error(
     authentication is the first check), and a good credential gets the validation error."""
     tool = path_tool or str(await make_tool(engine, upstream.url("/fast")))
     revoked = await make_caller(engine, "pro")
-    await _sql(
+    await run_sql(
         engine, "UPDATE auth_sessions SET revoked_at = now() WHERE id = :id", id=revoked.account.session_id
     )
     good = await make_caller(engine, "pro")
@@ -260,7 +256,9 @@ async def test_a_refused_caller_never_claims_the_half_open_trial(
     tool = await make_tool(engine, upstream.url("/status?code=500"), max_attempts=1)
     good = await make_caller(engine, "pro")
     assert (await invoke(c, good, tool, {"text": "x"})).status_code == 503  # opens the circuit
-    await _sql(engine, "UPDATE tools SET api_endpoint = :u WHERE id = :id", u=upstream.url("/fast"), id=tool)
+    await run_sql(
+        engine, "UPDATE tools SET api_endpoint = :u WHERE id = :id", u=upstream.url("/fast"), id=tool
+    )
     await asyncio.sleep(0.4)  # half-open
     breakers = c.app.state.gateway.breakers  # type: ignore[attr-defined]
     claims: list[bool] = []
@@ -294,7 +292,7 @@ async def test_an_api_key_row_locked_elsewhere_does_not_hold_up_the_admission(
     tool = await make_tool(engine, upstream.url("/fast"))
     caller = await make_caller(engine, "pro")
     key_id, key = await _new_key(client, caller.headers)
-    await _sql(
+    await run_sql(
         engine, "UPDATE api_keys SET last_used_at = now() - interval '1 hour' WHERE id = :id", id=key_id
     )
     async with engine.connect() as holder:

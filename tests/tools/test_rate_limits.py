@@ -23,6 +23,7 @@ from tests.tools.helpers import (
     invoke,
     make_caller,
     make_tool,
+    run_sql,
     usage_logs,
 )
 from tests.tools.upstream_server import Upstream
@@ -30,13 +31,8 @@ from tests.tools.upstream_server import Upstream
 pytestmark = pytest.mark.integration
 
 
-async def _sql(engine: AsyncEngine, sql: str, **params: Any) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(text(sql), params)
-
-
 async def set_plan(engine: AsyncEngine, code: str, rpm: int | None, concurrent: int | None = None) -> None:
-    await _sql(
+    await run_sql(
         engine,
         "UPDATE plans SET requests_per_minute = :rpm, max_concurrent = :c WHERE code = :code",
         rpm=rpm,
@@ -104,9 +100,9 @@ async def test_retry_after_is_exact_and_sustained_traffic_gets_the_limit_rate(
     refused = await invoke(client, caller, tool)
     assert _limited(refused, "plan") == 1  # one request a second from here
     assert refused.headers["X-RateLimit-Remaining"] == "0"
-    clock.advance(timedelta(milliseconds=900))
+    clock.advance(timedelta(milliseconds=850))  # (the GCRA's tolerance is 0.1 s: §4.1's "exact")
     assert (await invoke(client, caller, tool)).status_code == 429  # not earlier
-    clock.advance(timedelta(milliseconds=100))
+    clock.advance(timedelta(milliseconds=150))
     assert (await invoke(client, caller, tool)).status_code == 200  # after Retry-After
     # twice the limit for two minutes: admitted at the limit's rate, evenly (no window edge)
     admitted: list[float] = []
@@ -132,7 +128,7 @@ async def test_headers_name_the_tightest_per_minute_limit(
     assert (r.headers["X-RateLimit-Limit"], r.headers["X-RateLimit-Remaining"]) == ("10", "9")
     assert r.headers["X-RateLimit-Reset"] == "6"  # 60/10 s until the bucket is full again
     await set_plan(engine, "pro", None)
-    await _sql(
+    await run_sql(
         engine, "UPDATE tools SET requests_per_minute = NULL, updated_at = now() WHERE id = :t", t=tool
     )
     r = await invoke(client, caller, tool)
@@ -186,7 +182,7 @@ async def test_a_plan_edit_applies_to_the_very_next_call_and_refusals_cost_nothi
     client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream, make_client: Any
 ) -> None:
     admin = await make_caller(engine, None)
-    await _sql(engine, "UPDATE users SET role = 'admin' WHERE id = :u", u=admin.user_id)
+    await run_sql(engine, "UPDATE users SET role = 'admin' WHERE id = :u", u=admin.user_id)
     caller = await make_caller(engine, "free")
     tool = await make_tool(engine, upstream.url("/fast"))
     r = await client.patch(f"{API}/admin/plans/free", json={"requests_per_minute": 1}, headers=admin.headers)
@@ -206,9 +202,9 @@ async def test_a_plan_edit_applies_to_the_very_next_call_and_refusals_cost_nothi
 
     fresh = await make_caller(engine, "free")
     await set_plan(engine, "free", None, concurrent=1)
-    await _sql(engine, "UPDATE subscriptions SET inflight = 1 WHERE id = :s", s=fresh.subscription_id)
+    await run_sql(engine, "UPDATE subscriptions SET inflight = 1 WHERE id = :s", s=fresh.subscription_id)
     assert _limited(await invoke(client, fresh, tool), "concurrency") == 1
-    await _sql(engine, "UPDATE subscriptions SET inflight = 0 WHERE id = :s", s=fresh.subscription_id)
+    await run_sql(engine, "UPDATE subscriptions SET inflight = 0 WHERE id = :s", s=fresh.subscription_id)
     await assert_untouched(engine, fresh)  # no log, no charge, no reservation
     await assert_settled(engine, caller)
 
@@ -221,7 +217,7 @@ async def test_refusals_per_day_show_in_the_summary_and_the_platform_stats(
     await set_plan(engine, "free", 2)
     caller = await make_caller(engine, "free")
     admin = await make_caller(engine, None)
-    await _sql(engine, "UPDATE users SET role = 'admin' WHERE id = :u", u=admin.user_id)
+    await run_sql(engine, "UPDATE users SET role = 'admin' WHERE id = :u", u=admin.user_id)
     tool = await make_tool(engine, upstream.url("/fast"))
     clock.freeze()
     codes = [(await invoke(client, caller, tool)).status_code for _ in range(5)]
@@ -233,3 +229,52 @@ async def test_refusals_per_day_show_in_the_summary_and_the_platform_stats(
     stats = (await client.get(f"{API}/admin/usage/stats", headers=admin.headers)).json()["data"]
     assert stats["rate_limited"] == [{"date": today, "refusals": 3}]
     assert stats["total_invocations"] == 2
+
+
+async def test_a_burst_of_exactly_the_limit_passes_whatever_order_the_clocks_reach_the_row(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    """Each request carries its own `now`; they reach the row lock in any order. A burst of
+    exactly L (here L = 7, whose interval 60/7 s does not round to the microsecond) passes whole."""
+    await set_plan(engine, "pro", 7)
+    caller = await make_caller(engine, "pro")
+    tool = await make_tool(engine, upstream.url("/fast"))
+    clock.freeze()
+    clock.advance(timedelta(milliseconds=50))
+    assert (await invoke(client, caller, tool)).status_code == 200  # the latest clock first
+    clock.advance(timedelta(milliseconds=-50))
+    codes = [(await invoke(client, caller, tool)).status_code for _ in range(7)]
+    assert codes == [200] * 6 + [429]
+
+
+async def test_refusals_in_one_batch_say_what_they_would_have_said_one_by_one(
+    engine: AsyncEngine, upstream: Upstream, make_client: Any
+) -> None:
+    """Group commit: a quota-exhausted call behind an admitted one is QUOTA_EXCEEDED, not a
+    concurrency refusal (the review's case: 10 tokens left, max_concurrent 2)."""
+    await set_plan(engine, "pro", None, concurrent=2)
+    caller = await make_caller(engine, "pro", tokens_used=49_990)  # 10 tokens left
+    tool = await make_tool(engine, upstream.url("/slow?delay=0.3&tokens=1"))
+    hub = await make_client()
+    big = {"text": "x" * 40}  # reserves 11 tokens: one call takes all that is left
+    results = await asyncio.gather(*(invoke(hub, caller, tool, big) for _ in range(5)))
+    codes = sorted(
+        (r.status_code, r.json()["error"]["code"] if r.status_code != 200 else "") for r in results
+    )
+    assert codes == [(200, "")] + [(429, "QUOTA_EXCEEDED")] * 4
+    await assert_settled(engine, caller, baseline=49_990)
+
+
+async def test_retry_after_waits_for_every_limit_the_call_is_over(
+    client: httpx.AsyncClient, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    await set_plan(engine, "pro", 60)
+    caller = await make_caller(engine, "pro")
+    tool = await make_tool(engine, upstream.url("/fast"), requests_per_minute=1)
+    other = await make_tool(engine, upstream.url("/fast"))
+    clock.freeze()
+    assert (await invoke(client, caller, tool)).status_code == 200  # the tool's one call a minute
+    for _ in range(59):  # the rest of the plan's burst, on another tool
+        assert (await invoke(client, caller, other)).status_code == 200
+    r = await invoke(client, caller, tool)  # over the plan (1 s away) and the tool (60 s away)
+    assert _limited(r, "plan") == 60  # named: the plan's limit; waits: for the tool's too

@@ -22,7 +22,16 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.live_hub import LiveHubFactory
-from tests.tools.helpers import API, Caller, assert_settled, make_caller, make_tool, sub_state, usage_logs
+from tests.tools.helpers import (
+    API,
+    Caller,
+    assert_settled,
+    make_caller,
+    make_tool,
+    run_sql,
+    sub_state,
+    usage_logs,
+)
 from tests.tools.sse_upstream import SseUpstream
 
 pytestmark = pytest.mark.integration
@@ -385,3 +394,36 @@ async def test_200_streams_with_random_hang_ups_on_two_instances_stay_exact(
         assert {log.status for log in logs} == {"success", "cancelled"}  # both kinds happened
         await assert_settled(engine, caller)
         assert (await sub_state(engine, caller.user_id)).tokens_used > 0
+
+
+async def test_a_caller_who_stops_reading_cannot_hold_a_stream_past_its_longest_run(
+    live_hub: LiveHubFactory, engine: AsyncEngine, sse: SseUpstream
+) -> None:
+    """The review's case: a caller keeps the connection but reads nothing, so the hub's writes
+    wait on a full socket. At TOOL_STREAM_MAX_SECONDS the stream ends anyway: the upstream is
+    closed, the call settled (`timeout`) and charged for what reached the socket."""
+    hub = await live_hub(tool_stream_max_seconds=1.5)
+    caller = await make_caller(engine, "enterprise")
+    await run_sql(engine, "UPDATE plans SET token_limit = 100000000 WHERE code = 'enterprise'")
+    tool = await _streaming_tool(
+        engine, sse, "key=stall&n=2000&every=0&usage=none&pad=20000", timeout_seconds=5
+    )
+    host, port = hub.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps({"input": INPUT, "stream": True}).encode()
+    auth = caller.headers["Authorization"]
+    writer.write(
+        f"POST {API}/tools/{tool}/invoke HTTP/1.1\r\nHost: hub\r\nAuthorization: {auth}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")  # ... and then nothing is read
+    seen = await sse.wait_closed("stall", timeout=10)
+    assert seen.closed_by_peer_at is not None and seen.sent < 2000
+    logs = await _settled_logs(engine, caller, 1)
+    assert [(log.status, log.error_code) for log in logs] == [("timeout", "TOOL_TIMEOUT")]
+    assert 0 < logs[0].tokens_used < 2000 * 20000 / 4
+    writer.close()
+    await assert_settled(engine, caller)

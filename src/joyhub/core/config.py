@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     # streamed invocations (API.md §5.1): the longest a stream may run, and how often a silent
     # upstream's stream carries a keep-alive comment to the caller
     tool_stream_max_seconds: float = Field(600, gt=0, le=86400)
+    # per worker: connections to tool upstreams open at once (a stream holds one for its life)
+    upstream_max_connections: int = Field(4096, ge=1, le=100_000)
     stream_ping_seconds: float = Field(15, gt=0, le=300)
 
     @field_validator("log_level", mode="before")

@@ -7,9 +7,9 @@ at once, whatever it is waiting for, and tells its source, which closes the upst
 what the caller received.
 
 The source (`FrameSource`) hands out frames, is told when each was written, and is told when the
-stream stops early — because the caller left, or because the server is shutting down (the
-request's task is cancelled once uvicorn's graceful period is over), in which case the source may
-give one last frame to send.
+stream stops early — because the caller left, because the server is shutting down (the request's
+task is cancelled once uvicorn's graceful period is over; the source may give one last frame to
+send), or because a caller who stopped reading held a write past the stream's deadline.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 
 class FrameSource(Protocol):
+    @property
+    def deadline(self) -> float:
+        """When the stream must be over, in the event loop's time (`loop.time()`)."""
+
     async def next_frame(self) -> bytes | None:
         """The next frame, or None when the stream is over."""
 
@@ -32,6 +36,9 @@ class FrameSource(Protocol):
 
     async def abort(self, *, shutdown: bool) -> bytes | None:
         """The stream stops early; on shutdown, a last frame for the caller (or None)."""
+
+    async def expire(self) -> None:
+        """The stream ran past its deadline while its caller was not reading: end it as it is."""
 
 
 class EventStreamResponse(Response):
@@ -60,10 +67,15 @@ class EventStreamResponse(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             while (frame := await self.source.next_frame()) is not None:
-                await send(_body(frame, more=True))
+                # a caller who stops reading must not hold the stream past its deadline: the
+                # write waits while their socket is full, and nothing else would end it
+                async with asyncio.timeout_at(self.source.deadline):
+                    await send(_body(frame, more=True))
                 self.source.sent()
             await send(_body(b"", more=False))
             relaying = False
+        except TimeoutError:
+            await self.source.expire()  # settled with what was relayed; the connection is dropped
         except (asyncio.CancelledError, OSError) as exc:
             caller_left = gone.is_set() or isinstance(exc, OSError)
             last = await self.source.abort(shutdown=not caller_left)

@@ -25,6 +25,7 @@ from joyhub.core.errors import (
     NotFound,
     PlanUpgradeRequired,
     QuotaExceeded,
+    RateLimited,
     ServiceUnavailable,
     SubscriptionRequired,
     ToolInputInvalid,
@@ -48,7 +49,7 @@ from joyhub.tools.metering import (
     log_id_taken,
 )
 from joyhub.tools.outcomes import InvocationRequest, Replay, account_headers, quota_headers
-from joyhub.tools.rate_limits import NO_LIMITS, Limits
+from joyhub.tools.rate_limits import NO_LIMITS, Limits, count_refusal
 from joyhub.tools.tool_versions import ToolVersion
 
 if TYPE_CHECKING:
@@ -330,6 +331,8 @@ class AdmissionRun:
         account = read.account
         if isinstance(refusal, QuotaExceeded):
             metrics.QUOTA_DENIALS.labels(account.plan_code if account else "").inc()
+        if isinstance(refusal, RateLimited):
+            count_refusal(refusal)
         if refusal is not None:
             raise refusal
         assert read.tool is not None and account is not None

@@ -70,6 +70,8 @@ class GroupCommit(Generic[K, T, R]):
                 await self._write_batch(batch)
         finally:
             del self._lines[key]
+            for _, future in line.waiting:  # the writer itself was cancelled (shutdown)
+                future.cancel()
 
     async def _write_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         self.batches += 1

@@ -216,10 +216,11 @@ class Settlement:
 # - `req` is the batch, in arrival order: each call's usage log id, reservation, request id and
 #   whether its Python checks passed (`go`: input valid for this tool version, circuit closed);
 # - `who` is the one credential rule (`auth/credentials.py`);
-# - `lk_key`, `lk_tool` and `account` lock what the calls may change, in that order (each waits
-#   for the one before through its sub-select, so every admission locks key → tool → account and
-#   two admissions cannot deadlock): the caller's API key when it has its own rate limit, the tool
-#   when it has one, and the subscription the caller bills (today: their own). Locked rows are
+# - `lk_key`, `account` and `lk_tool` lock what the calls may change, in that order (each waits
+#   for the one before through its sub-select, so every admission locks key → account → tool and
+#   two admissions cannot deadlock; the tool, shared by every caller, is held for the shortest
+#   time): the caller's API key when it has its own rate limit, the subscription the caller bills
+#   (today: their own), and the tool when it has a limit. Locked rows are
 #   read as they are *now*, after any concurrent admission that held them, so every check sees
 #   exact numbers — the quota, the calls running and each limit's GCRA state;
 # - `touch` records an unlimited API key's use at most once a minute, best effort: SKIP LOCKED, so
@@ -230,8 +231,9 @@ class Settlement:
 #   version, `tool_versions.py`);
 # - `room` is what the account and each limit have room for now: calls under each per-minute
 #   limit (GCRA: a limit of L admits a call when max(tat, now) + 60/L s is at most 60 s ahead of
-#   now, and moves tat there — a burst of L at once, then one every 60/L s, evenly), calls
-#   running, and tokens;
+#   now, and moves tat there — a burst of L at once, then one every 60/L s, evenly; with a
+#   tolerance of half an interval, at most 0.1 s, so that calls whose `now`s reach the lock out of
+#   order, and microsecond rounding, never cost a burst its last call), calls running, and tokens;
 # - `ranked` lines the batch up: a call is admitted when every check passes for it with the
 #   calls eligible before it counted (`ahead`, `ahead_tokens`), so the admitted calls are the
 #   longest run that fits — exactly as if they had come one by one;
@@ -255,16 +257,16 @@ _ADMIT = text(
         FROM api_keys AS k JOIN who ON who.api_key_id = k.id
         WHERE k.requests_per_minute IS NOT NULL
         FOR NO KEY UPDATE OF k
+    ), account AS (
+        SELECT s.* FROM subscriptions AS s JOIN who ON s.user_id = who.user_id
+        WHERE (SELECT count(*) FROM lk_key) >= 0
+        FOR NO KEY UPDATE OF s
     ), lk_tool AS (
         SELECT t.id, t.requests_per_minute AS rpm, t.rate_tat
         FROM tools AS t
         WHERE t.id = :tool_id AND t.requests_per_minute IS NOT NULL AND t.deleted_at IS NULL AND t.is_active
-          AND (SELECT count(*) FROM lk_key) >= 0
+          AND (SELECT count(*) FROM account) >= 0
         FOR NO KEY UPDATE OF t
-    ), account AS (
-        SELECT s.* FROM subscriptions AS s JOIN who ON s.user_id = who.user_id
-        WHERE (SELECT count(*) FROM lk_tool) >= 0
-        FOR NO KEY UPDATE OF s
     ), touch AS (
         UPDATE api_keys AS k SET last_used_at = :now
         WHERE k.id = (
@@ -303,11 +305,14 @@ _ADMIT = text(
                  AND (ctx.expires_at IS NULL OR ctx.expires_at > :now)
                  AND (ctx.min_rank IS NULL OR ctx.plan_rank >= ctx.min_rank) AS gate_ok,
                ctx.tool_updated_at = :tool_version AS version_ok,
-               floor((60 - EXTRACT(EPOCH FROM GREATEST(ctx.plan_tat, :now) - :now)) * ctx.plan_rpm / 60)
+               floor((60 + LEAST(30.0 / ctx.plan_rpm, 0.1)
+                      - EXTRACT(EPOCH FROM GREATEST(ctx.plan_tat, :now) - :now)) * ctx.plan_rpm / 60)
                    AS plan_room,
-               floor((60 - EXTRACT(EPOCH FROM GREATEST(ctx.key_tat, :now) - :now)) * ctx.key_rpm / 60)
+               floor((60 + LEAST(30.0 / ctx.key_rpm, 0.1)
+                      - EXTRACT(EPOCH FROM GREATEST(ctx.key_tat, :now) - :now)) * ctx.key_rpm / 60)
                    AS key_room,
-               floor((60 - EXTRACT(EPOCH FROM GREATEST(ctx.tool_tat, :now) - :now)) * ctx.tool_rpm / 60)
+               floor((60 + LEAST(30.0 / ctx.tool_rpm, 0.1)
+                      - EXTRACT(EPOCH FROM GREATEST(ctx.tool_tat, :now) - :now)) * ctx.tool_rpm / 60)
                    AS tool_room,
                ctx.token_limit - ctx.tokens_used - ctx.tokens_reserved AS token_room
         FROM ctx
@@ -354,13 +359,23 @@ _ADMIT = text(
         SET rate_tat = GREATEST(t.rate_tat, :now)
                        + make_interval(secs => total.calls * 60.0 / t.requests_per_minute)
         FROM total, lk_tool WHERE t.id = lk_tool.id AND total.calls > 0
+    ), explained AS (
+        -- each call judged against what was admitted ahead of it (the admitted calls are the
+        -- first ones), so a refusal says what it would have said had the calls come one by one
+        SELECT d.n, d.log_id, LEAST(d.ahead, total.calls) AS ahead,
+               LEAST(d.ahead_tokens, total.reserve) AS ahead_tokens,
+               room.plan_room IS NULL OR LEAST(d.ahead, total.calls) < room.plan_room AS plan_rate_ok,
+               room.key_room IS NULL OR LEAST(d.ahead, total.calls) < room.key_room AS key_rate_ok,
+               room.tool_room IS NULL OR LEAST(d.ahead, total.calls) < room.tool_room AS tool_rate_ok,
+               room.max_concurrent IS NULL
+                 OR room.inflight + LEAST(d.ahead, total.calls) < room.max_concurrent AS concurrency_ok
+        FROM decided AS d CROSS JOIN room CROSS JOIN total
     ), refused AS (
         SELECT room.user_id, room.tool_id, room.plan_code,
                get_byte(uuid_send(room.user_id), 15) % 16 AS shard, count(*) AS calls
-        FROM decided CROSS JOIN room
+        FROM explained AS e CROSS JOIN room
         WHERE room.gate_ok AND room.version_ok
-          AND NOT (decided.plan_rate_ok AND decided.key_rate_ok AND decided.tool_rate_ok
-                   AND decided.concurrency_ok)
+          AND NOT (e.plan_rate_ok AND e.key_rate_ok AND e.tool_rate_ok AND e.concurrency_ok)
         GROUP BY 1, 2, 3, 4
     ), limited AS (
         INSERT INTO usage_daily AS d
@@ -384,10 +399,10 @@ _ADMIT = text(
         FROM admitted AS a CROSS JOIN room CROSS JOIN adm
         RETURNING id
     )
-    SELECT room.*, decided.n, decided.ahead, decided.ahead_tokens, decided.plan_rate_ok, decided.key_rate_ok,
-           decided.tool_rate_ok, decided.concurrency_ok, log.id IS NOT NULL AS admitted
-    FROM decided CROSS JOIN room LEFT JOIN log ON log.id = decided.log_id
-    ORDER BY decided.n
+    SELECT room.*, e.n, e.ahead, e.ahead_tokens, e.plan_rate_ok, e.key_rate_ok, e.tool_rate_ok,
+           e.concurrency_ok, log.id IS NOT NULL AS admitted
+    FROM explained AS e CROSS JOIN room LEFT JOIN log ON log.id = e.log_id
+    ORDER BY e.n
     """
 )
 

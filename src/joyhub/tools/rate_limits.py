@@ -24,6 +24,7 @@ from joyhub.core.errors import RateLimited
 
 Scope = Literal["plan", "api_key", "tool", "concurrency"]
 WINDOW = timedelta(seconds=60)
+MAX_TOLERANCE = timedelta(milliseconds=100)
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,16 @@ class Bucket:
     def interval(self) -> timedelta:
         return WINDOW / self.limit
 
+    @property
+    def tolerance(self) -> timedelta:
+        """Half an interval, at most 0.1 s: the admission statement's slack for calls whose clocks
+        reach the row out of order (`metering.py`)."""
+        return min(self.interval / 2, MAX_TOLERANCE)
+
     def retry_after(self, now: datetime) -> int:
         """Whole seconds until a request would pass (at least 1)."""
         start = max(self.tat or now, now)
-        wait = (start + self.interval - WINDOW - now).total_seconds()
+        wait = (start + self.interval - WINDOW - self.tolerance - now).total_seconds()
         return max(1, math.ceil(wait - 1e-6))
 
     def remaining(self, now: datetime) -> int:
@@ -52,7 +59,7 @@ class Bucket:
         if not self.ok:
             return 0
         ahead = max(tat, now) - now
-        return max(0, math.floor((WINDOW - ahead) / self.interval + 1e-9))
+        return max(0, math.floor((WINDOW + self.tolerance - ahead) / self.interval))
 
     def reset(self, now: datetime) -> int:
         """Whole seconds until the bucket is full again."""
@@ -76,14 +83,19 @@ class Limits:
     concurrency: Concurrency | None = None
 
     def refusal(self, now: datetime, headers: dict[str, str]) -> RateLimited | None:
-        """429 RATE_LIMITED for the first limit the call is over, or None."""
-        for bucket in self.buckets:
-            if not bucket.ok:
-                return _limited(bucket.scope, bucket.limit, bucket.retry_after(now), headers)
-        if self.concurrency is not None and not self.concurrency.ok:
-            # nobody knows when a running call ends: the earliest it could be is a second away
-            return _limited("concurrency", self.concurrency.limit, 1, headers)
-        return None
+        """429 RATE_LIMITED naming the first limit the call is over, or None; Retry-After is the
+        earliest moment every limit it is over would let it pass."""
+        over = [b for b in self.buckets if not b.ok]
+        waits = [b.retry_after(now) for b in over]
+        concurrency_full = self.concurrency is not None and not self.concurrency.ok
+        if concurrency_full:
+            waits.append(1)  # nobody knows when a running call ends: a second away at the earliest
+        if not waits:
+            return None
+        if over:
+            return _limited(over[0].scope, over[0].limit, max(waits), headers)
+        assert self.concurrency is not None
+        return _limited("concurrency", self.concurrency.limit, max(waits), headers)
 
     def headers(self, now: datetime) -> dict[str, str]:
         """`X-RateLimit-*` for the per-minute limit with the fewest requests left; none without one."""
@@ -100,8 +112,12 @@ class Limits:
 NO_LIMITS = Limits()
 
 
+def count_refusal(refusal: RateLimited) -> None:
+    """`joyhub_rate_limited_total{scope}`: once per refusal answered (deciding is pure)."""
+    metrics.RATE_LIMITED.labels(refusal.details[0]["scope"]).inc()
+
+
 def _limited(scope: Scope, limit: int, retry_after: int, headers: dict[str, str]) -> RateLimited:
-    metrics.RATE_LIMITED.labels(scope).inc()
     unit = "calls running at once" if scope == "concurrency" else "requests per minute"
     return RateLimited(
         f"Rate limit reached ({limit} {unit}, {scope.replace('_', ' ')})",

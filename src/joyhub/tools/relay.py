@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("joyhub.tools.gateway")
 
 EVENT_STREAM = "text/event-stream"
+MAX_FRAME_CHUNKS = 32  # chunks already read go to the caller in one write
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,8 @@ class StreamRelay:
     # what the caller has received
     relayed_bytes: int = 0
     reported: int | None = None  # the last usage a relayed chunk reported
-    _pending: Chunk | None = None  # handed out, not yet confirmed sent
+    _pending: list[Chunk] = field(default_factory=list)  # handed out, not yet confirmed sent
+    _held: StreamEnd | StreamBroken | None = None  # read while batching chunks; next in line
     _kept: list[bytes] = field(default_factory=list)
     _last_chunk_at: float = 0.0
     _ended: bool = False
@@ -102,33 +105,54 @@ class StreamRelay:
             return token_count.Charge(self.reported, "reported")
         return token_count.Charge(token_count.estimate(self.input_bytes, self.relayed_bytes), "estimated")
 
+    @property
+    def deadline(self) -> float:
+        """When the stream must be over (TOOL_STREAM_MAX_SECONDS), in the event loop's time."""
+        return asyncio.get_running_loop().time() + (self.started + self.max_seconds - time.monotonic())
+
     def sent(self) -> None:
         """The frame `next_frame` handed out is written to the caller's connection."""
-        chunk, self._pending = self._pending, None
-        if chunk is None:
-            return
-        self.relayed_bytes += len(chunk.data)
-        if chunk.usage is not None:
-            self.reported = chunk.usage
+        chunks, self._pending = self._pending, []
+        for chunk in chunks:
+            self.relayed_bytes += len(chunk.data)
+            if chunk.usage is not None:
+                self.reported = chunk.usage
+            if self.keep_events:
+                self._kept.append(sse.frame("chunk", chunk.data))
+
+    def _spent(self, pending: Sequence[Chunk]) -> bool:
+        """Whether the caller, once `pending` reaches them too, has received the tokens that were
+        left at admission (the stream is cut there: overshoot of at most one chunk)."""
+        size = self.relayed_bytes + sum(len(chunk.data) for chunk in pending)
+        if not size:
+            return False
+        reported = next((c.usage for c in reversed(pending) if c.usage is not None), self.reported)
+        tokens = reported if reported is not None else token_count.estimate(self.input_bytes, size)
+        return tokens >= self.admission.tokens_left
 
     async def next_frame(self) -> bytes | None:
-        """The next frame for the caller, or None when the stream is over (its last frame, `done`
-        or `error`, was handed out after the settle)."""
+        """The next frame for the caller — the chunks already read, up to MAX_FRAME_CHUNKS, in one
+        write — or None when the stream is over (its last frame, `done` or `error`, was handed out
+        after the settle)."""
         if self._ended:
             return None
-        if self.relayed_bytes and self.charge().tokens >= self.admission.tokens_left:
+        if self._spent(()):
             cut = QuotaExceeded("No tokens left in this billing period")
             return await self._end(_Ending("error", "quota_cut", cut))
         item = await self._next_item()
         if isinstance(item, bytes):  # a ping, or the frame that ends the stream
             return item
         if isinstance(item, Chunk):
-            self._pending = item
+            chunks = [item]
+            while len(chunks) < MAX_FRAME_CHUNKS and self.stream.ready() and not self._spent(chunks):
+                following = self.stream.next_nowait()
+                if not isinstance(following, Chunk):
+                    self._held = following  # the end comes after these chunks are sent
+                    break
+                chunks.append(following)
+            self._pending = chunks
             self._last_chunk_at = time.monotonic()
-            frame = sse.frame("chunk", item.data)
-            if self.keep_events:
-                self._kept.append(frame)
-            return frame
+            return b"".join(sse.frame("chunk", chunk.data) for chunk in chunks)
         if isinstance(item, StreamEnd):
             return await self._end(_DONE)
         return await self._end(
@@ -138,6 +162,11 @@ class StreamRelay:
     async def _next_item(self) -> Chunk | StreamEnd | StreamBroken | bytes:
         """The upstream's next item, a ping when it is silent for a while, or the end of a
         stream that ran out of time (its final frame)."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            return held
+        if self.stream.ready():  # already read: no timer to arm
+            return self.stream.next_nowait()
         now = time.monotonic()
         if not self._last_chunk_at:
             self._last_chunk_at = now
@@ -169,13 +198,23 @@ class StreamRelay:
             ending = _Ending("cancelled", "cancelled", cut)
         return await self._end(ending)
 
+    async def expire(self) -> None:
+        """The caller stopped reading and the stream reached TOOL_STREAM_MAX_SECONDS meanwhile:
+        close the upstream, settle as `timeout` with what was relayed (nothing more can be said
+        to a caller who does not read)."""
+        if not self._ended:
+            await self._end(_Ending("timeout", "caller_stalled", ToolTimeout("The caller stopped reading")))
+
     async def _end(self, ending: _Ending) -> bytes:
         self._ended = True
         # one task, shielded: a caller cancelled meanwhile cannot stop the close or the settle
         return await asyncio.shield(self.gateway.track(self._close_and_settle(ending)))
 
     async def _close_and_settle(self, ending: _Ending) -> bytes:
-        await self.stream.aclose()  # the upstream sees its connection closed now
+        try:
+            await self.stream.aclose()  # the upstream sees its connection closed now
+        except Exception:  # the settle below must happen whatever closing did
+            log.exception("could not close a stream's upstream connection")
         charge = self.charge()
         duration_ms = int((time.monotonic() - self.started) * 1000)
         error = ending.error

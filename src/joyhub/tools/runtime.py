@@ -49,7 +49,7 @@ def build_gateway(
     _skip_missing_sniffio()
     return Gateway(
         store=MeteringStore(engine),
-        upstream=Upstream(),
+        upstream=Upstream.with_pool(settings.upstream_max_connections),
         breakers=make_breakers(settings, redis),
         gate=AdmissionGate(settings.gateway_max_admissions, settings.gateway_queue_timeout_seconds),
         sessionmaker=sessionmaker,

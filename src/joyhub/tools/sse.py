@@ -75,4 +75,7 @@ def one_line(data: bytes) -> bytes:
 
 
 def compact(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # lone surrogates (an upstream's): ASCII escapes are still JSON
+        return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,8 @@ from joyhub.tools import sse
 from joyhub.tools.token_count import Charge, reported_tokens
 from joyhub.tools.transport import AiohttpTransport
 
+log = logging.getLogger("joyhub.tools.upstream")
+
 MAX_RESPONSE_BYTES = 10 * 1024 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
 ERROR_MESSAGE_CHARS = 500
@@ -58,7 +61,7 @@ USER_AGENT = f"joyhub/{__version__}"
 Outcome = Literal["success", "rejected", "bad_response", "timeout", "unavailable"]
 
 
-def make_transport() -> httpx.AsyncBaseTransport:
+def make_transport(max_connections: int = 4096) -> httpx.AsyncBaseTransport:
     """The process-wide upstream connection pool (closed by the lifespan).
 
     Calls go straight to an httpx transport (aiohttp's wire layer, `transport.py` says why)
@@ -68,7 +71,7 @@ def make_transport() -> httpx.AsyncBaseTransport:
     a third of the upstream call's CPU. Requests and responses are still httpx's, so headers,
     content decoding and the exception classes are httpx's.
     """
-    return AiohttpTransport(max_connections=512, keepalive_seconds=30.0)
+    return AiohttpTransport(max_connections=max_connections, keepalive_seconds=30.0)
 
 
 @dataclass(frozen=True)
@@ -391,10 +394,13 @@ class StreamBroken:
 StreamItem = Chunk | StreamEnd | StreamBroken
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _chunk(data: bytes) -> Chunk | StreamBroken:
     try:
-        doc = parse_json(data)
-    except ValueError:
+        doc = _DECODER.decode(data.decode("utf-8"))  # SSE is UTF-8; one decoder for every chunk
+    except (ValueError, RecursionError):
         return StreamBroken("The tool's stream sent an event that is not JSON")
     if not isinstance(doc, dict):
         return StreamBroken("The tool's stream sent an event that is not a JSON object")
@@ -434,6 +440,16 @@ class UpstreamStream:
             return item
         return await self._queue.get()
 
+    def ready(self) -> bool:
+        """Whether `next_nowait` has an item (read already, waiting in the queue)."""
+        return self._first is not None or not self._queue.empty()
+
+    def next_nowait(self) -> StreamItem:
+        if self._first is not None:
+            item, self._first = self._first, None
+            return item
+        return self._queue.get_nowait()
+
     async def _read(self, response: httpx.Response) -> None:
         reader = sse.EventReader()
         size = 0
@@ -455,6 +471,9 @@ class UpstreamStream:
             await self._queue.put(StreamBroken("The tool's stream could not be decoded"))
         except httpx.TransportError:
             await self._queue.put(StreamBroken("The tool dropped the connection mid-stream"))
+        except Exception:  # whatever the stream held, the relay must hear that it broke
+            log.exception("reading a tool's stream failed")
+            await self._queue.put(StreamBroken("The tool's stream could not be read"))
 
     async def aclose(self) -> None:
         if self._reader is not None:
@@ -531,6 +550,10 @@ class Upstream:
 
     def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.transport = transport if transport is not None else make_transport()
+
+    @classmethod
+    def with_pool(cls, max_connections: int) -> Upstream:
+        return cls(make_transport(max_connections))
 
     async def call(self, target: Target, body: bytes, request_id: str, hooks: BreakerHooks) -> UpstreamResult:
         """POST `body` to the tool with retries (`call`); never raises for upstream behaviour."""
