@@ -1,4 +1,4 @@
-"""The `joyhub` command (API.md §10): serve, migrate, create-admin, sweep.
+"""The `joyhub` command (API.md §10): serve, migrate, create-admin, sweep, deliver.
 
 Configuration errors end the command with one line naming the variable and exit status 2 —
 never a traceback.
@@ -188,6 +188,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return asyncio.run(sweep_once_cli(url, settings))
 
 
+def cmd_deliver(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from joyhub.webhooks.runtime import run_standalone
+
+    url = _resolve_database(settings)
+    return asyncio.run(run_standalone(url, settings, once=args.once))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="joyhub", description="Joyfull UI Hub")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", help="one pass of the periodic rollover/cleanup job")
     sw.set_defaults(func=cmd_sweep)
+
+    dl = sub.add_parser("deliver", help="the webhook dispatcher on its own (serve runs it too)")
+    dl.add_argument("--once", action="store_true", help="deliver what is due now, then exit")
+    dl.set_defaults(func=cmd_deliver)
     return parser
 
 

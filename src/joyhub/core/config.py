@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     # per worker: invocations in their admission phase at once, and how long one waits in line
     gateway_max_admissions: int = Field(16, ge=1, le=1024)
     gateway_queue_timeout_seconds: float = Field(30, gt=0, le=300)
+    # CIDRs that tool and webhook endpoints may reach in production despite being private
+    tool_allowed_networks: str = ""
+    # webhooks (API.md §11): run the dispatcher inside `serve` (else run `joyhub deliver`), its
+    # deliveries in flight per process, and the safety-net poll when no NOTIFY wakes it
+    webhook_dispatch_in_serve: bool = True
+    webhook_concurrency: int = Field(64, ge=1, le=1024)
+    webhook_poll_seconds: float = Field(10, gt=0, le=3600)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -99,6 +106,14 @@ class Settings(BaseSettings):
         assert value is not None
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis:// URL")
+        return value
+
+    @field_validator("tool_allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: str) -> str:
+        from joyhub.core.egress import parse_networks
+
+        parse_networks(value)
         return value
 
     @field_validator("password_reset_url")

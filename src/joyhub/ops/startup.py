@@ -21,6 +21,10 @@ async def run(app: FastAPI, stack: AsyncExitStack) -> None:
     from joyhub.tools import runtime as tools_runtime
 
     await tools_runtime.start(app, stack)
+    # webhooks: the dispatcher (unless WEBHOOK_DISPATCH_IN_SERVE is off) and the circuit events
+    from joyhub.webhooks import runtime as webhooks_runtime
+
+    await webhooks_runtime.start(app, stack)
     # sweep: the periodic rollover/cleanup task
     from joyhub.ops import sweeper
 

@@ -41,6 +41,7 @@ from joyhub.core.errors import is_db_unavailable, sqlstates
 from joyhub.tools import idempotency
 from joyhub.tools.driver import DriverSession, driver_of
 from joyhub.usage import rollups
+from joyhub.webhooks import quota_alerts
 
 log = logging.getLogger("joyhub.tools.ledger")
 
@@ -127,7 +128,8 @@ _LINK_KEY = "UPDATE idempotency_keys SET usage_log_id = $2 WHERE id = $1"
 # and the statement returns no row); `sub` charges the tokens and releases the reservation;
 # `stamp` is the settle time clamped into the period the tokens were charged to (so tokens_used
 # always equals the sum of the current period's logs); `log` writes the outcome; `idem` stores
-# the response for replay; `settled` feeds the rollup upserts (`rollups.ROLLUP_CTES`).
+# the response for replay; `settled` feeds the rollup upserts (`rollups.ROLLUP_CTES`); the
+# quota thresholds this settle crosses are decided and written from `sub` (`quota_alerts`).
 _SETTLE = text(
     """
     WITH l AS (
@@ -140,7 +142,8 @@ _SETTLE = text(
             tokens_reserved = GREATEST(s.tokens_reserved - l.tokens_reserved, 0),
             inflight = GREATEST(s.inflight - 1, 0)
         FROM l WHERE s.id = l.subscription_id
-        RETURNING s.tokens_used, s.current_period_start, s.current_period_end,
+        RETURNING s.id, s.user_id, s.tokens_used - CAST(:tokens AS bigint) AS tokens_before,
+                  s.tokens_used, s.current_period_start, s.current_period_end,
                   (SELECT p.token_limit FROM plans AS p WHERE p.code = s.plan_code) AS token_limit
     ), stamp AS (
         SELECT l.id, COALESCE(
@@ -167,6 +170,8 @@ _SETTLE = text(
         FROM log
     ), """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + rollups.ROLLUP_CTES
+    + ", "
+    + quota_alerts.QUOTA_ALERT_CTES
     + """
     SELECT log.id, sub.tokens_used, sub.current_period_end, sub.token_limit
     FROM log LEFT JOIN sub ON true
