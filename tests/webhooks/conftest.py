@@ -1,4 +1,4 @@
-"""Fixtures of the webhook tests: the loopback receiver."""
+"""Fixtures of the webhook tests: the loopback receiver, a tool upstream, a real SMTP server."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.auth.support import SmtpServer, smtp_server
+from tests.tools.upstream_server import Upstream
 from tests.webhooks.receiver import Receiver
 
 
@@ -15,3 +17,17 @@ async def receiver() -> AsyncIterator[Receiver]:
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    server = Upstream()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[SmtpServer]:
+    async with smtp_server() as server:
+        yield server

@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
 
+from joyhub.webhooks import policy
 from joyhub.webhooks.dispatcher import Dispatcher
 from tests.webhooks.receiver import Received
 
@@ -102,10 +103,18 @@ async def all_recorded(engine: AsyncEngine, *apps: Any) -> None:
     await eventually(none_pending, *apps)
 
 
+def is_recorded(state: Any) -> bool:
+    """No attempt of this delivery is in flight: a claim sets `next_attempt_at` exactly one
+    lease after `updated_at` (both from the claim's "now"); a recorded outcome never does."""
+    in_flight = state.status == "pending" and state.next_attempt_at - state.updated_at == policy.CLAIM_LEASE
+    return not in_flight and (state.attempts > 0 or state.status != "pending")
+
+
 async def delivery_states(engine: AsyncEngine, endpoint_id: str) -> list[Any]:
     return await rows(
         engine,
-        "SELECT d.id, d.status, d.attempts, d.last_status_code, d.last_error, d.next_attempt_at, e.type"
+        "SELECT d.id, d.status, d.attempts, d.last_status_code, d.last_error, d.next_attempt_at,"
+        " d.updated_at, e.type"
         " FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id"
         " WHERE d.endpoint_id = :e ORDER BY d.created_at",
         e=uuid.UUID(endpoint_id),

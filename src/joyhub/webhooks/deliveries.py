@@ -67,7 +67,7 @@ _CLAIM = text(
         FOR UPDATE OF d SKIP LOCKED
     ), claimed AS (
         UPDATE webhook_deliveries AS d
-        SET attempts = d.attempts + 1, next_attempt_at = :lease_until
+        SET attempts = d.attempts + 1, next_attempt_at = :lease_until, updated_at = :now
         FROM due WHERE d.id = due.id
         RETURNING d.id, d.endpoint_id, d.event_id, d.attempts
     )

@@ -44,7 +44,7 @@ async def admin_owner(admin: AdminUser) -> Owner:
     return Owner(admin.user, "admin")
 
 
-def egress_policy(request: Request) -> EgressPolicy:
+async def egress_policy(request: Request) -> EgressPolicy:
     return EgressPolicy.from_settings(request.app.state.settings)
 
 

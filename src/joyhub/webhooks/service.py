@@ -269,6 +269,7 @@ async def send_test(
         session, events.WEBHOOK_TEST, user_id=owner.user.id, data={}, now=now, endpoint_id=endpoint.id
     )
     event.fanned_out_at = now
+    await session.flush()  # the event row first: the delivery refers to it
     delivery = WebhookDelivery(
         id=uuid.uuid4(),
         endpoint_id=endpoint.id,
