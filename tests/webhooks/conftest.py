@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -31,3 +33,22 @@ async def upstream() -> AsyncIterator[Upstream]:
 async def smtp() -> AsyncIterator[SmtpServer]:
     async with smtp_server() as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+async def _no_dispatcher_outlives_its_app() -> AsyncIterator[None]:
+    """Every app the test made has stopped its dispatcher: no task of it is left running."""
+    yield
+    left = [t for t in asyncio.all_tasks() if t.get_name().startswith("joyhub-webhooks") and not t.done()]
+    assert not left, [(t.get_name(), _awaiting(t.get_coro())) for t in left]
+
+
+def _awaiting(coro: Any) -> list[str]:
+    """Where a suspended coroutine waits, outermost first (what a task's stack hides)."""
+    out = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            out.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return out

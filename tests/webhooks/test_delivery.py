@@ -280,7 +280,10 @@ async def test_a_black_hole_receiver_does_not_slow_invocations(
     responses = await asyncio.gather(*(invoke(client, caller, tool, {"i": i}) for i in range(20)))
     assert [r.status_code for r in responses] == [200] * 20
     # the quota event those calls fired (80 %) is in the outbox, its delivery behind the black hole
-    assert await scalar(engine, "SELECT count(*) FROM webhook_events WHERE type = 'quota.threshold_reached'") == 1
+    assert (
+        await scalar(engine, "SELECT count(*) FROM webhook_events WHERE type = 'quota.threshold_reached'")
+        == 1
+    )
     assert receiver.hanging == 4  # all four slots still stuck: nobody waited for them
     states = await delivery_states(engine, endpoint_id)
     assert all(s.last_error is None and s.last_status_code is None for s in states)  # none finished

@@ -87,9 +87,14 @@ class Dispatcher:
         self._wake.set()
 
     async def _wait(self, seconds: float) -> bool:
-        """Sleep until woken or for `seconds`; True when woken."""
+        """Sleep until woken or for `seconds`; True when woken.
+
+        `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` swallows a cancellation
+        that arrives as the awaited event fires, and the loop would never stop.
+        """
         try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
         except TimeoutError:
             return False
         finally:
@@ -116,6 +121,7 @@ class Dispatcher:
             recorder = asyncio.create_task(self._record_loop(), name="joyhub-webhooks-record")
             try:
                 while True:
+                    reraise_if_cancelled()
                     try:
                         await self._step()
                     except asyncio.CancelledError:
@@ -210,6 +216,7 @@ class Dispatcher:
 
     async def _record_loop(self) -> None:
         while True:
+            reraise_if_cancelled()
             await self._outcomes_ready.wait()
             self._outcomes_ready.clear()
             await self._record_pending()
@@ -257,8 +264,11 @@ class Dispatcher:
         await self._advance()
 
     async def _refresh_gauges(self) -> None:
-        if time.monotonic() - self._gauges_at < GAUGE_REFRESH_SECONDS:
-            return
+        if time.monotonic() - self._gauges_at >= GAUGE_REFRESH_SECONDS:
+            await self.refresh_gauges()
+
+    async def refresh_gauges(self) -> None:
+        """The queue gauges of /metrics, now (the loop does it every GAUGE_REFRESH_SECONDS)."""
         self._gauges_at = time.monotonic()
         async with self.engine.connect() as conn:
             await deliveries.refresh_gauges(conn, utcnow())
@@ -284,6 +294,7 @@ class Dispatcher:
         """LISTEN on a connection of its own (outside the pool), reconnecting after a loss."""
         kwargs = _listen_kwargs(self.engine)
         while True:
+            reraise_if_cancelled()
             try:
                 conn = await asyncpg.connect(**kwargs)
             except Exception as exc:
@@ -302,7 +313,8 @@ class Dispatcher:
             finally:
                 self.listening.clear()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 2)
+                    async with asyncio.timeout(2):
+                        await conn.close()
             self.wake()
 
     # --- one pass, for `joyhub deliver --once` and tests -------------------------------------------
