@@ -204,13 +204,15 @@ async def update_endpoint(
         await session.flush()
         if changes.get("is_active") is False and before["is_active"] is True:
             await deliveries.fail_pending(session, endpoint.id, reason="endpoint disabled", now=now)
+        if "url" in diff:
+            diff["url"] = {k: _audit_url(v) for k, v in diff["url"].items()}
         _record(session, owner, "webhook.update", endpoint.id, diff)
     return endpoint
 
 
 def _snapshot(endpoint: WebhookEndpoint) -> dict[str, Any]:
     return {
-        "url": _audit_url(endpoint.url),
+        "url": endpoint.url,
         "events": list(endpoint.events),
         "description": endpoint.description,
         "is_active": endpoint.is_active,
