@@ -14,7 +14,8 @@ What it does, end to end (see bench/README.md):
 3. **invocations beside a black hole**: invocations/s at c=32 with no webhook traffic, then
    with every endpoint pointing at a receiver that accepts connections and never answers while
    events keep arriving (--event-rate per second), so every dispatcher slot is held by an
-   attempt waiting out its 10 s timeout; then once more without (the same run, alternated).
+   attempt waiting out its 10 s timeout; then once more without (the same run, alternated;
+   before a quiet run the pending deliveries are failed and their attempts left to time out).
 
 Run:  .venv/bin/python bench/webhooks_bench.py [--events 20000] [--duration 10] [--json out.json]
 """
@@ -190,6 +191,12 @@ def _inserter(db_url: str, rate: float, stop_flag: threading.Event) -> None:
     asyncio.run(loop())
 
 
+def policy_timeout() -> float:
+    from joyhub.webhooks.policy import ATTEMPT_TIMEOUT_SECONDS
+
+    return ATTEMPT_TIMEOUT_SECONDS
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -254,6 +261,11 @@ def main() -> int:
             if label == "black_hole":
                 feeder.start()
                 time.sleep(2)  # let the dispatchers fill every slot
+            else:  # no retries of the last black-hole run either (its attempts in flight time out)
+                asyncio.run(
+                    _sql(db_url, "UPDATE webhook_deliveries SET status = 'failed' WHERE status = 'pending'")
+                )
+                time.sleep(policy_timeout())
             m = measure(tool, url, every, BODY, 32, args.duration)
             hanging = asyncio.run(
                 _sql(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -11,6 +11,18 @@ import pytest
 from tests.auth.support import SmtpServer, smtp_server
 from tests.tools.upstream_server import Upstream
 from tests.webhooks.receiver import Receiver
+
+
+@pytest.fixture
+def make_client(make_client: Callable[..., Any]) -> Callable[..., Any]:
+    """The root `make_client` (so `client` too), with the webhook dispatcher running in the app
+    as in `joyhub serve` (the suite's default turns it off elsewhere)."""
+
+    async def factory(**overrides: Any) -> Any:
+        overrides.setdefault("webhook_dispatch_in_serve", True)
+        return await make_client(**overrides)
+
+    return factory
 
 
 @pytest.fixture
