@@ -62,6 +62,9 @@ def test_settings(tmp_path: Path | None = None, **overrides: Any) -> Settings:
         # max_connections (100 on the embedded server and on a default system PostgreSQL)
         "db_pool_size": 4,
         "db_max_overflow": 6,
+        # the webhook dispatcher's background work stays out of other domains' tests (their
+        # pool and timing checks); tests/webhooks turns it on for its own apps
+        "webhook_dispatch_in_serve": False,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

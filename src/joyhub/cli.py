@@ -1,4 +1,4 @@
-"""The `joyhub` command (API.md §10): serve, migrate, create-admin, sweep, openapi.
+"""The `joyhub` command (API.md §10): serve, migrate, create-admin, sweep, deliver, openapi.
 
 Configuration errors end the command with one line naming the variable and exit status 2 —
 never a traceback.
@@ -203,6 +203,14 @@ def cmd_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deliver(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from joyhub.webhooks.runtime import run_standalone
+
+    url = _resolve_database(settings)
+    return asyncio.run(run_standalone(url, settings, once=args.once))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="joyhub", description="Joyfull UI Hub")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     oa = sub.add_parser("openapi", help="write the OpenAPI document (no server, no database)")
     oa.add_argument("--out", default="-", help="file to write; '-' (default) for standard output")
     oa.set_defaults(func=cmd_openapi)
+
+    dl = sub.add_parser("deliver", help="the webhook dispatcher on its own (serve runs it too)")
+    dl.add_argument("--once", action="store_true", help="deliver what is due now, then exit")
+    dl.set_defaults(func=cmd_deliver)
     return parser
 
 

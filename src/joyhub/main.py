@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
     from joyhub.tools.router import router as tools_router
     from joyhub.usage.router import router as usage_router
     from joyhub.users.router import router as users_router
+    from joyhub.webhooks.router import user_router as webhooks_router
 
     app.include_router(ops_router)
     app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)
@@ -89,6 +90,10 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
     ]
     for router, name in api:
         app.include_router(router, prefix=f"{API_PREFIX}/{name}", tags=[name], responses=COMMON_RESPONSES)
+    # the caller's webhooks and notification settings live under /users/me (API.md §11)
+    app.include_router(
+        webhooks_router, prefix=f"{API_PREFIX}/users", tags=["webhooks"], responses=COMMON_RESPONSES
+    )
     if os.environ.get("JOYHUB_DEMO") == "1":  # `joyhub serve --demo`: the built-in demo tools
         from joyhub.demo import router as demo_router
 

@@ -15,7 +15,9 @@ from joyhub.core.clock import utcnow
 from joyhub.core.context import current_request_id
 from joyhub.models import AuditLog, User
 
-SECRET_FIELDS = frozenset({"auth_header_value", "password", "password_hash", "new_password", "key", "token"})
+SECRET_FIELDS = frozenset(
+    {"auth_header_value", "password", "password_hash", "new_password", "key", "token", "secret"}
+)
 
 
 def mask(changes: dict[str, Any]) -> dict[str, Any]:

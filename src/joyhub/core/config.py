@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     # per worker: connections to tool upstreams open at once (a stream holds one for its life)
     upstream_max_connections: int = Field(4096, ge=1, le=100_000)
     stream_ping_seconds: float = Field(15, gt=0, le=300)
+    # CIDRs that tool and webhook endpoints may reach in production despite being private
+    tool_allowed_networks: str = ""
+    # webhooks (API.md §11): run the dispatcher inside `serve` (else run `joyhub deliver`), its
+    # deliveries in flight per process, and the safety-net poll when no NOTIFY wakes it
+    webhook_dispatch_in_serve: bool = True
+    webhook_concurrency: int = Field(64, ge=1, le=1024)
+    webhook_poll_seconds: float = Field(10, gt=0, le=3600)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -105,6 +112,14 @@ class Settings(BaseSettings):
         assert value is not None
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis:// URL")
+        return value
+
+    @field_validator("tool_allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: str) -> str:
+        from joyhub.core.egress import parse_networks
+
+        parse_networks(value)
         return value
 
     @field_validator("password_reset_url")

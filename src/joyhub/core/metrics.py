@@ -74,6 +74,31 @@ GATEWAY_WAITING = Gauge(
     multiprocess_mode="livesum",
 )
 
+WEBHOOK_ATTEMPTS = Counter(
+    "joyhub_webhook_attempts_total",
+    "Webhook delivery attempts by outcome (success, http_3xx, http_4xx, http_5xx, timeout, "
+    "connection_error, secret_unreadable)",
+    ["outcome"],
+)
+WEBHOOK_DELIVERIES = Counter(
+    "joyhub_webhook_deliveries_total",
+    "Webhook deliveries by final outcome (succeeded; failed when the retry schedule is spent)",
+    ["outcome"],
+)
+WEBHOOK_QUEUE_DEPTH = Gauge(
+    "joyhub_webhook_queue_depth",
+    "Webhook deliveries pending (due now or waiting for a retry)",
+    multiprocess_mode="livemax",
+)
+WEBHOOK_OLDEST_PENDING_SECONDS = Gauge(
+    "joyhub_webhook_oldest_pending_seconds",
+    "Age of the oldest pending webhook delivery",
+    multiprocess_mode="livemax",
+)
+NOTIFICATION_EMAILS = Counter(
+    "joyhub_notification_emails_total", "Notification emails by kind and outcome", ["kind", "outcome"]
+)
+
 CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 

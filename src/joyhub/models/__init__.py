@@ -3,6 +3,7 @@
 from joyhub.models.api_key import ApiKey
 from joyhub.models.audit import AuditLog
 from joyhub.models.base import Base
+from joyhub.models.notification import NotificationEmail, NotificationPreference, QuotaAlert
 from joyhub.models.plan import Plan
 from joyhub.models.session import AuthSession, PasswordResetToken, RefreshToken
 from joyhub.models.subscription import Subscription
@@ -18,6 +19,7 @@ from joyhub.models.usage import (
     UsageUserWeekly,
 )
 from joyhub.models.user import User
+from joyhub.models.webhook import WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 __all__ = [
     "ApiKey",
@@ -25,8 +27,11 @@ __all__ = [
     "AuthSession",
     "Base",
     "IdempotencyRecord",
+    "NotificationEmail",
+    "NotificationPreference",
     "PasswordResetToken",
     "Plan",
+    "QuotaAlert",
     "RefreshToken",
     "Subscription",
     "ThrottleHit",
@@ -38,4 +43,7 @@ __all__ = [
     "UsageUserDaily",
     "UsageUserWeekly",
     "User",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookEvent",
 ]

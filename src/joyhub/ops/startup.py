@@ -30,6 +30,10 @@ async def run(app: FastAPI, stack: AsyncExitStack) -> None:
         from joyhub import demo
 
         await demo.setup(app)
+    # webhooks: the dispatcher (unless WEBHOOK_DISPATCH_IN_SERVE is off) and the circuit events
+    from joyhub.webhooks import runtime as webhooks_runtime
+
+    await webhooks_runtime.start(app, stack)
     # sweep: the periodic rollover/cleanup task
     from joyhub.ops import sweeper
 

@@ -1,4 +1,5 @@
-"""The periodic sweep: subscription rollover, stale invocations, expired throttle/idempotency rows.
+"""The periodic sweep: subscription rollover, stale invocations, expired throttle/idempotency rows,
+webhook retention.
 
 `serve` runs it in the background every SWEEP_INTERVAL_SECONDS; `joyhub sweep` runs one pass.
 Each job runs in its own short transaction and is safe to run concurrently on many workers.
@@ -28,11 +29,13 @@ def jobs() -> list[tuple[str, SweepJob]]:
     from joyhub.auth.sessions import sweep_expired
     from joyhub.subscriptions.rollover import sweep_due
     from joyhub.tools import sweeps as tools_sweeps
+    from joyhub.webhooks import sweeps as webhooks_sweeps
 
     return [
         ("subscription_rollover", sweep_due),
         ("identity_cleanup", sweep_expired),
         *tools_sweeps.jobs(),
+        *webhooks_sweeps.jobs(),
     ]
 
 

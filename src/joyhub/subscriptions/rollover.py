@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from joyhub.core import audit
 from joyhub.core.config import Settings
 from joyhub.models import Plan, Subscription
+from joyhub.subscriptions import notify
 
 SWEEP_BATCH_SIZE = 200
 _TICK = timedelta(microseconds=1)  # PostgreSQL's timestamp resolution
@@ -102,7 +103,8 @@ async def load_plans(session: AsyncSession) -> dict[str, Plan]:
 async def roll_locked(
     session: AsyncSession, sub: Subscription, plans: dict[str, Plan], now: datetime
 ) -> str | None:
-    """Roll a row the caller holds locked; write the audit entry in this transaction."""
+    """Roll a row the caller holds locked; write the audit entry and the events in this
+    transaction."""
     before = snapshot(sub)
     action = advance(sub, plans, now)
     if action:
@@ -116,6 +118,7 @@ async def roll_locked(
             target_id=sub.id,
             changes=audit.diff(before, snapshot(sub)) | {"user_id": str(sub.user_id)},
         )
+        notify.rolled(session, sub, plans[sub.plan_code], before, now)
     return action
 
 

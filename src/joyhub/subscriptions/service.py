@@ -49,8 +49,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from joyhub.core import audit
 from joyhub.core.errors import Conflict, NotFound, ValidationFailed, field_error
 from joyhub.models import Plan, Subscription, User
-from joyhub.subscriptions import rollover
+from joyhub.subscriptions import notify, rollover
 from joyhub.subscriptions.schemas import SubscriptionOut
+from joyhub.webhooks import events
 
 
 class Change(StrEnum):
@@ -60,6 +61,16 @@ class Change(StrEnum):
     SAME_PLAN = "subscription.same_plan"
     UPGRADE = "subscription.upgrade"
     DOWNGRADE = "subscription.downgrade_scheduled"
+
+
+# The webhook event of each change (API.md §11). Re-picking the plan clears what was pending —
+# a cancellation or a scheduled downgrade — so the subscription goes on as it is: "resumed".
+_CHANGE_EVENTS = {
+    Change.CREATE: events.SUBSCRIPTION_CREATED,
+    Change.SAME_PLAN: events.SUBSCRIPTION_RESUMED,
+    Change.UPGRADE: events.SUBSCRIPTION_UPGRADED,
+    Change.DOWNGRADE: events.SUBSCRIPTION_DOWNGRADE_SCHEDULED,
+}
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,13 @@ async def _view(session: AsyncSession, sub: Subscription) -> SubscriptionOut:
     return SubscriptionOut.of(sub, plan)
 
 
+async def _notify(session: AsyncSession, event_type: str, sub: Subscription, now: datetime) -> None:
+    """The change's webhook event, in this transaction (`notify.changed`)."""
+    plan = await session.get(Plan, sub.plan_code)
+    assert plan is not None  # foreign key
+    notify.changed(session, event_type, sub, plan, now)
+
+
 async def current(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> SubscriptionOut | None:
     """The user's subscription rolled forward to now, or None if they never subscribed."""
     sub = await rollover.ensure_current(session, user_id, now)
@@ -275,12 +293,13 @@ async def change_plan(
         before = rollover.snapshot(sub)
         change = decide(sub, target, plans)
         apply_change(sub, change, target, now)
-    # Like Stripe's events, an audit row only when something changed: re-picking the same
-    # plan with nothing pending is a no-op.
+    # Like Stripe's events, an audit row and an event only when something changed: re-picking
+    # the same plan with nothing pending is a no-op.
     if rollover.snapshot(sub) != before:
         sub.updated_at = now
         await session.flush()
         _record(session, actor=actor, action=change.value, sub=sub, before=before)
+        await _notify(session, _CHANGE_EVENTS[change], sub, now)
     return ChangeResult(await _view(session, sub), change)
 
 
@@ -307,6 +326,7 @@ async def cancel(session: AsyncSession, *, actor: User, user_id: uuid.UUID, now:
         sub.updated_at = now
         await session.flush()
         _record(session, actor=actor, action="subscription.cancel", sub=sub, before=before)
+        await _notify(session, events.SUBSCRIPTION_CANCELLED, sub, now)
     return await _view(session, sub)
 
 
@@ -324,6 +344,7 @@ async def resume(session: AsyncSession, *, actor: User, user_id: uuid.UUID, now:
         sub.updated_at = now
         await session.flush()
         _record(session, actor=actor, action="subscription.resume", sub=sub, before=before)
+        await _notify(session, events.SUBSCRIPTION_RESUMED, sub, now)
     return await _view(session, sub)
 
 
@@ -358,4 +379,10 @@ async def grant(
     sub.updated_at = now
     await session.flush()
     _record(session, actor=admin, action="subscription.grant", sub=sub, before=before)
+    # A grant starts a subscription period from now, whatever there was: "created". When it
+    # replaces a running period, the quota starts over too.
+    await _notify(session, events.SUBSCRIPTION_CREATED, sub, now)
+    if before.get("status") == "active":
+        previous = before["tokens_used"]
+        notify.period_reset(session, sub, previous if isinstance(previous, int) else 0, now)
     return await _view(session, sub)

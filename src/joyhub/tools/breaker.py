@@ -14,9 +14,16 @@ let through in half-open). The rules, shared by both implementations:
 
 `InProcessBreakers` keeps this in a dict (one worker); `RedisBreakers` keeps it in one Redis
 hash per tool and changes it only through small Lua scripts, so the trial claim is atomic across
-workers and instances. Both take an injectable clock (epoch seconds) for tests. When Redis is
-unreachable the breaker fails open (calls pass) and says so in the log: a Redis outage must not
-take every tool down with it.
+workers and instances.
+
+Transitions — closed to open, and open (or half-open) to closed by a trial's success — are told
+to the listener set with `observe` (the webhook events `tool.circuit_opened`/`_closed`). The
+scripts decide a transition atomically, so with Redis exactly one worker sees each one; an
+in-process breaker is per worker, and so are its transitions.
+
+Both take an injectable clock (epoch seconds) for tests. When Redis is unreachable the breaker
+fails open (calls pass) and says so in the log: a Redis outage must not take every tool down
+with it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,25 @@ log = logging.getLogger("joyhub.tools.breaker")
 
 Clock = Callable[[], float]
 CircuitState = Literal["closed", "open", "half_open"]
+
+
+@dataclass(frozen=True)
+class CircuitChange:
+    """A transition of a tool's circuit: `opened` (from closed) or `closed` (a trial succeeded);
+    `consecutive_failures` is the count at that moment (before the close resets it)."""
+
+    tool_id: str
+    change: Literal["opened", "closed"]
+    consecutive_failures: int
+
+
+CircuitListener = Callable[[CircuitChange], None]
+
+
+def _ignore(change: CircuitChange) -> None:
+    return None
+
+
 TRIAL_RETRY_AFTER = 1.0
 REDIS_KEY_TTL = 7 * 24 * 3600
 
@@ -78,6 +104,10 @@ class Breakers(Protocol):
     async def view(self, tool_id: str) -> CircuitView: ...
     async def views(self, tool_ids: Iterable[str]) -> dict[str, CircuitView]: ...
     async def reset(self, tool_id: str) -> None: ...
+    def observe(self, listener: CircuitListener) -> None:
+        """Tell `listener` of every transition from now on (it must not block: it is called on
+        the invocation's path)."""
+        ...
 
 
 @dataclass
@@ -95,6 +125,10 @@ class InProcessBreakers:
         self.recovery_seconds = recovery_seconds
         self.clock = clock
         self._states: dict[str, _State] = {}
+        self._listener: CircuitListener = _ignore
+
+    def observe(self, listener: CircuitListener) -> None:
+        self._listener = listener
 
     async def acquire(self, tool_id: str, lease_seconds: float, *, claim_trial: bool = True) -> Permit:
         st = self._states.get(tool_id)
@@ -115,11 +149,12 @@ class InProcessBreakers:
         st = self._states.setdefault(tool_id, _State())
         st.failures += 1
         now = self.clock()
-        if (st.opened_until is None and st.failures >= self.threshold) or (
-            st.opened_until is not None and trial
-        ):
+        was_closed = st.opened_until is None
+        if (was_closed and st.failures >= self.threshold) or (not was_closed and trial):
             st.opened_until = now + self.recovery_seconds
             st.trial_until = None
+            if was_closed:
+                self._listener(CircuitChange(tool_id, "opened", st.failures))
         return st.opened_until is not None
 
     async def record_success(self, tool_id: str, *, trial: bool, clean: bool) -> None:
@@ -128,6 +163,8 @@ class InProcessBreakers:
             return
         if trial or st.opened_until is None:
             del self._states[tool_id]
+            if st.opened_until is not None:
+                self._listener(CircuitChange(tool_id, "closed", st.failures))
 
     async def release(self, tool_id: str, permit: Permit) -> None:
         st = self._states.get(tool_id)
@@ -161,27 +198,34 @@ redis.call('HSET', KEYS[1], 't', tostring(now + tonumber(ARGV[2])))
 return {1, 1, f, '0', 0}
 """
 
-# ARGV = now, threshold, recovery, trial (1/0), ttl. Returns 1 when the circuit is not closed.
+# ARGV = now, threshold, recovery, trial (1/0), ttl. Returns {state, failures}: state 0 closed,
+# 1 not closed, 2 opened by this very failure (from closed).
 _FAILURE = """
 local f = redis.call('HINCRBY', KEYS[1], 'f', 1)
 local o = tonumber(redis.call('HGET', KEYS[1], 'o'))
 local now = tonumber(ARGV[1])
+local opened = 0
 if (not o and f >= tonumber(ARGV[2])) or (o and ARGV[4] == '1') then
+  if not o then opened = 1 end
   o = now + tonumber(ARGV[3])
   redis.call('HSET', KEYS[1], 'o', tostring(o))
   redis.call('HDEL', KEYS[1], 't')
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-if o then return 1 end
-return 0
+if opened == 1 then return {2, f} end
+if o then return {1, f} end
+return {0, f}
 """
 
 # ARGV = trial (1/0). A trial's success closes; a success while closed resets the count.
+# Returns the failure count when this closed an open circuit, else -1.
 _SUCCESS = """
 if ARGV[1] == '1' or redis.call('HEXISTS', KEYS[1], 'o') == 0 then
+  local v = redis.call('HMGET', KEYS[1], 'f', 'o')
   redis.call('DEL', KEYS[1])
+  if v[2] then return tonumber(v[1]) or 0 end
 end
-return 0
+return -1
 """
 
 
@@ -204,6 +248,10 @@ class RedisBreakers:
         self._acquire = redis.register_script(_ACQUIRE)
         self._failure = redis.register_script(_FAILURE)
         self._success = redis.register_script(_SUCCESS)
+        self._listener: CircuitListener = _ignore
+
+    def observe(self, listener: CircuitListener) -> None:
+        self._listener = listener
 
     def _key(self, tool_id: str) -> str:
         return self.prefix + tool_id
@@ -242,7 +290,7 @@ class RedisBreakers:
 
     async def record_failure(self, tool_id: str, *, trial: bool) -> bool:
         try:
-            opened = await self._failure(
+            state, failures = await self._failure(
                 keys=[self._key(tool_id)],
                 args=[
                     repr(self.clock()),
@@ -255,15 +303,20 @@ class RedisBreakers:
         except Exception as exc:
             self._unreachable("record_failure", exc)
             return False
-        return bool(int(opened))
+        if int(state) == 2:
+            self._listener(CircuitChange(tool_id, "opened", int(failures)))
+        return bool(int(state))
 
     async def record_success(self, tool_id: str, *, trial: bool, clean: bool) -> None:
         if clean and not trial:
             return  # nothing counted, nothing to reset: spare the round trip on the hot path
         try:
-            await self._success(keys=[self._key(tool_id)], args=["1" if trial else "0"])
+            closed = int(await self._success(keys=[self._key(tool_id)], args=["1" if trial else "0"]))
         except Exception as exc:
             self._unreachable("record_success", exc)
+            return
+        if closed >= 0:
+            self._listener(CircuitChange(tool_id, "closed", closed))
 
     async def release(self, tool_id: str, permit: Permit) -> None:
         if not permit.trial:

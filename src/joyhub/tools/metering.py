@@ -58,6 +58,7 @@ from joyhub.tools.group_commit import GroupCommit
 from joyhub.tools.idempotency import KEY_TTL, StoredKey, encode_response
 from joyhub.tools.rate_limits import NO_LIMITS, Bucket, Concurrency, Limits, Scope
 from joyhub.usage import rollups
+from joyhub.webhooks import quota_alerts
 
 log = logging.getLogger("joyhub.tools.metering")
 
@@ -438,7 +439,10 @@ _LINK_KEY = text("UPDATE idempotency_keys SET usage_log_id = :log_id WHERE id = 
 # `charge` adds up what they cost and held; `sub` charges the account and releases the
 # reservations; `log` writes each outcome, stamped with the settle time clamped into the period the
 # tokens were charged to (so tokens_used always equals the sum of the current period's logs);
-# `idem` stores each answer for replay; `settled` feeds the rollup upserts (`rollups.ROLLUP_CTES`).
+# `idem` stores each answer for replay; `settled` feeds the rollup upserts (`rollups.ROLLUP_CTES`);
+# the quota thresholds the charge crosses are decided and their events written to the outbox
+# (`webhooks/quota_alerts.py`: exactly one settle crosses each threshold, since settles of one
+# subscription take its row lock one after another).
 _SETTLE = text(
     """
     WITH req AS (
@@ -464,7 +468,8 @@ _SETTLE = text(
             tokens_reserved = GREATEST(s.tokens_reserved - charge.reserved, 0),
             inflight = GREATEST(s.inflight - charge.calls, 0)
         FROM charge WHERE s.id = charge.subscription_id
-        RETURNING s.id, s.tokens_used, s.current_period_start, s.current_period_end,
+        RETURNING s.id, s.user_id, s.tokens_used - charge.tokens AS tokens_before, s.tokens_used,
+                  s.current_period_start, s.current_period_end,
                   (SELECT p.token_limit FROM plans AS p WHERE p.code = s.plan_code) AS token_limit
     ), log AS (
         UPDATE usage_logs AS u
@@ -492,6 +497,8 @@ _SETTLE = text(
         FROM log
     ), """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + rollups.ROLLUP_CTES
+    + ", "
+    + quota_alerts.QUOTA_ALERT_CTES
     + """
     SELECT log.id, sub.tokens_used, sub.current_period_end, sub.token_limit
     FROM log LEFT JOIN sub ON true

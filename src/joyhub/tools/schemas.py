@@ -10,10 +10,10 @@ import re
 import uuid
 from datetime import datetime
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from joyhub.core.urls import check_http_url
 from joyhub.tools.input_validation import schema_problem
 
 HEADER_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -63,22 +63,7 @@ def _walk_strings(node: Any, budget: list[int]) -> None:
 
 def check_endpoint(url: str) -> str:
     """An absolute http(s) URL with a host and no credentials (use the secret header)."""
-    if any(ch.isspace() or not ch.isprintable() for ch in url):
-        raise ValueError("must be a URL without spaces or control characters")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError("must be an http:// or https:// URL")
-    if not parts.hostname:
-        raise ValueError("must name a host")
-    if parts.username or parts.password:
-        raise ValueError("must not embed credentials; use auth_header_name/auth_header_value")
-    try:
-        _ = parts.port
-    except ValueError:
-        raise ValueError("has an invalid port") from None
-    if parts.fragment:
-        raise ValueError("must not have a fragment")
-    return url
+    return check_http_url(url)
 
 
 class CircuitOut(BaseModel):

@@ -25,6 +25,7 @@ from joyhub.core.pagination import Page
 from joyhub.models import Plan, Tool, User
 from joyhub.tools.breaker import Breakers, CircuitView
 from joyhub.tools.schemas import AdminToolOut, CircuitOut, ToolCreate, ToolOut, ToolUpdate
+from joyhub.webhooks import events
 
 NOT_NULLABLE = (
     "name",
@@ -294,6 +295,14 @@ async def reset_circuit(
     await breakers.reset(str(tool.id))
     metrics.CIRCUIT_STATE.labels(str(tool.id)).set(metrics.CIRCUIT_STATE_VALUES["closed"])
     after = await breakers.view(str(tool.id))
+    if before.state != "closed":
+        events.emit(
+            session,
+            events.TOOL_CIRCUIT_CLOSED,
+            user_id=None,
+            data=events.circuit_data(tool.id, tool.name, before.consecutive_failures),
+            now=utcnow(),
+        )
     audit.record(
         session,
         actor=actor,

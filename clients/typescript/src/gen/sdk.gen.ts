@@ -2,7 +2,7 @@
 
 import { client } from './client.gen.js';
 import { type Client, type Options as Options2, type TDataShape, urlSearchParamsBodySerializer } from './client/index.js';
-import type { AdminCreateToolData, AdminCreateToolErrors, AdminCreateToolResponses, AdminDeleteToolData, AdminDeleteToolErrors, AdminDeleteToolResponses, AdminGetToolData, AdminGetToolErrors, AdminGetToolResponses, AdminGetUserData, AdminGetUserErrors, AdminGetUserResponses, AdminGrantSubscriptionData, AdminGrantSubscriptionErrors, AdminGrantSubscriptionResponses, AdminListAuditLogsData, AdminListAuditLogsErrors, AdminListAuditLogsResponses, AdminListPlansData, AdminListPlansErrors, AdminListPlansResponses, AdminListToolsData, AdminListToolsErrors, AdminListToolsResponses, AdminListUsersData, AdminListUsersErrors, AdminListUsersResponses, AdminResetCircuitData, AdminResetCircuitErrors, AdminResetCircuitResponses, AdminUpdatePlanData, AdminUpdatePlanErrors, AdminUpdatePlanResponses, AdminUpdateToolData, AdminUpdateToolErrors, AdminUpdateToolResponses, AdminUpdateUserData, AdminUpdateUserErrors, AdminUpdateUserResponses, AdminUsageStatsData, AdminUsageStatsErrors, AdminUsageStatsResponses, AuthLoginData, AuthLoginErrors, AuthLoginResponses, AuthLogoutAllData, AuthLogoutAllErrors, AuthLogoutAllResponses, AuthLogoutData, AuthLogoutErrors, AuthLogoutResponses, AuthPasswordResetConfirmData, AuthPasswordResetConfirmErrors, AuthPasswordResetConfirmResponses, AuthPasswordResetData, AuthPasswordResetErrors, AuthPasswordResetResponses, AuthRefreshData, AuthRefreshErrors, AuthRefreshResponses, AuthRegisterData, AuthRegisterErrors, AuthRegisterResponses, AuthTokenData, AuthTokenErrors, AuthTokenResponses, OperationsHealthData, OperationsHealthResponses, OperationsReadyData, OperationsReadyErrors, OperationsReadyResponses, SubscriptionsCancelData, SubscriptionsCancelErrors, SubscriptionsCancelResponses, SubscriptionsCurrentData, SubscriptionsCurrentErrors, SubscriptionsCurrentResponses, SubscriptionsListPlansData, SubscriptionsListPlansErrors, SubscriptionsListPlansResponses, SubscriptionsResumeData, SubscriptionsResumeErrors, SubscriptionsResumeResponses, SubscriptionsSubscribeData, SubscriptionsSubscribeErrors, SubscriptionsSubscribeResponses, ToolsGetData, ToolsGetErrors, ToolsGetResponses, ToolsInvokeData, ToolsInvokeErrors, ToolsInvokeResponses, ToolsListData, ToolsListErrors, ToolsListResponses, UsageExportData, UsageExportErrors, UsageExportResponses, UsageListData, UsageListErrors, UsageListResponses, UsageSummaryData, UsageSummaryErrors, UsageSummaryResponses, UsageTimeseriesData, UsageTimeseriesErrors, UsageTimeseriesResponses, UsersChangePasswordData, UsersChangePasswordErrors, UsersChangePasswordResponses, UsersCreateApiKeyData, UsersCreateApiKeyErrors, UsersCreateApiKeyResponses, UsersGetMeData, UsersGetMeErrors, UsersGetMeResponses, UsersListApiKeysData, UsersListApiKeysErrors, UsersListApiKeysResponses, UsersRevokeApiKeyData, UsersRevokeApiKeyErrors, UsersRevokeApiKeyResponses, UsersUpdateMeData, UsersUpdateMeErrors, UsersUpdateMeResponses } from './types.gen.js';
+import type { AdminCreateEndpointData, AdminCreateEndpointErrors, AdminCreateEndpointResponses, AdminCreateToolData, AdminCreateToolErrors, AdminCreateToolResponses, AdminDeleteEndpointData, AdminDeleteEndpointErrors, AdminDeleteEndpointResponses, AdminDeleteToolData, AdminDeleteToolErrors, AdminDeleteToolResponses, AdminGetToolData, AdminGetToolErrors, AdminGetToolResponses, AdminGetUserData, AdminGetUserErrors, AdminGetUserResponses, AdminGrantSubscriptionData, AdminGrantSubscriptionErrors, AdminGrantSubscriptionResponses, AdminListAuditLogsData, AdminListAuditLogsErrors, AdminListAuditLogsResponses, AdminListDeliveriesData, AdminListDeliveriesErrors, AdminListDeliveriesResponses, AdminListEndpointsData, AdminListEndpointsErrors, AdminListEndpointsResponses, AdminListPlansData, AdminListPlansErrors, AdminListPlansResponses, AdminListToolsData, AdminListToolsErrors, AdminListToolsResponses, AdminListUsersData, AdminListUsersErrors, AdminListUsersResponses, AdminResetCircuitData, AdminResetCircuitErrors, AdminResetCircuitResponses, AdminRetryDeliveryData, AdminRetryDeliveryErrors, AdminRetryDeliveryResponses, AdminRotateSecretData, AdminRotateSecretErrors, AdminRotateSecretResponses, AdminSendTestData, AdminSendTestErrors, AdminSendTestResponses, AdminUpdateEndpointData, AdminUpdateEndpointErrors, AdminUpdateEndpointResponses, AdminUpdatePlanData, AdminUpdatePlanErrors, AdminUpdatePlanResponses, AdminUpdateToolData, AdminUpdateToolErrors, AdminUpdateToolResponses, AdminUpdateUserData, AdminUpdateUserErrors, AdminUpdateUserResponses, AdminUsageStatsData, AdminUsageStatsErrors, AdminUsageStatsResponses, AuthLoginData, AuthLoginErrors, AuthLoginResponses, AuthLogoutAllData, AuthLogoutAllErrors, AuthLogoutAllResponses, AuthLogoutData, AuthLogoutErrors, AuthLogoutResponses, AuthPasswordResetConfirmData, AuthPasswordResetConfirmErrors, AuthPasswordResetConfirmResponses, AuthPasswordResetData, AuthPasswordResetErrors, AuthPasswordResetResponses, AuthRefreshData, AuthRefreshErrors, AuthRefreshResponses, AuthRegisterData, AuthRegisterErrors, AuthRegisterResponses, AuthTokenData, AuthTokenErrors, AuthTokenResponses, OperationsHealthData, OperationsHealthResponses, OperationsReadyData, OperationsReadyErrors, OperationsReadyResponses, SubscriptionsCancelData, SubscriptionsCancelErrors, SubscriptionsCancelResponses, SubscriptionsCurrentData, SubscriptionsCurrentErrors, SubscriptionsCurrentResponses, SubscriptionsListPlansData, SubscriptionsListPlansErrors, SubscriptionsListPlansResponses, SubscriptionsResumeData, SubscriptionsResumeErrors, SubscriptionsResumeResponses, SubscriptionsSubscribeData, SubscriptionsSubscribeErrors, SubscriptionsSubscribeResponses, ToolsGetData, ToolsGetErrors, ToolsGetResponses, ToolsInvokeData, ToolsInvokeErrors, ToolsInvokeResponses, ToolsListData, ToolsListErrors, ToolsListResponses, UsageExportData, UsageExportErrors, UsageExportResponses, UsageListData, UsageListErrors, UsageListResponses, UsageSummaryData, UsageSummaryErrors, UsageSummaryResponses, UsageTimeseriesData, UsageTimeseriesErrors, UsageTimeseriesResponses, UsersChangePasswordData, UsersChangePasswordErrors, UsersChangePasswordResponses, UsersCreateApiKeyData, UsersCreateApiKeyErrors, UsersCreateApiKeyResponses, UsersGetMeData, UsersGetMeErrors, UsersGetMeResponses, UsersListApiKeysData, UsersListApiKeysErrors, UsersListApiKeysResponses, UsersRevokeApiKeyData, UsersRevokeApiKeyErrors, UsersRevokeApiKeyResponses, UsersUpdateMeData, UsersUpdateMeErrors, UsersUpdateMeResponses, WebhooksCreateEndpointData, WebhooksCreateEndpointErrors, WebhooksCreateEndpointResponses, WebhooksDeleteEndpointData, WebhooksDeleteEndpointErrors, WebhooksDeleteEndpointResponses, WebhooksGetNotificationsData, WebhooksGetNotificationsErrors, WebhooksGetNotificationsResponses, WebhooksListDeliveriesData, WebhooksListDeliveriesErrors, WebhooksListDeliveriesResponses, WebhooksListEndpointsData, WebhooksListEndpointsErrors, WebhooksListEndpointsResponses, WebhooksRetryDeliveryData, WebhooksRetryDeliveryErrors, WebhooksRetryDeliveryResponses, WebhooksRotateSecretData, WebhooksRotateSecretErrors, WebhooksRotateSecretResponses, WebhooksSendTestData, WebhooksSendTestErrors, WebhooksSendTestResponses, WebhooksUpdateEndpointData, WebhooksUpdateEndpointErrors, WebhooksUpdateEndpointResponses, WebhooksUpdateNotificationsData, WebhooksUpdateNotificationsErrors, WebhooksUpdateNotificationsResponses } from './types.gen.js';
 
 export type Options<TData extends TDataShape = TDataShape, ThrowOnError extends boolean = boolean, TResponse = unknown> = Options2<TData, ThrowOnError, TResponse> & {
     /**
@@ -456,4 +456,186 @@ export const adminListAuditLogs = <ThrowOnError extends boolean = false>(options
     security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
     url: '/api/v1/admin/audit-logs',
     ...options
+});
+
+/**
+ * Webhook endpoints
+ */
+export const adminListEndpoints = <ThrowOnError extends boolean = false>(options?: Options<AdminListEndpointsData, ThrowOnError>) => (options?.client ?? client).get<AdminListEndpointsResponses, AdminListEndpointsErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/admin/webhooks',
+    ...options
+});
+
+/**
+ * Create an endpoint; its secret (whsec_…) is in this response only
+ */
+export const adminCreateEndpoint = <ThrowOnError extends boolean = false>(options: Options<AdminCreateEndpointData, ThrowOnError>) => (options.client ?? client).post<AdminCreateEndpointResponses, AdminCreateEndpointErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/admin/webhooks',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * Delete an endpoint; its pending deliveries are never attempted
+ */
+export const adminDeleteEndpoint = <ThrowOnError extends boolean = false>(options: Options<AdminDeleteEndpointData, ThrowOnError>) => (options.client ?? client).delete<AdminDeleteEndpointResponses, AdminDeleteEndpointErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/admin/webhooks/{endpoint_id}',
+    ...options
+});
+
+/**
+ * Change an endpoint (is_active: false stops it; true re-enables a disabled one)
+ */
+export const adminUpdateEndpoint = <ThrowOnError extends boolean = false>(options: Options<AdminUpdateEndpointData, ThrowOnError>) => (options.client ?? client).patch<AdminUpdateEndpointResponses, AdminUpdateEndpointErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/admin/webhooks/{endpoint_id}',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * A new secret (shown once); the previous one also signs for 24 h
+ */
+export const adminRotateSecret = <ThrowOnError extends boolean = false>(options: Options<AdminRotateSecretData, ThrowOnError>) => (options.client ?? client).post<AdminRotateSecretResponses, AdminRotateSecretErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/admin/webhooks/{endpoint_id}/rotate-secret',
+    ...options
+});
+
+/**
+ * Send a webhook.test event to the endpoint (the delivery is returned, pending)
+ */
+export const adminSendTest = <ThrowOnError extends boolean = false>(options: Options<AdminSendTestData, ThrowOnError>) => (options.client ?? client).post<AdminSendTestResponses, AdminSendTestErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/admin/webhooks/{endpoint_id}/test',
+    ...options
+});
+
+/**
+ * The endpoint's deliveries, newest first (kept 30 days)
+ */
+export const adminListDeliveries = <ThrowOnError extends boolean = false>(options: Options<AdminListDeliveriesData, ThrowOnError>) => (options.client ?? client).get<AdminListDeliveriesResponses, AdminListDeliveriesErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/admin/webhooks/{endpoint_id}/deliveries',
+    ...options
+});
+
+/**
+ * Attempt a delivery again now
+ */
+export const adminRetryDelivery = <ThrowOnError extends boolean = false>(options: Options<AdminRetryDeliveryData, ThrowOnError>) => (options.client ?? client).post<AdminRetryDeliveryResponses, AdminRetryDeliveryErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/admin/webhooks/{endpoint_id}/deliveries/{delivery_id}/retry',
+    ...options
+});
+
+/**
+ * Webhook endpoints
+ */
+export const webhooksListEndpoints = <ThrowOnError extends boolean = false>(options?: Options<WebhooksListEndpointsData, ThrowOnError>) => (options?.client ?? client).get<WebhooksListEndpointsResponses, WebhooksListEndpointsErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/users/me/webhooks',
+    ...options
+});
+
+/**
+ * Create an endpoint; its secret (whsec_…) is in this response only
+ */
+export const webhooksCreateEndpoint = <ThrowOnError extends boolean = false>(options: Options<WebhooksCreateEndpointData, ThrowOnError>) => (options.client ?? client).post<WebhooksCreateEndpointResponses, WebhooksCreateEndpointErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/users/me/webhooks',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * Delete an endpoint; its pending deliveries are never attempted
+ */
+export const webhooksDeleteEndpoint = <ThrowOnError extends boolean = false>(options: Options<WebhooksDeleteEndpointData, ThrowOnError>) => (options.client ?? client).delete<WebhooksDeleteEndpointResponses, WebhooksDeleteEndpointErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/users/me/webhooks/{endpoint_id}',
+    ...options
+});
+
+/**
+ * Change an endpoint (is_active: false stops it; true re-enables a disabled one)
+ */
+export const webhooksUpdateEndpoint = <ThrowOnError extends boolean = false>(options: Options<WebhooksUpdateEndpointData, ThrowOnError>) => (options.client ?? client).patch<WebhooksUpdateEndpointResponses, WebhooksUpdateEndpointErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/users/me/webhooks/{endpoint_id}',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * A new secret (shown once); the previous one also signs for 24 h
+ */
+export const webhooksRotateSecret = <ThrowOnError extends boolean = false>(options: Options<WebhooksRotateSecretData, ThrowOnError>) => (options.client ?? client).post<WebhooksRotateSecretResponses, WebhooksRotateSecretErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/users/me/webhooks/{endpoint_id}/rotate-secret',
+    ...options
+});
+
+/**
+ * Send a webhook.test event to the endpoint (the delivery is returned, pending)
+ */
+export const webhooksSendTest = <ThrowOnError extends boolean = false>(options: Options<WebhooksSendTestData, ThrowOnError>) => (options.client ?? client).post<WebhooksSendTestResponses, WebhooksSendTestErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/users/me/webhooks/{endpoint_id}/test',
+    ...options
+});
+
+/**
+ * The endpoint's deliveries, newest first (kept 30 days)
+ */
+export const webhooksListDeliveries = <ThrowOnError extends boolean = false>(options: Options<WebhooksListDeliveriesData, ThrowOnError>) => (options.client ?? client).get<WebhooksListDeliveriesResponses, WebhooksListDeliveriesErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/users/me/webhooks/{endpoint_id}/deliveries',
+    ...options
+});
+
+/**
+ * Attempt a delivery again now
+ */
+export const webhooksRetryDelivery = <ThrowOnError extends boolean = false>(options: Options<WebhooksRetryDeliveryData, ThrowOnError>) => (options.client ?? client).post<WebhooksRetryDeliveryResponses, WebhooksRetryDeliveryErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/users/me/webhooks/{endpoint_id}/deliveries/{delivery_id}/retry',
+    ...options
+});
+
+/**
+ * Quota alert settings (defaults: emails on, thresholds [80, 100])
+ */
+export const webhooksGetNotifications = <ThrowOnError extends boolean = false>(options?: Options<WebhooksGetNotificationsData, ThrowOnError>) => (options?.client ?? client).get<WebhooksGetNotificationsResponses, WebhooksGetNotificationsErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/users/me/notifications',
+    ...options
+});
+
+/**
+ * Change quota alert settings (thresholds: 1-100, at most 10)
+ */
+export const webhooksUpdateNotifications = <ThrowOnError extends boolean = false>(options: Options<WebhooksUpdateNotificationsData, ThrowOnError>) => (options.client ?? client).patch<WebhooksUpdateNotificationsResponses, WebhooksUpdateNotificationsErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/users/me/notifications',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
 });

@@ -479,6 +479,170 @@ export type DailyUsage = {
 };
 
 /**
+ * DeliveryOut
+ *
+ * API.md §11 `Delivery`.
+ */
+export type DeliveryOut = {
+    /**
+     * Id
+     */
+    id: string;
+    /**
+     * Event Id
+     */
+    event_id: string;
+    /**
+     * Event Type
+     */
+    event_type: string;
+    /**
+     * Status
+     */
+    status: 'pending' | 'succeeded' | 'failed';
+    /**
+     * Attempts
+     */
+    attempts: number;
+    /**
+     * Last Status Code
+     */
+    last_status_code: number | null;
+    /**
+     * Last Error
+     */
+    last_error: string | null;
+    /**
+     * Next Attempt At
+     */
+    next_attempt_at: string | null;
+    /**
+     * Created At
+     */
+    created_at: string;
+};
+
+/**
+ * EndpointCreateIn
+ */
+export type EndpointCreateIn = {
+    /**
+     * Url
+     */
+    url: string;
+    /**
+     * Events
+     */
+    events: Array<string>;
+    /**
+     * Description
+     */
+    description?: string | null;
+};
+
+/**
+ * EndpointOut
+ *
+ * API.md §11 `WebhookEndpoint`: never the secret.
+ */
+export type EndpointOut = {
+    /**
+     * Id
+     */
+    id: string;
+    /**
+     * Url
+     */
+    url: string;
+    /**
+     * Events
+     */
+    events: Array<string>;
+    /**
+     * Description
+     */
+    description: string | null;
+    /**
+     * Is Active
+     */
+    is_active: boolean;
+    /**
+     * Disabled Reason
+     */
+    disabled_reason: string | null;
+    /**
+     * Created At
+     */
+    created_at: string;
+};
+
+/**
+ * EndpointUpdateIn
+ *
+ * PATCH: only the fields sent change; `description: null` clears it, other nulls are refused.
+ */
+export type EndpointUpdateIn = {
+    /**
+     * Url
+     */
+    url?: string | null;
+    /**
+     * Events
+     */
+    events?: Array<string> | null;
+    /**
+     * Description
+     */
+    description?: string | null;
+    /**
+     * Is Active
+     */
+    is_active?: boolean | null;
+};
+
+/**
+ * EndpointWithSecretOut
+ *
+ * Creation and rotation: the endpoint, and its new secret — the only time it is shown.
+ */
+export type EndpointWithSecretOut = {
+    /**
+     * Id
+     */
+    id: string;
+    /**
+     * Url
+     */
+    url: string;
+    /**
+     * Events
+     */
+    events: Array<string>;
+    /**
+     * Description
+     */
+    description: string | null;
+    /**
+     * Is Active
+     */
+    is_active: boolean;
+    /**
+     * Disabled Reason
+     */
+    disabled_reason: string | null;
+    /**
+     * Created At
+     */
+    created_at: string;
+    /**
+     * Secret
+     *
+     * whsec_… — shown once; the receiver verifies signatures with it
+     */
+    secret: string;
+};
+
+/**
  * Envelope[AdminPlanOut]
  */
 export type EnvelopeAdminPlanOut = {
@@ -515,6 +679,33 @@ export type EnvelopeApiKeyCreatedOut = {
 };
 
 /**
+ * Envelope[DeliveryOut]
+ */
+export type EnvelopeDeliveryOut = {
+    data: DeliveryOut;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
+ * Envelope[EndpointOut]
+ */
+export type EnvelopeEndpointOut = {
+    data: EndpointOut;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
+ * Envelope[EndpointWithSecretOut]
+ */
+export type EnvelopeEndpointWithSecretOut = {
+    data: EndpointWithSecretOut;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
  * Envelope[Invocation]
  */
 export type EnvelopeInvocation = {
@@ -540,6 +731,15 @@ export type EnvelopeNoneType = {
      * Data
      */
     data: null;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
+ * Envelope[NotificationsOut]
+ */
+export type EnvelopeNotificationsOut = {
+    data: NotificationsOut;
     error: ErrorBody | null;
     meta: Meta;
 };
@@ -700,6 +900,30 @@ export type EnvelopeListAuditEntry = {
      * Data
      */
     data: Array<AuditEntry>;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
+ * Envelope[list[DeliveryOut]]
+ */
+export type EnvelopeListDeliveryOut = {
+    /**
+     * Data
+     */
+    data: Array<DeliveryOut>;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
+ * Envelope[list[EndpointOut]]
+ */
+export type EnvelopeListEndpointOut = {
+    /**
+     * Data
+     */
+    data: Array<EndpointOut>;
     error: ErrorBody | null;
     meta: Meta;
 };
@@ -873,6 +1097,37 @@ export type Meta = {
      */
     request_id: string;
     pagination?: Pagination | null;
+};
+
+/**
+ * NotificationsOut
+ */
+export type NotificationsOut = {
+    /**
+     * Quota Email
+     */
+    quota_email: boolean;
+    /**
+     * Thresholds
+     */
+    thresholds: Array<number>;
+};
+
+/**
+ * NotificationsUpdateIn
+ *
+ * PATCH: `thresholds` are whole percentages 1-100 (at most 10; kept sorted and unique; an
+ * empty list turns quota alerts off); `quota_email` turns the emails on or off.
+ */
+export type NotificationsUpdateIn = {
+    /**
+     * Quota Email
+     */
+    quota_email?: boolean | null;
+    /**
+     * Thresholds
+     */
+    thresholds?: Array<number> | null;
 };
 
 /**
@@ -3946,7 +4201,7 @@ export type AdminListAuditLogsData = {
          *
          * Only this kind of target
          */
-        target_type?: 'user' | 'tool' | 'plan' | 'subscription' | null;
+        target_type?: 'user' | 'tool' | 'plan' | 'subscription' | 'webhook' | null;
         /**
          * Target Id
          *
@@ -4010,3 +4265,1055 @@ export type AdminListAuditLogsResponses = {
 };
 
 export type AdminListAuditLogsResponse = AdminListAuditLogsResponses[keyof AdminListAuditLogsResponses];
+
+export type AdminListEndpointsData = {
+    body?: never;
+    path?: never;
+    query?: never;
+    url: '/api/v1/admin/webhooks';
+};
+
+export type AdminListEndpointsErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type AdminListEndpointsError = AdminListEndpointsErrors[keyof AdminListEndpointsErrors];
+
+export type AdminListEndpointsResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListEndpointOut;
+};
+
+export type AdminListEndpointsResponse = AdminListEndpointsResponses[keyof AdminListEndpointsResponses];
+
+export type AdminCreateEndpointData = {
+    body: EndpointCreateIn;
+    path?: never;
+    query?: never;
+    url: '/api/v1/admin/webhooks';
+};
+
+export type AdminCreateEndpointErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * At most 10 endpoints
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type AdminCreateEndpointError = AdminCreateEndpointErrors[keyof AdminCreateEndpointErrors];
+
+export type AdminCreateEndpointResponses = {
+    /**
+     * Successful Response
+     */
+    201: EnvelopeEndpointWithSecretOut;
+};
+
+export type AdminCreateEndpointResponse = AdminCreateEndpointResponses[keyof AdminCreateEndpointResponses];
+
+export type AdminDeleteEndpointData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+    };
+    query?: never;
+    url: '/api/v1/admin/webhooks/{endpoint_id}';
+};
+
+export type AdminDeleteEndpointErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type AdminDeleteEndpointError = AdminDeleteEndpointErrors[keyof AdminDeleteEndpointErrors];
+
+export type AdminDeleteEndpointResponses = {
+    /**
+     * Successful Response
+     */
+    204: void;
+};
+
+export type AdminDeleteEndpointResponse = AdminDeleteEndpointResponses[keyof AdminDeleteEndpointResponses];
+
+export type AdminUpdateEndpointData = {
+    body: EndpointUpdateIn;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+    };
+    query?: never;
+    url: '/api/v1/admin/webhooks/{endpoint_id}';
+};
+
+export type AdminUpdateEndpointErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type AdminUpdateEndpointError = AdminUpdateEndpointErrors[keyof AdminUpdateEndpointErrors];
+
+export type AdminUpdateEndpointResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeEndpointOut;
+};
+
+export type AdminUpdateEndpointResponse = AdminUpdateEndpointResponses[keyof AdminUpdateEndpointResponses];
+
+export type AdminRotateSecretData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+    };
+    query?: never;
+    url: '/api/v1/admin/webhooks/{endpoint_id}/rotate-secret';
+};
+
+export type AdminRotateSecretErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type AdminRotateSecretError = AdminRotateSecretErrors[keyof AdminRotateSecretErrors];
+
+export type AdminRotateSecretResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeEndpointWithSecretOut;
+};
+
+export type AdminRotateSecretResponse = AdminRotateSecretResponses[keyof AdminRotateSecretResponses];
+
+export type AdminSendTestData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+    };
+    query?: never;
+    url: '/api/v1/admin/webhooks/{endpoint_id}/test';
+};
+
+export type AdminSendTestErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * The endpoint is disabled
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type AdminSendTestError = AdminSendTestErrors[keyof AdminSendTestErrors];
+
+export type AdminSendTestResponses = {
+    /**
+     * Successful Response
+     */
+    202: EnvelopeDeliveryOut;
+};
+
+export type AdminSendTestResponse = AdminSendTestResponses[keyof AdminSendTestResponses];
+
+export type AdminListDeliveriesData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+    };
+    query?: {
+        /**
+         * Status
+         *
+         * Only deliveries in this status
+         */
+        status?: 'pending' | 'succeeded' | 'failed' | null;
+        /**
+         * Offset
+         *
+         * Rows to skip
+         */
+        offset?: number;
+        /**
+         * Limit
+         *
+         * Rows to return (1-100)
+         */
+        limit?: number;
+    };
+    url: '/api/v1/admin/webhooks/{endpoint_id}/deliveries';
+};
+
+export type AdminListDeliveriesErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type AdminListDeliveriesError = AdminListDeliveriesErrors[keyof AdminListDeliveriesErrors];
+
+export type AdminListDeliveriesResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListDeliveryOut;
+};
+
+export type AdminListDeliveriesResponse = AdminListDeliveriesResponses[keyof AdminListDeliveriesResponses];
+
+export type AdminRetryDeliveryData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+        /**
+         * Delivery Id
+         */
+        delivery_id: string;
+    };
+    query?: never;
+    url: '/api/v1/admin/webhooks/{endpoint_id}/deliveries/{delivery_id}/retry';
+};
+
+export type AdminRetryDeliveryErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint or delivery (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * The endpoint is disabled
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type AdminRetryDeliveryError = AdminRetryDeliveryErrors[keyof AdminRetryDeliveryErrors];
+
+export type AdminRetryDeliveryResponses = {
+    /**
+     * Successful Response
+     */
+    202: EnvelopeDeliveryOut;
+};
+
+export type AdminRetryDeliveryResponse = AdminRetryDeliveryResponses[keyof AdminRetryDeliveryResponses];
+
+export type WebhooksListEndpointsData = {
+    body?: never;
+    path?: never;
+    query?: never;
+    url: '/api/v1/users/me/webhooks';
+};
+
+export type WebhooksListEndpointsErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type WebhooksListEndpointsError = WebhooksListEndpointsErrors[keyof WebhooksListEndpointsErrors];
+
+export type WebhooksListEndpointsResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListEndpointOut;
+};
+
+export type WebhooksListEndpointsResponse = WebhooksListEndpointsResponses[keyof WebhooksListEndpointsResponses];
+
+export type WebhooksCreateEndpointData = {
+    body: EndpointCreateIn;
+    path?: never;
+    query?: never;
+    url: '/api/v1/users/me/webhooks';
+};
+
+export type WebhooksCreateEndpointErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * At most 10 endpoints
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type WebhooksCreateEndpointError = WebhooksCreateEndpointErrors[keyof WebhooksCreateEndpointErrors];
+
+export type WebhooksCreateEndpointResponses = {
+    /**
+     * Successful Response
+     */
+    201: EnvelopeEndpointWithSecretOut;
+};
+
+export type WebhooksCreateEndpointResponse = WebhooksCreateEndpointResponses[keyof WebhooksCreateEndpointResponses];
+
+export type WebhooksDeleteEndpointData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+    };
+    query?: never;
+    url: '/api/v1/users/me/webhooks/{endpoint_id}';
+};
+
+export type WebhooksDeleteEndpointErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type WebhooksDeleteEndpointError = WebhooksDeleteEndpointErrors[keyof WebhooksDeleteEndpointErrors];
+
+export type WebhooksDeleteEndpointResponses = {
+    /**
+     * Successful Response
+     */
+    204: void;
+};
+
+export type WebhooksDeleteEndpointResponse = WebhooksDeleteEndpointResponses[keyof WebhooksDeleteEndpointResponses];
+
+export type WebhooksUpdateEndpointData = {
+    body: EndpointUpdateIn;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+    };
+    query?: never;
+    url: '/api/v1/users/me/webhooks/{endpoint_id}';
+};
+
+export type WebhooksUpdateEndpointErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type WebhooksUpdateEndpointError = WebhooksUpdateEndpointErrors[keyof WebhooksUpdateEndpointErrors];
+
+export type WebhooksUpdateEndpointResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeEndpointOut;
+};
+
+export type WebhooksUpdateEndpointResponse = WebhooksUpdateEndpointResponses[keyof WebhooksUpdateEndpointResponses];
+
+export type WebhooksRotateSecretData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+    };
+    query?: never;
+    url: '/api/v1/users/me/webhooks/{endpoint_id}/rotate-secret';
+};
+
+export type WebhooksRotateSecretErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type WebhooksRotateSecretError = WebhooksRotateSecretErrors[keyof WebhooksRotateSecretErrors];
+
+export type WebhooksRotateSecretResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeEndpointWithSecretOut;
+};
+
+export type WebhooksRotateSecretResponse = WebhooksRotateSecretResponses[keyof WebhooksRotateSecretResponses];
+
+export type WebhooksSendTestData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+    };
+    query?: never;
+    url: '/api/v1/users/me/webhooks/{endpoint_id}/test';
+};
+
+export type WebhooksSendTestErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * The endpoint is disabled
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type WebhooksSendTestError = WebhooksSendTestErrors[keyof WebhooksSendTestErrors];
+
+export type WebhooksSendTestResponses = {
+    /**
+     * Successful Response
+     */
+    202: EnvelopeDeliveryOut;
+};
+
+export type WebhooksSendTestResponse = WebhooksSendTestResponses[keyof WebhooksSendTestResponses];
+
+export type WebhooksListDeliveriesData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+    };
+    query?: {
+        /**
+         * Status
+         *
+         * Only deliveries in this status
+         */
+        status?: 'pending' | 'succeeded' | 'failed' | null;
+        /**
+         * Offset
+         *
+         * Rows to skip
+         */
+        offset?: number;
+        /**
+         * Limit
+         *
+         * Rows to return (1-100)
+         */
+        limit?: number;
+    };
+    url: '/api/v1/users/me/webhooks/{endpoint_id}/deliveries';
+};
+
+export type WebhooksListDeliveriesErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type WebhooksListDeliveriesError = WebhooksListDeliveriesErrors[keyof WebhooksListDeliveriesErrors];
+
+export type WebhooksListDeliveriesResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListDeliveryOut;
+};
+
+export type WebhooksListDeliveriesResponse = WebhooksListDeliveriesResponses[keyof WebhooksListDeliveriesResponses];
+
+export type WebhooksRetryDeliveryData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+        /**
+         * Delivery Id
+         */
+        delivery_id: string;
+    };
+    query?: never;
+    url: '/api/v1/users/me/webhooks/{endpoint_id}/deliveries/{delivery_id}/retry';
+};
+
+export type WebhooksRetryDeliveryErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint or delivery (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * The endpoint is disabled
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type WebhooksRetryDeliveryError = WebhooksRetryDeliveryErrors[keyof WebhooksRetryDeliveryErrors];
+
+export type WebhooksRetryDeliveryResponses = {
+    /**
+     * Successful Response
+     */
+    202: EnvelopeDeliveryOut;
+};
+
+export type WebhooksRetryDeliveryResponse = WebhooksRetryDeliveryResponses[keyof WebhooksRetryDeliveryResponses];
+
+export type WebhooksGetNotificationsData = {
+    body?: never;
+    path?: never;
+    query?: never;
+    url: '/api/v1/users/me/notifications';
+};
+
+export type WebhooksGetNotificationsErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type WebhooksGetNotificationsError = WebhooksGetNotificationsErrors[keyof WebhooksGetNotificationsErrors];
+
+export type WebhooksGetNotificationsResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeNotificationsOut;
+};
+
+export type WebhooksGetNotificationsResponse = WebhooksGetNotificationsResponses[keyof WebhooksGetNotificationsResponses];
+
+export type WebhooksUpdateNotificationsData = {
+    body: NotificationsUpdateIn;
+    path?: never;
+    query?: never;
+    url: '/api/v1/users/me/notifications';
+};
+
+export type WebhooksUpdateNotificationsErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type WebhooksUpdateNotificationsError = WebhooksUpdateNotificationsErrors[keyof WebhooksUpdateNotificationsErrors];
+
+export type WebhooksUpdateNotificationsResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeNotificationsOut;
+};
+
+export type WebhooksUpdateNotificationsResponse = WebhooksUpdateNotificationsResponses[keyof WebhooksUpdateNotificationsResponses];
