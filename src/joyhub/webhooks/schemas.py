@@ -52,7 +52,18 @@ def _reject_null(value: Any) -> Any:
 
 
 class EndpointCreateIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "url": "https://billing.example.com/hooks/joyhub",
+                    "events": ["quota.threshold_reached", "subscription.renewed"],
+                    "description": "Billing alerts",
+                }
+            ]
+        },
+    )
 
     url: WebhookUrl
     events: EventTypes
@@ -67,7 +78,10 @@ class EndpointCreateIn(BaseModel):
 class EndpointUpdateIn(BaseModel):
     """PATCH: only the fields sent change; `description: null` clears it, other nulls are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"events": ["quota.threshold_reached"], "is_active": True}]},
+    )
 
     url: WebhookUrl | None = None
     events: EventTypes | None = None
@@ -129,7 +143,9 @@ class NotificationsUpdateIn(BaseModel):
     """PATCH: `thresholds` are whole percentages 1-100 (at most 10; kept sorted and unique; an
     empty list turns quota alerts off); `quota_email` turns the emails on or off."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"quota_email": True, "thresholds": [50, 80, 100]}]}
+    )
 
     quota_email: StrictFlag | None = None
     thresholds: Annotated[list[Threshold], Field(max_length=MAX_THRESHOLDS)] | None = None
