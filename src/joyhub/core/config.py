@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Literal
 
@@ -63,6 +64,9 @@ class Settings(BaseSettings):
     # per worker: invocations in their admission phase at once, and how long one waits in line
     gateway_max_admissions: int = Field(16, ge=1, le=1024)
     gateway_queue_timeout_seconds: float = Field(30, gt=0, le=300)
+    # egress policy (core/egress.py): CIDRs tool and webhook endpoints may reach in production
+    # although they are not public addresses
+    tool_allowed_networks: str = ""
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -108,6 +112,16 @@ class Settings(BaseSettings):
             raise ValueError("must contain {token}")
         return value
 
+    @field_validator("tool_allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: str) -> str:
+        for item in _items(value):
+            try:
+                ip_network(item, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{item[:60]!r} is not a CIDR network ({exc})") from None
+        return value
+
     @model_validator(mode="after")
     def _production_rules(self) -> Settings:
         if self.environment == "production" and not self.jwt_secret_key:
@@ -118,7 +132,11 @@ class Settings(BaseSettings):
 
     @property
     def cors_origin_list(self) -> list[str]:
-        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+        return _items(self.cors_origins)
+
+    @property
+    def allowed_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return tuple(ip_network(item) for item in _items(self.tool_allowed_networks))
 
     def secret_key(self) -> str:
         """The JWT signing key; in development a random one is generated once under DATA_DIR."""
@@ -130,6 +148,11 @@ class Settings(BaseSettings):
             path.write_text(secrets.token_urlsafe(48))
             path.chmod(0o600)
         return path.read_text().strip()
+
+
+def _items(value: str) -> list[str]:
+    """A comma-separated setting's items, trimmed, empty ones dropped."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _one_line(exc: ValidationError) -> str:

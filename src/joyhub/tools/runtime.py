@@ -92,7 +92,7 @@ def make_breakers(settings: Settings, redis: Any) -> Breakers:
 async def start(app: FastAPI, stack: AsyncExitStack) -> None:
     settings: Settings = app.state.settings
     _skip_missing_sniffio()
-    http = upstream.make_transport()
+    http = upstream.make_transport(app.state.egress)
     stack.push_async_callback(http.aclose)
     runtime = Runtime(
         http,

@@ -40,6 +40,7 @@ import httpx
 from joyhub import __version__
 from joyhub.core import metrics
 from joyhub.core.clock import utcnow
+from joyhub.core.egress import EgressPolicy
 from joyhub.tools.transport import AiohttpTransport
 
 MAX_RESPONSE_BYTES = 10 * 1024 * 1024
@@ -54,7 +55,7 @@ USER_AGENT = f"joyhub/{__version__}"
 Outcome = Literal["success", "rejected", "bad_response", "timeout", "unavailable"]
 
 
-def make_transport() -> httpx.AsyncBaseTransport:
+def make_transport(egress: EgressPolicy | None = None) -> httpx.AsyncBaseTransport:
     """The process-wide upstream connection pool (closed by the lifespan).
 
     Calls go straight to an httpx transport (aiohttp's wire layer, `transport.py` says why)
@@ -62,9 +63,10 @@ def make_transport() -> httpx.AsyncBaseTransport:
     must not do — follow redirects, keep and resend cookies (what one caller's call brought back
     would ride along on another caller's call), read proxy variables — and skipping them saves
     a third of the upstream call's CPU. Requests and responses are still httpx's, so headers,
-    content decoding and the exception classes are httpx's.
+    content decoding and the exception classes are httpx's. `egress` (the app's policy) decides
+    which addresses may be connected to.
     """
-    return AiohttpTransport(max_connections=512, keepalive_seconds=30.0)
+    return AiohttpTransport(max_connections=512, keepalive_seconds=30.0, egress=egress)
 
 
 @dataclass(frozen=True)
