@@ -62,6 +62,11 @@ def test_settings(tmp_path: Path | None = None, **overrides: Any) -> Settings:
         # max_connections (100 on the embedded server and on a default system PostgreSQL)
         "db_pool_size": 4,
         "db_max_overflow": 6,
+        # the per-client-address limits: every test client is 127.0.0.1; the tests of these
+        # limits set their own values
+        "password_work_max_per_address": 100_000,
+        "register_max_per_address_per_hour": 100_000,
+        "password_reset_max_per_address_per_hour": 100_000,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -1,4 +1,5 @@
-"""Sliding-window throttles (failed logins, reset requests) that hold across workers and restarts.
+"""Sliding-window throttles (failed logins, reset requests, password work per client address)
+that hold across workers and restarts.
 
 Storage is PostgreSQL's `throttle_hits` table, or Redis when `app.state.redis` is set. Either
 way an attempt *reserves* its slot before the expensive work (bcrypt) in one atomic step:
@@ -44,6 +45,12 @@ def login_bucket(email: str, client_address: str) -> str:
 
 def reset_bucket(email: str) -> str:
     return f"reset:{hashlib.sha256(email.encode()).hexdigest()}"
+
+
+def address_bucket(kind: str, client_address: str) -> str:
+    """A per-client-address bucket: `password_work` (every request that costs a password hash,
+    whatever the email), `register` (accounts created), `reset_request` (reset emails asked)."""
+    return f"{kind}:{hashlib.sha256(client_address.encode()).hexdigest()}"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     login_max_failures: int = Field(5, ge=1, le=1000)
     login_failure_window_seconds: int = Field(900, ge=1, le=86400)
     password_reset_max_per_hour: int = Field(3, ge=1, le=1000)
+    # per client address (auth/throttle.py): requests that cost a password hash (login, token,
+    # register, reset confirm, password change), accounts created, reset emails asked for
+    password_work_max_per_address: int = Field(30, ge=1, le=1_000_000)
+    password_work_window_seconds: int = Field(60, ge=1, le=86400)
+    register_max_per_address_per_hour: int = Field(20, ge=1, le=1_000_000)
+    password_reset_max_per_address_per_hour: int = Field(20, ge=1, le=1_000_000)
     redis_url: str | None = None
     email_backend: Literal["console", "smtp"] = "console"
     smtp_host: str = "localhost"
@@ -126,6 +132,11 @@ class Settings(BaseSettings):
     def _production_rules(self) -> Settings:
         if self.environment == "production" and not self.jwt_secret_key:
             raise ValueError("JWT_SECRET_KEY is required when ENVIRONMENT=production")
+        if self.environment == "production" and self.email_backend == "console":
+            raise ValueError(
+                "EMAIL_BACKEND=console is not allowed when ENVIRONMENT=production (it writes emails to"
+                " the log); set EMAIL_BACKEND=smtp and SMTP_HOST"
+            )
         if bool(self.admin_email) != bool(self.admin_password):
             raise ValueError("ADMIN_EMAIL and ADMIN_PASSWORD must be set together")
         return self

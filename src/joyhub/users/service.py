@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from joyhub.auth import sessions
 from joyhub.auth.dependencies import ClientInfo
 from joyhub.auth.passwords import enforce_policy
-from joyhub.auth.service import release_connection
+from joyhub.auth.service import charge_password_work, release_connection
 from joyhub.auth.sessions import IssuedTokens
 from joyhub.auth.throttle import Throttle, login_bucket
 from joyhub.core import audit
@@ -83,6 +83,7 @@ async def change_password(
     ensure_bcrypt_capacity()
     user_id, email, password_hash = user.id, user.email, user.password_hash
     await release_connection(db)
+    await charge_password_work(throttle, client, settings, now)
     bucket = login_bucket(email, client.address)
     decision = await throttle.acquire(
         bucket,
