@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -122,6 +123,26 @@ def hub_process(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+@contextlib.asynccontextmanager
+async def served_in_process(app: Any, timeout: float = 15.0, **options: Any) -> AsyncIterator[int]:
+    """An already started app behind a real uvicorn server on loopback, in this process (for
+    tests that need real sockets: slow readers, forwarded headers); yields the port."""
+    import uvicorn
+
+    port = free_port()
+    config = {"lifespan": "off", "log_config": None, "access_log": False, **options}
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **config))
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(timeout):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        yield port
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout)
 
 
 async def wait_ready(hub: Hub, timeout: float = 20.0) -> None:

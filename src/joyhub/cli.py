@@ -123,20 +123,33 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
 
 
-def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
+def uvicorn_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """How `joyhub serve` runs uvicorn.
 
-    options: dict[str, Any] = {
+    Forwarded headers (`X-Forwarded-For`, `-Proto`) are believed only from FORWARDED_ALLOW_IPS;
+    with none configured they are ignored altogether (uvicorn's own default would trust
+    127.0.0.1, so that anything on the host could choose its client address — and with it the
+    throttles' buckets and the address recorded on sessions).
+    """
+    proxies = settings.forwarded_allow_ips.strip()
+    return {
         "factory": True,
         "host": args.host,
         "port": args.port,
         "log_config": None,
-        "proxy_headers": True,
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies or "",
         "timeout_graceful_shutdown": args.graceful_timeout,
         "timeout_keep_alive": args.keep_alive,
         "access_log": False,
         "server_header": False,
     }
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    options = uvicorn_options(args, get_settings())
     if args.workers <= 1:
         uvicorn.run("joyhub.cli:worker_app", **options)
         return

@@ -107,7 +107,7 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
             "Retry-After",
         ],
     )
-    app.add_middleware(RequestPipelineMiddleware)
+    app.add_middleware(RequestPipelineMiddleware, hsts=settings.environment == "production")
     return app
 
 

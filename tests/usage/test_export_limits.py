@@ -5,16 +5,14 @@ readers stall."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -25,7 +23,7 @@ from joyhub.core.leases import leases_for
 from joyhub.usage import service
 from joyhub.usage.dates import TimeRange
 from tests.factories import Account, make_account
-from tests.served_hub import free_port
+from tests.served_hub import served_in_process
 from tests.usage.factories import make_tool
 
 pytestmark = pytest.mark.integration
@@ -103,24 +101,6 @@ async def test_the_limit_holds_across_instances_and_a_dead_holders_lease_runs_ou
         await service.start_export(leases, acc.user_id, utcnow())  # held[0] is alive
 
 
-@contextlib.asynccontextmanager
-async def served(app: Any) -> AsyncIterator[int]:
-    """The (already started) app behind a real uvicorn server on loopback."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_config=None, access_log=False)
-    )
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(WAIT_SECONDS):
-            while not server.started:
-                await asyncio.sleep(0.01)
-        yield port
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, WAIT_SECONDS)
-
-
 async def _stalled_export(port: int, account: Account) -> tuple[asyncio.StreamWriter, bytes]:
     """Start an export and read only its first bytes, then stop reading (the socket's receive
     buffer is tiny, so the server soon cannot send more)."""
@@ -151,7 +131,7 @@ async def test_stalled_readers_hold_no_connection_and_others_are_served(
     for user in users:
         await _bulk_logs(engine, user.user_id, tool, 40_000)  # ~5 MB of CSV each: more than any buffer
     bystander = await make_account(engine)
-    async with served(c.app) as port:  # type: ignore[attr-defined]
+    async with served_in_process(c.app) as port:  # type: ignore[attr-defined]
         stalled = []
         try:
             for user in users:

@@ -6,6 +6,8 @@ pydantic's ValidationError into `ConfigError` whose message is that line.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -16,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_SECRET_BYTES = 32
+MIN_METRICS_TOKEN_CHARS = 16
 
 
 class ConfigError(Exception):
@@ -73,6 +76,11 @@ class Settings(BaseSettings):
     # egress policy (core/egress.py): CIDRs tool and webhook endpoints may reach in production
     # although they are not public addresses
     tool_allowed_networks: str = ""
+    # proxies whose X-Forwarded-For/-Proto uvicorn believes (comma-separated IPs/CIDRs, or "*");
+    # empty: none, the client address is the TCP peer's
+    forwarded_allow_ips: str = ""
+    # when set, /metrics answers only `Authorization: Bearer <METRICS_TOKEN>`
+    metrics_token: str | None = Field(None, repr=False)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -128,6 +136,28 @@ class Settings(BaseSettings):
                 raise ValueError(f"{item[:60]!r} is not a CIDR network ({exc})") from None
         return value
 
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _check_proxies(cls, value: str) -> str:
+        for item in _items(value):
+            if item == "*":
+                continue
+            try:
+                ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item[:60]!r} is not an IP address or network (or *)") from None
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _check_metrics_token(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        if len(value) < MIN_METRICS_TOKEN_CHARS or any(ch.isspace() for ch in value):
+            raise ValueError(f"must be at least {MIN_METRICS_TOKEN_CHARS} characters without spaces")
+        return value
+
     @model_validator(mode="after")
     def _production_rules(self) -> Settings:
         if self.environment == "production" and not self.jwt_secret_key:
@@ -155,10 +185,30 @@ class Settings(BaseSettings):
             return self.jwt_secret_key
         path = self.data_dir / "jwt_secret"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(48))
-            path.chmod(0o600)
+            _create_secret_file(path, secrets.token_urlsafe(48))
         return path.read_text().strip()
+
+
+def _create_secret_file(path: Path, secret: str) -> None:
+    """Write `secret` to `path`, readable by the owner only from the first byte, atomically.
+
+    The file is created with mode 0600 (`os.open` with O_EXCL: never a moment with looser
+    permissions, whatever happens next), written and synced under a temporary name, then
+    hard-linked into place: a reader sees the whole secret or no file, and of several processes
+    starting at once (workers) the first link wins and every one reads the same secret.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(secret)
+            out.flush()
+            os.fsync(out.fileno())
+        with contextlib.suppress(FileExistsError):  # another process was first: keep its secret
+            os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _items(value: str) -> list[str]:
