@@ -126,15 +126,26 @@ def hub_process(
 
 
 @contextlib.asynccontextmanager
-async def served_in_process(app: Any, timeout: float = 15.0, **options: Any) -> AsyncIterator[int]:
+async def served_in_process(
+    app: Any, timeout: float = 15.0, send_buffer: int | None = None, **options: Any
+) -> AsyncIterator[int]:
     """An already started app behind a real uvicorn server on loopback, in this process (for
-    tests that need real sockets: slow readers, forwarded headers); yields the port."""
+    tests that need real sockets: slow readers, forwarded headers); yields the port.
+
+    `send_buffer` fixes the kernel send buffer of every accepted connection (no autotuning), so
+    a client that stops reading blocks the server after a few kilobytes, not megabytes.
+    """
     import uvicorn
 
-    port = free_port()
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer is not None:  # inherited by the accepted sockets
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    listener.bind(("127.0.0.1", 0))
+    port = int(listener.getsockname()[1])
     config = {"lifespan": "off", "log_config": None, "access_log": False, **options}
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **config))
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[listener]))
     try:
         async with asyncio.timeout(timeout):
             while not server.started:
@@ -143,6 +154,7 @@ async def served_in_process(app: Any, timeout: float = 15.0, **options: Any) -> 
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, timeout)
+        listener.close()
 
 
 async def wait_ready(hub: Hub, timeout: float = 20.0) -> None:

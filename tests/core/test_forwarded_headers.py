@@ -49,12 +49,12 @@ async def test_the_client_address_over_real_http(
     }
     c: httpx.AsyncClient = await make_client(forwarded_allow_ips=proxies)
     account = await register(c)
-    async with served_in_process(c.app, **options) as port:  # type: ignore[attr-defined]
-        r = await httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}").post(
-            f"{API}/auth/login",
-            json={"email": account.email, "password": account.password},
-            headers={"X-Forwarded-For": FORGED},
-        )
+    login = {"email": account.email, "password": account.password}
+    async with (
+        served_in_process(c.app, **options) as port,  # type: ignore[attr-defined]
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as real,
+    ):
+        r = await real.post(f"{API}/auth/login", json=login, headers={"X-Forwarded-For": FORGED})
         assert r.status_code == 200
     recorded = await scalar(engine, "SELECT client_ip FROM auth_sessions ORDER BY created_at DESC LIMIT 1")
     assert recorded == seen

@@ -124,14 +124,16 @@ async def test_stalled_readers_hold_no_connection_and_others_are_served(
     """Four exports whose clients stopped reading, on a pool of two connections: every other
     request is still served, and a user's third export is refused with 429."""
     c: httpx.AsyncClient = await make_client(
-        own_engine=True, db_pool_size=2, db_max_overflow=0, db_pool_timeout=3
+        own_engine=True, db_pool_size=2, db_max_overflow=0, db_pool_timeout=5
     )
+    pool = c.app.state.engine.pool  # type: ignore[attr-defined]
     tool = await make_tool(engine)
     users = [await make_account(engine) for _ in range(2)]
     for user in users:
-        await _bulk_logs(engine, user.user_id, tool, 40_000)  # ~5 MB of CSV each: more than any buffer
+        await _bulk_logs(engine, user.user_id, tool, 10_000)  # ~1.5 MB of CSV each
     bystander = await make_account(engine)
-    async with served_in_process(c.app) as port:  # type: ignore[attr-defined]
+    # 16 KiB kernel send buffers: a stalled export blocks after its first batch or two
+    async with served_in_process(c.app, send_buffer=16 * 1024) as port:  # type: ignore[attr-defined]
         stalled = []
         try:
             for user in users:
@@ -139,6 +141,10 @@ async def test_stalled_readers_hold_no_connection_and_others_are_served(
                     writer, head = await _stalled_export(port, user)
                     assert head.startswith(b"HTTP/1.1 200"), head
                     stalled.append(writer)
+            # the four exports are blocked on their clients and hold no pooled connection
+            async with asyncio.timeout(WAIT_SECONDS):
+                while pool.checkedout():
+                    await asyncio.sleep(0.02)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_SECONDS) as other:
                 third = await other.get(URL, headers=users[0].headers)
                 assert (third.status_code, third.json()["error"]["code"]) == (429, "RATE_LIMITED")
