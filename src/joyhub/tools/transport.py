@@ -90,7 +90,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 "limit_per_host": 0,
                 "keepalive_timeout": self._keepalive_seconds,
             }
-            connector = self._egress.connector(**pool) if self._egress else aiohttp.TCPConnector(**pool)
+            connector = (
+                self._egress.connector(**pool) if self._egress is not None else aiohttp.TCPConnector(**pool)
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 trust_env=False,
