@@ -65,6 +65,11 @@ def test_settings(tmp_path: Path | None = None, **overrides: Any) -> Settings:
         # the webhook dispatcher's background work stays out of other domains' tests (their
         # pool and timing checks); tests/webhooks turns it on for its own apps
         "webhook_dispatch_in_serve": False,
+        # the per-client-address limits: every test client is 127.0.0.1; the tests of these
+        # limits set their own values
+        "password_work_max_per_address": 100_000,
+        "register_max_per_address_per_hour": 100_000,
+        "password_reset_max_per_address_per_hour": 100_000,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

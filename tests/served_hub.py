@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -122,6 +123,38 @@ def hub_process(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+@contextlib.asynccontextmanager
+async def served_in_process(
+    app: Any, timeout: float = 15.0, send_buffer: int | None = None, **options: Any
+) -> AsyncIterator[int]:
+    """An already started app behind a real uvicorn server on loopback, in this process (for
+    tests that need real sockets: slow readers, forwarded headers); yields the port.
+
+    `send_buffer` fixes the kernel send buffer of every accepted connection (no autotuning), so
+    a client that stops reading blocks the server after a few kilobytes, not megabytes.
+    """
+    import uvicorn
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer is not None:  # inherited by the accepted sockets
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    listener.bind(("127.0.0.1", 0))
+    port = int(listener.getsockname()[1])
+    config = {"lifespan": "off", "log_config": None, "access_log": False, **options}
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **config))
+    task = asyncio.create_task(server.serve(sockets=[listener]))
+    try:
+        async with asyncio.timeout(timeout):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        yield port
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout)
+        listener.close()
 
 
 async def wait_ready(hub: Hub, timeout: float = 20.0) -> None:

@@ -53,12 +53,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings()
-    from joyhub.auth.bootstrap import check_admin_settings
+    from joyhub.auth.bootstrap import check_admin_account, check_admin_settings
     from joyhub.core.migrations import migrate
 
     check_admin_settings(settings)  # a weak ADMIN_PASSWORD: one clear line, not a lifespan traceback
     url = _resolve_database(settings)
     migrate(url, "head")
+    asyncio.run(check_admin_account(url, settings))  # ADMIN_EMAIL taken by a non-admin: one line
     if args.workers > 1:
         _prepare_multiprocess_metrics(settings)
     if args.demo:
@@ -122,20 +123,33 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
 
 
-def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
+def uvicorn_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """How `joyhub serve` runs uvicorn.
 
-    options: dict[str, Any] = {
+    Forwarded headers (`X-Forwarded-For`, `-Proto`) are believed only from FORWARDED_ALLOW_IPS;
+    with none configured they are ignored altogether (uvicorn's own default would trust
+    127.0.0.1, so that anything on the host could choose its client address — and with it the
+    throttles' buckets and the address recorded on sessions).
+    """
+    proxies = settings.forwarded_allow_ips.strip()
+    return {
         "factory": True,
         "host": args.host,
         "port": args.port,
         "log_config": None,
-        "proxy_headers": True,
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies or "",
         "timeout_graceful_shutdown": args.graceful_timeout,
         "timeout_keep_alive": args.keep_alive,
         "access_log": False,
         "server_header": False,
     }
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    options = uvicorn_options(args, get_settings())
     if args.workers <= 1:
         uvicorn.run("joyhub.cli:worker_app", **options)
         return
@@ -177,7 +191,11 @@ def cmd_create_admin(args: argparse.Namespace) -> int:
     from joyhub.auth.bootstrap import create_admin_cli
 
     url = _resolve_database(settings)
-    return asyncio.run(create_admin_cli(url, settings, args.email, password, args.name))
+    return asyncio.run(
+        create_admin_cli(
+            url, settings, args.email, password, args.name, promote_existing=args.promote_existing
+        )
+    )
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -235,10 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--revision", default="head")
     mig.set_defaults(func=cmd_migrate)
 
-    adm = sub.add_parser("create-admin", help="create an admin, or promote and reset an existing user")
+    adm = sub.add_parser(
+        "create-admin", help="create an admin, set an admin's password, or promote an existing user"
+    )
     adm.add_argument("--email", required=True)
     adm.add_argument("--password", default=None, help="prompted when omitted")
     adm.add_argument("--name", default="Administrator")
+    adm.add_argument(
+        "--promote-existing",
+        action="store_true",
+        help="make an existing non-admin account admin: its password is replaced and its sessions,"
+        " API keys and reset links are revoked (refused without this flag)",
+    )
     adm.set_defaults(func=cmd_create_admin)
 
     sw = sub.add_parser("sweep", help="one pass of the periodic rollover/cleanup job")

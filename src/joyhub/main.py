@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
             "Idempotent-Replayed",
         ],
     )
-    app.add_middleware(RequestPipelineMiddleware)
+    app.add_middleware(RequestPipelineMiddleware, hsts=settings.environment == "production")
     return app
 
 

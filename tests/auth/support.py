@@ -80,6 +80,29 @@ async def execute(engine: AsyncEngine, sql: str, **params: Any) -> None:
         await conn.execute(text(sql), params)
 
 
+async def issue_reset_token(engine: AsyncEngine, user_id: str) -> str:
+    """A live password-reset token for the user, written straight into the database (for tests
+    of the confirmation; the console backend never shows a token)."""
+    from datetime import timedelta
+
+    from joyhub.core.clock import utcnow
+    from joyhub.core.security import new_opaque_token, token_digest
+
+    raw = new_opaque_token(32)
+    now = utcnow()
+    await execute(
+        engine,
+        "INSERT INTO password_reset_tokens (id, user_id, token_hash, created_at, expires_at)"
+        " VALUES (:id, :user_id, :digest, :now, :expires)",
+        id=uuid.uuid4(),
+        user_id=uuid.UUID(user_id),
+        digest=token_digest(raw),
+        now=now,
+        expires=now + timedelta(hours=1),
+    )
+    return raw
+
+
 def client_from(client: httpx.AsyncClient, address: str, port: int = 40000) -> httpx.AsyncClient:
     """Another client on the same app, seen by it as coming from `address`."""
     return httpx.AsyncClient(

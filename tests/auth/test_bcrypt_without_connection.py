@@ -31,6 +31,7 @@ from tests.auth.support import (
     Registered,
     bearer,
     execute,
+    issue_reset_token,
     login,
     register,
     scalar,
@@ -225,20 +226,8 @@ async def test_password_changes_hold_no_connection_in_either_bcrypt_step(
 async def _reset_tokens(
     client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, accounts: list[Registered]
 ) -> list[str]:
-    caplog.set_level(logging.INFO, logger="joyhub.email")
-    tokens = []
-    for account in accounts:
-        assert (
-            await client.post(f"{API}/auth/password-reset", json={"email": account.email})
-        ).status_code == 202
-        found = [
-            t
-            for rec in caplog.records
-            if rec.name == "joyhub.email"
-            for t in TOKEN_IN_LINK.findall(rec.getMessage())
-        ]
-        tokens.append(found[-1])
-    return tokens
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    return [await issue_reset_token(engine, account.user_id) for account in accounts]
 
 
 async def test_reset_confirms_hold_no_connection_while_hashing(

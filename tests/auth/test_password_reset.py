@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -17,6 +17,7 @@ from joyhub.core.clock import clock
 from tests.auth.support import (
     API,
     OTHER_PASSWORD,
+    SmtpServer,
     bearer,
     execute,
     free_port,
@@ -34,30 +35,42 @@ CONFIRM = f"{API}/auth/password-reset/confirm"
 TOKEN_IN_LINK = re.compile(r"reset-password\?token=([A-Za-z0-9_-]+)")
 
 
-def _tokens_from_console(caplog: pytest.LogCaptureFixture) -> list[str]:
+@pytest.fixture
+async def mailbox() -> AsyncIterator[SmtpServer]:
+    """The reset emails of this module go to a real SMTP server (the console backend redacts
+    the token, so the link can only be read from a real mailbox)."""
+    async with smtp_server() as smtp:
+        yield smtp
+
+
+@pytest.fixture
+def make_client(make_client: Callable[..., Any], mailbox: SmtpServer) -> Callable[..., Any]:
+    async def factory(**overrides: Any) -> httpx.AsyncClient:
+        smtp = {"email_backend": "smtp", "smtp_host": "127.0.0.1", "smtp_port": mailbox.port}
+        client: httpx.AsyncClient = await make_client(**{**smtp, **overrides})
+        return client
+
+    return factory
+
+
+def _tokens(mailbox: SmtpServer) -> list[str]:
     found: list[str] = []
-    for rec in caplog.records:
-        if rec.name == "joyhub.email":
-            found += TOKEN_IN_LINK.findall(rec.getMessage())
+    for body in mailbox.bodies():
+        found += TOKEN_IN_LINK.findall(body)
     return found
 
 
-async def _request_token(client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, email: str) -> str:
-    before = len(_tokens_from_console(caplog))
+async def _request_token(client: httpx.AsyncClient, mailbox: SmtpServer, email: str) -> str:
+    before = len(_tokens(mailbox))
     r = await client.post(RESET, json={"email": email})
     assert r.status_code == 202
-    tokens = _tokens_from_console(caplog)
+    tokens = _tokens(mailbox)
     assert len(tokens) == before + 1
     return tokens[-1]
 
 
-@pytest.fixture(autouse=True)
-def _capture_email(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="joyhub.email")
-
-
 async def test_known_and_unknown_emails_get_the_same_answer(
-    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, engine: AsyncEngine
+    client: httpx.AsyncClient, mailbox: SmtpServer, engine: AsyncEngine
 ) -> None:
     account = await register(client)
     known = await client.post(RESET, json={"email": account.email.upper()})
@@ -65,16 +78,16 @@ async def test_known_and_unknown_emails_get_the_same_answer(
     assert known.status_code == unknown.status_code == 202
     assert known.json()["data"] == unknown.json()["data"]
     assert set(known.json()["data"]) == {"message"}
-    assert len(_tokens_from_console(caplog)) == 1
+    assert len(_tokens(mailbox)) == 1
     assert await scalar(engine, "SELECT count(*) FROM password_reset_tokens") == 1
 
 
 async def test_confirm_sets_password_revokes_sessions_and_logs_in(
-    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, engine: AsyncEngine
+    client: httpx.AsyncClient, mailbox: SmtpServer, engine: AsyncEngine
 ) -> None:
     account = await register(client)
     second = (await login(client, account.email, account.password)).json()["data"]
-    token = await _request_token(client, caplog, account.email)
+    token = await _request_token(client, mailbox, account.email)
     # stored hashed only
     assert (
         await scalar(
@@ -99,9 +112,9 @@ async def test_confirm_sets_password_revokes_sessions_and_logs_in(
     assert await scalar(engine, "SELECT count(*) FROM audit_logs WHERE action = 'user.password_reset'") == 1
 
 
-async def test_token_is_single_use(client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+async def test_token_is_single_use(client: httpx.AsyncClient, mailbox: SmtpServer) -> None:
     account = await register(client)
-    token = await _request_token(client, caplog, account.email)
+    token = await _request_token(client, mailbox, account.email)
     assert (
         await client.post(CONFIRM, json={"token": token, "new_password": OTHER_PASSWORD})
     ).status_code == 200
@@ -110,44 +123,40 @@ async def test_token_is_single_use(client: httpx.AsyncClient, caplog: pytest.Log
 
 
 async def test_parallel_confirms_have_one_winner(
-    make_client: Callable[..., Any], caplog: pytest.LogCaptureFixture
+    make_client: Callable[..., Any], mailbox: SmtpServer
 ) -> None:
     c = await make_client(own_engine=True)
     account = await register(c)
-    token = await _request_token(c, caplog, account.email)
+    token = await _request_token(c, mailbox, account.email)
     responses = await asyncio.gather(
         *(c.post(CONFIRM, json={"token": token, "new_password": f"Parallel-Pw-{i}x!"}) for i in range(8))
     )
     assert sorted(r.status_code for r in responses) == [200] + [400] * 7
 
 
-async def test_token_expires(make_client: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
+async def test_token_expires(make_client: Callable[..., Any], mailbox: SmtpServer) -> None:
     c = await make_client(password_reset_expire_hours=2)
     account = await register(c)
-    token = await _request_token(c, caplog, account.email)
+    token = await _request_token(c, mailbox, account.email)
     clock.advance(timedelta(hours=2, seconds=1))
     r = await c.post(CONFIRM, json={"token": token, "new_password": OTHER_PASSWORD})
     assert r.status_code == 400 and r.json()["error"]["code"] == "INVALID_RESET_TOKEN"
 
 
-async def test_default_lifetime_is_24_hours(
-    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_default_lifetime_is_24_hours(client: httpx.AsyncClient, mailbox: SmtpServer) -> None:
     account = await register(client)
-    token = await _request_token(client, caplog, account.email)
+    token = await _request_token(client, mailbox, account.email)
     clock.advance(timedelta(hours=23, minutes=59))
     assert (
         await client.post(CONFIRM, json={"token": token, "new_password": OTHER_PASSWORD})
     ).status_code == 200
 
 
-async def test_only_the_newest_token_works(
-    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_only_the_newest_token_works(client: httpx.AsyncClient, mailbox: SmtpServer) -> None:
     account = await register(client)
-    old = await _request_token(client, caplog, account.email)
+    old = await _request_token(client, mailbox, account.email)
     clock.advance(timedelta(seconds=1))
-    new = await _request_token(client, caplog, account.email)
+    new = await _request_token(client, mailbox, account.email)
     r = await client.post(CONFIRM, json={"token": old, "new_password": OTHER_PASSWORD})
     assert r.status_code == 400 and r.json()["error"]["code"] == "INVALID_RESET_TOKEN"
     assert (
@@ -156,63 +165,61 @@ async def test_only_the_newest_token_works(
 
 
 async def test_only_the_newest_even_if_an_older_one_escaped_retirement(
-    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, engine: AsyncEngine
+    client: httpx.AsyncClient, mailbox: SmtpServer, engine: AsyncEngine
 ) -> None:
     account = await register(client)
-    old = await _request_token(client, caplog, account.email)
+    old = await _request_token(client, mailbox, account.email)
     clock.advance(timedelta(seconds=1))
-    await _request_token(client, caplog, account.email)
+    await _request_token(client, mailbox, account.email)
     await execute(engine, "UPDATE password_reset_tokens SET used_at = NULL")
     r = await client.post(CONFIRM, json={"token": old, "new_password": OTHER_PASSWORD})
     assert r.status_code == 400
 
 
 async def test_more_than_three_requests_an_hour_are_dropped_silently(
-    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+    client: httpx.AsyncClient, mailbox: SmtpServer
 ) -> None:
     account = await register(client)
     answers = [await client.post(RESET, json={"email": account.email}) for _ in range(5)]
     assert [r.status_code for r in answers] == [202] * 5
     assert len({str(r.json()["data"]) for r in answers}) == 1
-    assert len(_tokens_from_console(caplog)) == 3
+    assert len(_tokens(mailbox)) == 3
     clock.advance(timedelta(hours=1, seconds=1))
-    await _request_token(client, caplog, account.email)
+    await _request_token(client, mailbox, account.email)
 
 
-async def test_limit_follows_settings(
-    make_client: Callable[..., Any], caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_limit_follows_settings(make_client: Callable[..., Any], mailbox: SmtpServer) -> None:
     c = await make_client(password_reset_max_per_hour=1)
     account = await register(c)
     for _ in range(3):
         assert (await c.post(RESET, json={"email": account.email})).status_code == 202
-    assert len(_tokens_from_console(caplog)) == 1
+    assert len(_tokens(mailbox)) == 1
 
 
 async def test_disabled_account_gets_no_email(
-    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, engine: AsyncEngine
+    client: httpx.AsyncClient, mailbox: SmtpServer, engine: AsyncEngine
 ) -> None:
     account = await register(client)
     await execute(engine, "UPDATE users SET is_active = false")
     assert (await client.post(RESET, json={"email": account.email})).status_code == 202
-    assert _tokens_from_console(caplog) == []
+    assert _tokens(mailbox) == []
 
 
 async def test_confirm_for_an_account_disabled_meanwhile(
-    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, engine: AsyncEngine
+    client: httpx.AsyncClient, mailbox: SmtpServer, engine: AsyncEngine
 ) -> None:
     account = await register(client)
-    token = await _request_token(client, caplog, account.email)
+    token = await _request_token(client, mailbox, account.email)
     await execute(engine, "UPDATE users SET is_active = false")
     r = await client.post(CONFIRM, json={"token": token, "new_password": OTHER_PASSWORD})
     assert r.status_code == 403 and r.json()["error"]["code"] == "ACCOUNT_DISABLED"
 
 
 async def test_confirm_checks_the_policy_first_without_burning_the_token(
-    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+    client: httpx.AsyncClient, mailbox: SmtpServer
 ) -> None:
     account = await register(client)
-    token = await _request_token(client, caplog, account.email)
+    token = await _request_token(client, mailbox, account.email)
     r = await client.post(CONFIRM, json={"token": token, "new_password": "Password1!"})
     assert r.status_code == 422
     details = r.json()["error"]["details"]

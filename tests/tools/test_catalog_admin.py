@@ -306,13 +306,18 @@ async def test_huge_or_malformed_bodies_never_500(client: httpx.AsyncClient, eng
 
 
 async def test_https_only_in_production(make_client: Callable[..., Any], engine: AsyncEngine) -> None:
-    prod = await make_client(environment="production")
+    # a documentation address made reachable: production refuses what is not public (egress)
+    prod = await make_client(
+        environment="production", email_backend="smtp", tool_allowed_networks="198.51.100.0/24"
+    )
     admin = await make_admin(engine)
-    r = await prod.post(ADMIN, json=_new(api_endpoint="http://x.test/"), headers=admin.headers)
+    r = await prod.post(ADMIN, json=_new(api_endpoint="http://198.51.100.7/"), headers=admin.headers)
     assert r.status_code == 422
     assert r.json()["error"]["details"][0]["field"] == "body.api_endpoint"
-    r = await prod.post(ADMIN, json=_new(api_endpoint="https://x.test/"), headers=admin.headers)
+    r = await prod.post(ADMIN, json=_new(api_endpoint="https://198.51.100.7/"), headers=admin.headers)
     assert r.status_code == 201
     tid = r.json()["data"]["id"]
-    r = await prod.patch(f"{ADMIN}/{tid}", json={"api_endpoint": "http://x.test/"}, headers=admin.headers)
+    r = await prod.patch(
+        f"{ADMIN}/{tid}", json={"api_endpoint": "http://198.51.100.7/"}, headers=admin.headers
+    )
     assert r.status_code == 422

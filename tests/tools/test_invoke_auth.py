@@ -224,13 +224,13 @@ async def test_big_inputs_are_validated_only_once_the_caller_is_known(
     caller = await make_caller(engine, "pro")
     assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200  # version known
     validated: list[int] = []
-    real = ToolVersion.input_errors
+    real = ToolVersion.input_errors_async
 
-    def counting(self: ToolVersion, value: dict[str, Any]) -> list[dict[str, Any]]:
+    async def counting(self: ToolVersion, value: dict[str, Any], nbytes: int) -> list[dict[str, Any]]:
         validated.append(len(str(value)))
-        return real(self, value)
+        return await real(self, value, nbytes)
 
-    monkeypatch.setattr(ToolVersion, "input_errors", counting)
+    monkeypatch.setattr(ToolVersion, "input_errors_async", counting)
     big = "x" * (admit.PRECHECK_MAX_BYTES + 10)
     r = await client.post(
         f"{API}/tools/{tool}/invoke", json={"input": {"text": big}}, headers={"X-API-Key": "jfui_" + "B" * 40}
@@ -317,13 +317,13 @@ async def test_no_schema_work_is_done_for_a_caller_not_yet_authenticated(
     caller = await make_caller(engine, "pro")
     assert (await invoke(client, caller, tool, {"text": "warm"})).status_code == 200  # version known
     validated: list[str] = []
-    real = ToolVersion.input_errors
+    real = ToolVersion.input_errors_async
 
-    def counting(self: ToolVersion, value: dict[str, Any]) -> list[dict[str, Any]]:
+    async def counting(self: ToolVersion, value: dict[str, Any], nbytes: int) -> list[dict[str, Any]]:
         validated.append(str(value)[:20])
-        return real(self, value)
+        return await real(self, value, nbytes)
 
-    monkeypatch.setattr(ToolVersion, "input_errors", counting)
+    monkeypatch.setattr(ToolVersion, "input_errors_async", counting)
     forged = {"X-API-Key": "jfui_" + "F" * 40}
     for _ in range(3):
         r = await client.post(f"{API}/tools/{tool}/invoke", json={"input": {"text": "tiny"}}, headers=forged)

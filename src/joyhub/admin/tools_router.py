@@ -67,7 +67,9 @@ async def list_tools(
 async def create_tool(
     body: ToolCreate, request: Request, session: DbSession, admin: AdminUser
 ) -> Envelope[AdminToolOut]:
-    tool = await service.create_tool(session, admin.user, body, request.app.state.settings)
+    tool = await service.create_tool(
+        session, admin.user, body, request.app.state.settings, request.app.state.egress
+    )
     view = await _breakers(request).view(str(tool.id))
     return ok(service.admin_tool_out(tool, view))
 
@@ -96,7 +98,9 @@ async def get_tool(
 async def update_tool(
     tool_id: uuid.UUID, body: ToolUpdate, request: Request, session: DbSession, admin: AdminUser
 ) -> Envelope[AdminToolOut]:
-    tool = await service.update_tool(session, admin.user, tool_id, body, request.app.state.settings)
+    tool = await service.update_tool(
+        session, admin.user, tool_id, body, request.app.state.settings, request.app.state.egress
+    )
     return ok(service.admin_tool_out(tool, await _breakers(request).view(str(tool.id))))
 
 

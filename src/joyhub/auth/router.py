@@ -12,6 +12,7 @@ from joyhub.auth.dependencies import AccessTokenUser, Client
 from joyhub.auth.schemas import (
     AccessTokenOut,
     LoginIn,
+    LogoutAllIn,
     MessageOut,
     PasswordResetConfirmIn,
     PasswordResetIn,
@@ -67,7 +68,7 @@ def _pair(issued: IssuedTokens) -> TokenPair:
     status_code=201,
     response_model=Envelope[RegisterOut],
     summary="Create an account (role user, no subscription) and log in",
-    responses=_errors(409, 503),
+    responses=_errors(409, 429, 503),
 )
 async def register(
     body: RegisterIn, request: Request, client: Client, db: DbSession, background: BackgroundTasks
@@ -79,6 +80,7 @@ async def register(
         email=body.email,
         password=body.password,
         settings=settings,
+        throttle=throttle_for(request.app.state),
         client=client,
         now=utcnow(),
     )
@@ -171,11 +173,12 @@ async def logout(body: RefreshIn, db: DbSession) -> Response:
     "/logout-all",
     status_code=204,
     response_class=Response,
-    summary="End every session of the caller (access token only)",
-    responses={401: _ERR[401], 403: _ERR[403]},
+    summary="End every session of the caller (access token only); with include_api_keys, every API key too",
+    responses={401: _ERR[401], 403: _ERR[403], 422: _ERR[422]},
 )
-async def logout_all(principal: AccessTokenUser, db: DbSession) -> Response:
-    await service.logout_all(db, user_id=principal.id, now=utcnow())
+async def logout_all(principal: AccessTokenUser, db: DbSession, body: LogoutAllIn | None = None) -> Response:
+    include = body is not None and body.include_api_keys
+    await service.logout_all(db, user=principal.user, include_api_keys=include, now=utcnow())
     return Response(status_code=204)
 
 
@@ -183,26 +186,36 @@ async def logout_all(principal: AccessTokenUser, db: DbSession) -> Response:
     "/password-reset",
     status_code=202,
     response_model=Envelope[MessageOut],
-    summary="Email a password-reset link (same answer for known and unknown emails)",
-    responses=_errors(),
+    summary="Email a password-reset link (same answer, and the same time, for known and unknown emails)",
+    responses=_errors(429),
 )
 async def password_reset(
-    body: PasswordResetIn, request: Request, db: DbSession, background: BackgroundTasks
+    body: PasswordResetIn, request: Request, client: Client, background: BackgroundTasks
 ) -> Envelope[MessageOut]:
     settings = _settings(request)
-    message = await service.request_password_reset(
-        db, email=body.email, settings=settings, throttle=throttle_for(request.app.state), now=utcnow()
+    throttle = throttle_for(request.app.state)
+    now = utcnow()
+    await service.limit_reset_requests(throttle, client, settings, now)
+    # everything that depends on the email happens after the response, for every email alike
+    background.add_task(
+        service.process_password_reset,
+        request.app.state.sessionmaker,
+        email=body.email,
+        settings=settings,
+        throttle=throttle,
+        now=now,
     )
-    if message is not None:
-        send_in_background(background, settings, message)
     return ok(MessageOut(message=service.RESET_REQUEST_MESSAGE))
 
 
 @router.post(
     "/password-reset/confirm",
     response_model=Envelope[TokenPair],
-    summary="Set a new password with a reset token; revokes every session and logs in",
-    responses={**_errors(403, 503), 400: {"model": Envelope[None], "description": "Invalid reset token"}},
+    summary="Set a new password with a reset token; revokes every session and API key, and logs in",
+    responses={
+        **_errors(403, 429, 503),
+        400: {"model": Envelope[None], "description": "Invalid reset token"},
+    },
 )
 async def password_reset_confirm(
     body: PasswordResetConfirmIn, request: Request, client: Client, db: DbSession
@@ -212,6 +225,7 @@ async def password_reset_confirm(
         token=body.token,
         new_password=body.new_password,
         settings=_settings(request),
+        throttle=throttle_for(request.app.state),
         client=client,
         now=utcnow(),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from joyhub.users.schemas import Email, LoginEmail, Name, Password, Secret, UserOut
 
@@ -53,6 +53,11 @@ class RefreshIn(_Strict):
     )
 
     refresh_token: Secret
+
+
+class LogoutAllIn(_Strict):
+    # strict: a destructive switch must be a JSON boolean, not "yes" or 1
+    include_api_keys: StrictBool = Field(False, description="Revoke every API key of the account too")
 
 
 class PasswordResetIn(_Strict):

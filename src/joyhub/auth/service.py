@@ -8,7 +8,14 @@ answers with an error: throttle hits (auth/throttle.py) and the revocation of a 
 refresh token was replayed (auth/sessions.py).
 
 Emails are not sent here: functions return the message and the route queues it to go out
-after the response (core/email.py).
+after the response (core/email.py). A password-reset request is handled entirely after the
+response (`process_password_reset`), so known and unknown emails cost the caller the same.
+
+Password work is budgeted per client address (`charge_password_work`) before the bcrypt queue:
+every request that would cost a hash — login, the OAuth2 token form, registration, reset
+confirmation, password change — takes one unit of its address's budget first, whatever email
+it names, so one address sending junk is refused with 429 before it costs a hash and before it
+can fill the queue that everybody else's logins wait in.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from joyhub.auth import sessions
+from joyhub.auth import throttle as buckets
 from joyhub.auth.dependencies import ClientInfo
 from joyhub.auth.passwords import enforce_policy
 from joyhub.auth.sessions import IssuedTokens
 from joyhub.auth.throttle import Throttle, login_bucket, reset_bucket
+from joyhub.core import audit
 from joyhub.core.config import Settings
-from joyhub.core.email import OutgoingEmail
+from joyhub.core.email import OutgoingEmail, deliver, sender_for
 from joyhub.core.errors import (
     AccountDisabled,
     EmailTaken,
@@ -49,6 +58,30 @@ log = logging.getLogger("joyhub.auth")
 
 EMAIL_MAX = 320
 RESET_REQUEST_MESSAGE = "If an account exists for this email, a password-reset link has been sent."
+HOUR = timedelta(hours=1)
+
+
+async def _limit(
+    throttle: Throttle, bucket: str, limit: int, window: timedelta, now: datetime, why: str
+) -> None:
+    decision = await throttle.acquire(bucket, limit=limit, window=window, now=now)
+    if not decision.allowed:
+        raise RateLimited(why, headers={"Retry-After": str(decision.retry_after)})
+
+
+async def charge_password_work(
+    throttle: Throttle, client: ClientInfo, settings: Settings, now: datetime
+) -> None:
+    """Take one unit of the client address's password-work budget, or refuse (429) before any
+    hash is computed. Counted for every attempt, successful or not: it is a CPU budget."""
+    await _limit(
+        throttle,
+        buckets.address_bucket("password_work", client.address),
+        settings.password_work_max_per_address,
+        timedelta(seconds=settings.password_work_window_seconds),
+        now,
+        "Too many password attempts from this address; try again later",
+    )
 
 
 async def register(
@@ -58,6 +91,7 @@ async def register(
     email: str,
     password: str,
     settings: Settings,
+    throttle: Throttle,
     client: ClientInfo,
     now: datetime,
 ) -> tuple[User, IssuedTokens, OutgoingEmail]:
@@ -65,9 +99,21 @@ async def register(
 
     The insert is `ON CONFLICT (email) DO NOTHING`: of many parallel registrations of one email
     exactly one inserts, the others see no row and answer 409 EMAIL_TAKEN. The password is
-    hashed before the first statement, so no pooled connection waits on bcrypt's queue.
+    hashed before the first statement, so no pooled connection waits on bcrypt's queue. One
+    client address may create REGISTER_MAX_PER_ADDRESS_PER_HOUR accounts an hour, and each
+    attempt takes a unit of its password-work budget (429 past either, before the hash).
     """
     enforce_policy(password, "body.password")
+    ensure_bcrypt_capacity()
+    await _limit(
+        throttle,
+        buckets.address_bucket("register", client.address),
+        settings.register_max_per_address_per_hour,
+        HOUR,
+        now,
+        "Too many accounts created from this address; try again later",
+    )
+    await charge_password_work(throttle, client, settings, now)
     password_hash = await hash_password(password, settings.bcrypt_rounds)
     user_id = uuid.uuid4()
     inserted = (
@@ -131,7 +177,8 @@ async def authenticate(
     client: ClientInfo,
     now: datetime,
 ) -> User:
-    """Check email and password, throttled per (email, client address).
+    """Check email and password, within the client address's password-work budget and throttled
+    per (email, client address).
 
     The attempt reserves a slot in its bucket *before* bcrypt runs, so the limit holds under a
     burst; when the bucket is full the answer is 429 with Retry-After without looking at the
@@ -144,6 +191,7 @@ async def authenticate(
     an overloaded server does not count failures nobody made.
     """
     ensure_bcrypt_capacity()
+    await charge_password_work(throttle, client, settings, now)
     bucket = login_bucket(email, client.address)
     decision = await throttle.acquire(
         bucket,
@@ -224,9 +272,59 @@ async def logout(db: AsyncSession, *, refresh_token: str, now: datetime) -> None
     await sessions.logout(db, refresh_token, now=now)
 
 
-async def logout_all(db: AsyncSession, *, user_id: uuid.UUID, now: datetime) -> None:
-    count = await sessions.revoke_user_sessions(db, user_id, reason="logout_all", now=now)
-    log.info("all sessions revoked", extra={"user_id": str(user_id), "sessions": count})
+async def logout_all(db: AsyncSession, *, user: User, include_api_keys: bool, now: datetime) -> None:
+    """End every session of the user, and every API key too when asked; audited either way."""
+    count = await sessions.revoke_user_sessions(db, user.id, reason="logout_all", now=now)
+    keys = 0
+    if include_api_keys:
+        keys = await sessions.revoke_user_api_keys(db, user.id, reason="logout_all", actor=user, now=now)
+    audit.record(
+        db,
+        actor=user,
+        action="user.logout_all",
+        target_type="user",
+        target_id=user.id,
+        changes={"sessions_revoked": count, "api_keys_revoked": keys},
+    )
+    log.info("all sessions revoked", extra={"user_id": str(user.id), "sessions": count, "api_keys": keys})
+
+
+async def limit_reset_requests(
+    throttle: Throttle, client: ClientInfo, settings: Settings, now: datetime
+) -> None:
+    """PASSWORD_RESET_MAX_PER_ADDRESS_PER_HOUR reset requests per client address (429 past it),
+    so one address cannot mail every user. Decided before the email is looked at, so the answer
+    says nothing about the account."""
+    await _limit(
+        throttle,
+        buckets.address_bucket("reset_request", client.address),
+        settings.password_reset_max_per_address_per_hour,
+        HOUR,
+        now,
+        "Too many password-reset requests from this address; try again later",
+    )
+
+
+async def process_password_reset(
+    factory: async_sessionmaker[AsyncSession],
+    *,
+    email: str,
+    settings: Settings,
+    throttle: Throttle,
+    now: datetime,
+) -> None:
+    """After the response (both for known and unknown emails, so timing reveals nothing): make
+    the token in a transaction of its own, then send the email. Never raises: the caller has
+    had its 202 already; a failure is logged without the email address or any token."""
+    try:
+        async with factory() as db, db.begin():
+            message = await request_password_reset(
+                db, email=email, settings=settings, throttle=throttle, now=now
+            )
+        if message is not None:
+            await deliver(sender_for(settings), message)
+    except Exception as exc:  # nothing may escape into the server after the response
+        log.error("password reset request failed", extra={"error": type(exc).__name__}, exc_info=exc)
 
 
 async def request_password_reset(
@@ -248,7 +346,7 @@ async def request_password_reset(
     decision = await throttle.acquire(
         reset_bucket(email),
         limit=settings.password_reset_max_per_hour,
-        window=timedelta(hours=1),
+        window=HOUR,
         now=now,
     )
     if not decision.allowed:
@@ -286,10 +384,14 @@ async def request_password_reset(
             f"Hello {user.name},\n\n"
             "someone (hopefully you) asked to reset the password of your Joyfull UI Hub account.\n"
             f"Open this link within {hours} hours to choose a new password:\n\n{link}\n\n"
+            "Setting a new password this way signs the account out everywhere and revokes every\n"
+            "API key of the account (account recovery assumes it may have been compromised):\n"
+            "create new keys for your scripts afterwards.\n\n"
             "The link works once. If you did not ask for this, ignore this message; your password\n"
-            "stays as it is.\n"
+            "and keys stay as they are.\n"
         ),
         kind="password_reset",
+        secrets=(raw, link),
     )
 
 
@@ -338,10 +440,12 @@ async def confirm_password_reset(
     token: str,
     new_password: str,
     settings: Settings,
+    throttle: Throttle,
     client: ClientInfo,
     now: datetime,
 ) -> IssuedTokens:
-    """Set a new password with a reset token: consume it atomically, revoke every session, log in.
+    """Set a new password with a reset token: consume it atomically, revoke every session and
+    every API key (account recovery), log in.
 
     The policy is checked first, so a weak password does not burn the token. Then the token is
     checked by reading only, and that read transaction ends before bcrypt hashes the new
@@ -359,6 +463,8 @@ async def confirm_password_reset(
     digest = token_digest(token)
     user = await _reset_token_owner(db, digest, now)
     await release_connection(db)
+    ensure_bcrypt_capacity()
+    await charge_password_work(throttle, client, settings, now)
     password_hash = await hash_password(new_password, settings.bcrypt_rounds)
     user_id = user.id
     # the write transaction: lock the user row, then the account's state as it is now
@@ -388,4 +494,5 @@ async def confirm_password_reset(
         user_agent=client.user_agent,
         client_ip=client.address,
         now=now,
+        revoke_api_keys=True,
     )

@@ -29,7 +29,7 @@ from joyhub.core.config import Settings
 from joyhub.core.db import after_commit
 from joyhub.core.errors import InvalidRefreshToken
 from joyhub.core.security import create_access_token, new_opaque_token, token_digest
-from joyhub.models import AuthSession, PasswordResetToken, RefreshToken, User
+from joyhub.models import ApiKey, AuthSession, PasswordResetToken, RefreshToken, User
 
 log = logging.getLogger("joyhub.auth")
 
@@ -205,6 +205,35 @@ async def revoke_user_sessions(db: AsyncSession, user_id: uuid.UUID, *, reason: 
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+async def revoke_user_api_keys(
+    db: AsyncSession, user_id: uuid.UUID, *, reason: str, actor: User | None, now: datetime
+) -> int:
+    """Revoke every active API key of a user (account recovery, logout-all with keys, admin
+    bootstrap): they stop working on the next request. One audit row per key revoked, naming
+    the reason, so the trail shows which automation lost its key and why."""
+    revoked = list(
+        (
+            await db.execute(
+                update(ApiKey)
+                .where(ApiKey.user_id == user_id, ApiKey.is_active.is_(True))
+                .values(is_active=False, revoked_at=now)
+                .returning(ApiKey.id, ApiKey.key_prefix)
+                .execution_options(synchronize_session=False)
+            )
+        ).all()
+    )
+    for key_id, prefix in revoked:
+        audit.record(
+            db,
+            actor=actor,
+            action="user.api_key_revoke",
+            target_type="user",
+            target_id=user_id,
+            changes={"api_key_id": str(key_id), "key_prefix": prefix, "reason": reason},
+        )
+    return len(revoked)
+
+
 async def replace_password(
     db: AsyncSession,
     user: User,
@@ -215,10 +244,14 @@ async def replace_password(
     user_agent: str | None,
     client_ip: str | None,
     now: datetime,
+    revoke_api_keys: bool = False,
 ) -> IssuedTokens:
     """The one rule for a new password (change or reset): store its hash, end every session of
     the user (so every old access and refresh token dies at once), audit it with the password
     masked, and open a fresh session for the caller.
+
+    `revoke_api_keys` (a reset: account recovery assumes the account was compromised) revokes
+    every API key too; a password change keeps them (the caller proved the current password).
 
     `new_hash` is the bcrypt hash of the new password, computed by the caller *before* its write
     transaction, so bcrypt never runs while a pooled connection is held. The "password replaced"
@@ -227,16 +260,28 @@ async def replace_password(
     user.password_hash = new_hash
     user.updated_at = now
     revoked = await revoke_user_sessions(db, user.id, reason=reason, now=now)
+    keys = (
+        await revoke_user_api_keys(db, user.id, reason=reason, actor=user, now=now) if revoke_api_keys else 0
+    )
     audit.record(
         db,
         actor=user,
         action=f"user.{reason}",
         target_type="user",
         target_id=user.id,
-        changes={"password": {"before": "***", "after": "***"}, "sessions_revoked": revoked},
+        changes={
+            "password": {"before": "***", "after": "***"},
+            "sessions_revoked": revoked,
+            "api_keys_revoked": keys,
+        },
     )
     issued = await start_session(db, user, settings, now=now, user_agent=user_agent, client_ip=client_ip)
-    details = {"user_id": str(user.id), "reason": reason, "sessions_revoked": revoked}
+    details = {
+        "user_id": str(user.id),
+        "reason": reason,
+        "sessions_revoked": revoked,
+        "api_keys_revoked": keys,
+    }
     after_commit(db, lambda: log.info("password replaced", extra=details))
     return issued
 
@@ -264,7 +309,11 @@ async def sweep_expired(db: AsyncSession, settings: Settings, now: datetime) -> 
     - reset tokens used or expired more than a day ago.
     """
     cutoff = now - RETENTION
-    largest_window = max(timedelta(seconds=settings.login_failure_window_seconds), throttle.RESET_WINDOW)
+    largest_window = max(
+        timedelta(seconds=settings.login_failure_window_seconds),
+        timedelta(seconds=settings.password_work_window_seconds),
+        throttle.RESET_WINDOW,
+    )
     total = await throttle.prune(db, older_than=now - largest_window)
 
     def _count(result: object) -> int:

@@ -1,4 +1,5 @@
-"""Sliding-window throttles (failed logins, reset requests) that hold across workers and restarts.
+"""Sliding-window throttles (failed logins, reset requests, password work per client address)
+that hold across workers and restarts.
 
 Storage is PostgreSQL's `throttle_hits` table, or Redis when `app.state.redis` is set. Either
 way an attempt *reserves* its slot before the expensive work (bcrypt) in one atomic step:
@@ -44,6 +45,12 @@ def login_bucket(email: str, client_address: str) -> str:
 
 def reset_bucket(email: str) -> str:
     return f"reset:{hashlib.sha256(email.encode()).hexdigest()}"
+
+
+def address_bucket(kind: str, client_address: str) -> str:
+    """A per-client-address bucket: `password_work` (every request that costs a password hash,
+    whatever the email), `register` (accounts created), `reset_request` (reset emails asked)."""
+    return f"{kind}:{hashlib.sha256(client_address.encode()).hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -152,8 +159,54 @@ def _unavailable() -> ServiceUnavailable:
     return ServiceUnavailable("The rate-limit store is unavailable", headers={"Retry-After": "2"})
 
 
+ADDRESS_KINDS = ("password_work", "register", "reset_request")
+
+
+class RefusalMemo:
+    """A throttle that remembers, in this process, the per-client-address buckets it was refused
+    for until they can be allowed again, and refuses those at once — no database or Redis trip.
+
+    Only `address_bucket`s are remembered: they are never cleared, so once refused with a
+    Retry-After of r seconds such a bucket cannot be allowed before now + r on any worker (the
+    others can only add hits), and the memory is exact. It matters under a flood: one address
+    sending hundreds of junk logins a second would otherwise cost a round trip each — on
+    PostgreSQL, a pooled connection waiting on the bucket's advisory lock — and take the pool
+    from everybody else. Failed-login buckets are cleared by a success, so they always ask.
+    """
+
+    def __init__(self, throttle: Throttle, refused_until: dict[str, datetime], size: int = 10_000) -> None:
+        self._throttle = throttle
+        self._until = refused_until
+        self._size = size
+
+    async def acquire(self, bucket: str, *, limit: int, window: timedelta, now: datetime) -> Decision:
+        until = self._until.get(bucket)
+        if until is not None:
+            if until > now:
+                return Decision(False, max(1, math.ceil((until - now).total_seconds())))
+            del self._until[bucket]
+        decision = await self._throttle.acquire(bucket, limit=limit, window=window, now=now)
+        if not decision.allowed and bucket.startswith(ADDRESS_KINDS):
+            self._until[bucket] = now + timedelta(seconds=decision.retry_after)
+            while len(self._until) > self._size:
+                del self._until[next(iter(self._until))]
+        return decision
+
+    async def clear(self, bucket: str) -> None:
+        self._until.pop(bucket, None)
+        await self._throttle.clear(bucket)
+
+
 def throttle_for(state: Any) -> Throttle:
-    """The app's throttle: Redis when `state.redis` is set, else PostgreSQL."""
+    """The app's throttle: Redis when `state.redis` is set, else PostgreSQL, behind the app's
+    RefusalMemo (its memory kept on `state`: one per app, so per process)."""
+    refused: dict[str, datetime] | None = getattr(state, "throttle_refusals", None)
+    if refused is None:
+        refused = state.throttle_refusals = {}
+    return RefusalMemo(_store(state), refused)
+
+
+def _store(state: Any) -> Throttle:
     redis = getattr(state, "redis", None)
     if redis is not None:
         cached = getattr(state, "auth_redis_throttle", None)

@@ -6,8 +6,11 @@ pydantic's ValidationError into `ConfigError` whose message is that line.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_SECRET_BYTES = 32
+MIN_METRICS_TOKEN_CHARS = 16
 
 
 class ConfigError(Exception):
@@ -36,6 +40,12 @@ class Settings(BaseSettings):
     login_max_failures: int = Field(5, ge=1, le=1000)
     login_failure_window_seconds: int = Field(900, ge=1, le=86400)
     password_reset_max_per_hour: int = Field(3, ge=1, le=1000)
+    # per client address (auth/throttle.py): requests that cost a password hash (login, token,
+    # register, reset confirm, password change), accounts created, reset emails asked for
+    password_work_max_per_address: int = Field(30, ge=1, le=1_000_000)
+    password_work_window_seconds: int = Field(60, ge=1, le=86400)
+    register_max_per_address_per_hour: int = Field(20, ge=1, le=1_000_000)
+    password_reset_max_per_address_per_hour: int = Field(20, ge=1, le=1_000_000)
     redis_url: str | None = None
     email_backend: Literal["console", "smtp"] = "console"
     smtp_host: str = "localhost"
@@ -69,13 +79,19 @@ class Settings(BaseSettings):
     # per worker: connections to tool upstreams open at once (a stream holds one for its life)
     upstream_max_connections: int = Field(4096, ge=1, le=100_000)
     stream_ping_seconds: float = Field(15, gt=0, le=300)
-    # CIDRs that tool and webhook endpoints may reach in production despite being private
-    tool_allowed_networks: str = ""
     # webhooks (API.md §11): run the dispatcher inside `serve` (else run `joyhub deliver`), its
     # deliveries in flight per process, and the safety-net poll when no NOTIFY wakes it
     webhook_dispatch_in_serve: bool = True
     webhook_concurrency: int = Field(64, ge=1, le=1024)
     webhook_poll_seconds: float = Field(10, gt=0, le=3600)
+    # egress policy (core/egress.py): CIDRs tool and webhook endpoints may reach in production
+    # although they are not public addresses
+    tool_allowed_networks: str = ""
+    # proxies whose X-Forwarded-For/-Proto uvicorn believes (comma-separated IPs/CIDRs, or "*");
+    # empty: none, the client address is the TCP peer's
+    forwarded_allow_ips: str = ""
+    # when set, /metrics answers only `Authorization: Bearer <METRICS_TOKEN>`
+    metrics_token: str | None = Field(None, repr=False)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -114,14 +130,6 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis:// URL")
         return value
 
-    @field_validator("tool_allowed_networks")
-    @classmethod
-    def _check_networks(cls, value: str) -> str:
-        from joyhub.core.egress import parse_networks
-
-        parse_networks(value)
-        return value
-
     @field_validator("password_reset_url")
     @classmethod
     def _check_reset_url(cls, value: str) -> str:
@@ -129,17 +137,58 @@ class Settings(BaseSettings):
             raise ValueError("must contain {token}")
         return value
 
+    @field_validator("tool_allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: str) -> str:
+        for item in _items(value):
+            try:
+                ip_network(item, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{item[:60]!r} is not a CIDR network ({exc})") from None
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _check_proxies(cls, value: str) -> str:
+        for item in _items(value):
+            if item == "*":
+                continue
+            try:
+                ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item[:60]!r} is not an IP address or network (or *)") from None
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _check_metrics_token(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        if len(value) < MIN_METRICS_TOKEN_CHARS or any(ch.isspace() for ch in value):
+            raise ValueError(f"must be at least {MIN_METRICS_TOKEN_CHARS} characters without spaces")
+        return value
+
     @model_validator(mode="after")
     def _production_rules(self) -> Settings:
         if self.environment == "production" and not self.jwt_secret_key:
             raise ValueError("JWT_SECRET_KEY is required when ENVIRONMENT=production")
+        if self.environment == "production" and self.email_backend == "console":
+            raise ValueError(
+                "EMAIL_BACKEND=console is not allowed when ENVIRONMENT=production (it writes emails to"
+                " the log); set EMAIL_BACKEND=smtp and SMTP_HOST"
+            )
         if bool(self.admin_email) != bool(self.admin_password):
             raise ValueError("ADMIN_EMAIL and ADMIN_PASSWORD must be set together")
         return self
 
     @property
     def cors_origin_list(self) -> list[str]:
-        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+        return _items(self.cors_origins)
+
+    @property
+    def allowed_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return tuple(ip_network(item) for item in _items(self.tool_allowed_networks))
 
     def secret_key(self) -> str:
         """The JWT signing key; in development a random one is generated once under DATA_DIR."""
@@ -147,10 +196,35 @@ class Settings(BaseSettings):
             return self.jwt_secret_key
         path = self.data_dir / "jwt_secret"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(48))
-            path.chmod(0o600)
+            _create_secret_file(path, secrets.token_urlsafe(48))
         return path.read_text().strip()
+
+
+def _create_secret_file(path: Path, secret: str) -> None:
+    """Write `secret` to `path`, readable by the owner only from the first byte, atomically.
+
+    The file is created with mode 0600 (`os.open` with O_EXCL: never a moment with looser
+    permissions, whatever happens next), written and synced under a temporary name, then
+    hard-linked into place: a reader sees the whole secret or no file, and of several processes
+    starting at once (workers) the first link wins and every one reads the same secret.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(secret)
+            out.flush()
+            os.fsync(out.fileno())
+        with contextlib.suppress(FileExistsError):  # another process was first: keep its secret
+            os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _items(value: str) -> list[str]:
+    """A comma-separated setting's items, trimmed, empty ones dropped."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _one_line(exc: ValidationError) -> str:

@@ -4,12 +4,17 @@ Sending never happens on the request's critical path: routes hand the message to
 `send_in_background`, which runs after the response has been sent (FastAPI BackgroundTasks).
 A mail-server failure is logged — the exception's class and SMTP code only, never the message
 body, the credentials or the server's reply text — and never fails or delays the request.
+
+A message names the secrets it carries (`OutgoingEmail.secrets`: the reset token); the console
+backend writes the message with each of them replaced by `[redacted]`, in every environment,
+so a log never holds a working reset link. Production refuses the console backend altogether
+(`Settings`: EMAIL_BACKEND).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Protocol
 
@@ -24,12 +29,25 @@ SMTP_TIMEOUT_SECONDS = 15.0
 IMPLICIT_TLS_PORT = 465
 
 
+REDACTED = "[redacted]"
+
+
 @dataclass(frozen=True)
 class OutgoingEmail:
     to: str
     subject: str
-    body: str
+    body: str = field(repr=False)  # may carry the secrets below
     kind: str = "notification"  # for logs: "welcome", "password_reset", ...
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # never written to a log
+
+    def redacted_body(self) -> str:
+        """The body with every secret it carries replaced by `[redacted]` (longest first, so a
+        whole link goes, not only the token inside it)."""
+        body = self.body
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            if secret:
+                body = body.replace(secret, REDACTED)
+        return body
 
 
 class EmailSender(Protocol):
@@ -37,12 +55,12 @@ class EmailSender(Protocol):
 
 
 class ConsoleEmailSender:
-    """Development backend: writes the whole message, body included, to the log.
+    """Development backend: writes the message to the log, its secrets redacted.
 
-    The body may hold a secret — the password-reset link carries the raw reset token — and it
-    is logged on purpose, so that a developer without a mail server can click the link. This is
-    acceptable ONLY for this backend, which exists for local development (`make run`); every
-    other code path keeps tokens out of the logs, and production deployments use `smtp`.
+    A reset link in a log is a working credential for whoever reads the log (a log shipper, a
+    support engineer, a backup), so the token never appears: the line says that the email was
+    sent, to whom, and what it said with `[redacted]` in place of the token. To follow a reset
+    link in development, use `EMAIL_BACKEND=smtp` with a local catcher (README, "Security").
     """
 
     async def send(self, message: OutgoingEmail) -> None:
@@ -50,8 +68,8 @@ class ConsoleEmailSender:
             "email (console backend)\nTo: %s\nSubject: %s\n\n%s",
             message.to,
             message.subject,
-            message.body,
-            extra={"email_kind": message.kind},
+            message.redacted_body(),
+            extra={"email_kind": message.kind, "recipient": message.to},
         )
 
 

@@ -1,8 +1,12 @@
 """The outer request pipeline as one pure-ASGI middleware (cheaper than BaseHTTPMiddleware).
 
 It assigns the request id (API.md §1), refuses bodies over 1 MiB without reading them whole,
-turns any exception that escaped the handlers into a logged 500 envelope, and writes one JSON
-access line per request.
+turns any exception that escaped the handlers into a logged 500 envelope, writes one JSON
+access line per request, and sets the security headers of every response:
+`X-Content-Type-Options: nosniff` (no content sniffing of JSON or CSV into something a browser
+runs), `Referrer-Policy: no-referrer`, `X-Frame-Options: DENY`, `Cache-Control: no-store` on the
+API's answers (they carry tokens, keys and account data: no cache, shared or private, may keep
+them) unless a route chose otherwise, and in production `Strict-Transport-Security`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ from joyhub.core.envelope import error_response
 from joyhub.core.errors import AppError, DatabaseUnavailable, PayloadTooLarge, is_db_unavailable
 
 MAX_BODY_BYTES = 1024 * 1024
+API_PREFIX = "/api/"
+HSTS = b"max-age=63072000; includeSubDomains"
+_ALWAYS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 access_log = logging.getLogger("joyhub.access")
 log = logging.getLogger("joyhub.errors")
@@ -39,9 +50,10 @@ def clean_request_id(raw: str | None) -> str:
 
 
 class RequestPipelineMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES, hsts: bool = False) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.hsts = hsts
         self._templates: list[tuple[re.Pattern[str], str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -61,7 +73,9 @@ class RequestPipelineMiddleware:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 status_holder["started"] = True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                message["headers"] = self._secured(
+                    [*message.get("headers", []), (b"x-request-id", rid.encode())], scope.get("path", "")
+                )
             await send(message)
 
         async def send_wrapper(message: Message) -> None:
@@ -126,6 +140,16 @@ class RequestPipelineMiddleware:
             )
             request_id_var.reset(rid_token)
             user_id_var.reset(uid_token)
+
+    def _secured(self, headers: list[tuple[bytes, bytes]], path: str) -> list[tuple[bytes, bytes]]:
+        """The response headers with the security headers added (a route's own value stays)."""
+        present = {name.lower() for name, _ in headers}
+        extra = [(name, value) for name, value in _ALWAYS if name not in present]
+        if path.startswith(API_PREFIX) and b"cache-control" not in present:
+            extra.append((b"cache-control", b"no-store"))
+        if self.hsts and b"strict-transport-security" not in present:
+            extra.append((b"strict-transport-security", HSTS))
+        return [*headers, *extra]
 
     def _route_template(self, scope: Scope) -> str:
         """The path template that served the request ("/api/v1/tools/{tool_id}"), for metrics.

@@ -1,7 +1,8 @@
 """Start-up and shutdown of one hub process, in order, undone in reverse.
 
-Resources live on `app.state`: `engine`, `sessionmaker`, `redis` (or None), `http` (the shared
-upstream client), `breakers`, and the sweep task. Anything pre-seeded on `app.state` (the tests'
+Resources live on `app.state`: `engine`, `sessionmaker`, `redis` (or None), `egress` (the
+policy of outgoing calls, `core/egress.py`), `http` (the shared upstream client), `breakers`,
+and the sweep task. Anything pre-seeded on `app.state` (the tests'
 engine) is used as is and not closed here.
 """
 
@@ -51,6 +52,11 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
                 client = aioredis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
                 stack.push_async_callback(client.aclose)
                 app.state.redis = client
+
+        if getattr(app.state, "egress", None) is None:
+            from joyhub.core.egress import EgressPolicy
+
+            app.state.egress = EgressPolicy.from_settings(settings)
 
         from joyhub.ops import startup
 

@@ -21,7 +21,9 @@ async def run(app: FastAPI, stack: AsyncExitStack) -> None:
     # gateway: metering store, shared upstream HTTP client, circuit breakers, admission line
     from joyhub.tools.runtime import build_gateway
 
-    gateway = build_gateway(app.state.settings, app.state.engine, app.state.sessionmaker, app.state.redis)
+    gateway = build_gateway(
+        app.state.settings, app.state.engine, app.state.sessionmaker, app.state.redis, app.state.egress
+    )
     stack.push_async_callback(gateway.upstream.aclose)
     stack.push_async_callback(gateway.drain)  # runs before the client closes (LIFO)
     app.state.gateway = gateway

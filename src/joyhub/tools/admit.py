@@ -242,7 +242,7 @@ class AdmissionRun:
             return [], None
         if self.request.stream and not version.streaming:
             return [STREAM_REFUSED], None
-        errors = version.input_errors(self.request.input)
+        errors = await version.input_errors_async(self.request.input, len(self.body))
         if errors:
             return errors, None
         permit = await self.gateway.breakers.acquire(

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from joyhub.core.config import Settings
+from joyhub.core.egress import EgressPolicy
 from joyhub.tools.admission import AdmissionGate
 from joyhub.tools.breaker import Breakers, InProcessBreakers, RedisBreakers
 from joyhub.tools.gateway import Gateway
@@ -44,12 +45,14 @@ def build_gateway(
     engine: AsyncEngine,
     sessionmaker: async_sessionmaker[AsyncSession],
     redis: Any,
+    egress: EgressPolicy | None = None,
 ) -> Gateway:
-    """The process's gateway; the caller closes `gateway.upstream` and drains it on shutdown."""
+    """The process's gateway; the caller closes `gateway.upstream` and drains it on shutdown.
+    `egress` decides which addresses the upstream client may connect to (`core/egress.py`)."""
     _skip_missing_sniffio()
     return Gateway(
         store=MeteringStore(engine),
-        upstream=Upstream.with_pool(settings.upstream_max_connections),
+        upstream=Upstream.with_pool(settings.upstream_max_connections, egress),
         breakers=make_breakers(settings, redis),
         gate=AdmissionGate(settings.gateway_max_admissions, settings.gateway_queue_timeout_seconds),
         sessionmaker=sessionmaker,

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from joyhub.core import audit, metrics
 from joyhub.core.clock import utcnow
 from joyhub.core.config import Settings
+from joyhub.core.egress import EgressDenied, EgressPolicy
 from joyhub.core.errors import Conflict, NotFound, ValidationFailed, field_error
 from joyhub.core.pagination import Page
 from joyhub.models import Plan, Tool, User
@@ -163,11 +164,19 @@ async def _check_plan(session: AsyncSession, code: str | None) -> None:
         raise ValidationFailed(details=[field_error("body.min_plan", f"Unknown plan {code[:32]!r}")])
 
 
-def _check_endpoint_policy(url: str | None, settings: Settings) -> None:
-    if url is not None and settings.environment == "production" and not url.startswith("https://"):
+async def _check_endpoint_policy(url: str | None, settings: Settings, egress: EgressPolicy) -> None:
+    """https only in production, and the egress policy's verdict on where the URL leads now
+    (`core/egress.py`; checked again at every connection, so a later DNS change cannot evade it)."""
+    if url is None:
+        return
+    if settings.environment == "production" and not url.startswith("https://"):
         raise ValidationFailed(
             details=[field_error("body.api_endpoint", "must be an https:// URL in production")]
         )
+    try:
+        await egress.check_url(url)
+    except EgressDenied as exc:
+        raise ValidationFailed(details=[field_error("body.api_endpoint", f"not allowed: {exc}")]) from None
 
 
 def _check_secret_pair(tool: Tool) -> None:
@@ -184,8 +193,10 @@ async def _flush_unique(session: AsyncSession) -> None:
         raise
 
 
-async def create_tool(session: AsyncSession, actor: User, data: ToolCreate, settings: Settings) -> Tool:
-    _check_endpoint_policy(data.api_endpoint, settings)
+async def create_tool(
+    session: AsyncSession, actor: User, data: ToolCreate, settings: Settings, egress: EgressPolicy
+) -> Tool:
+    await _check_endpoint_policy(data.api_endpoint, settings, egress)
     await _check_plan(session, data.min_plan)
     now = utcnow()
     tool = Tool(
@@ -221,16 +232,21 @@ async def create_tool(session: AsyncSession, actor: User, data: ToolCreate, sett
 
 
 async def update_tool(
-    session: AsyncSession, actor: User, tool_id: uuid.UUID, data: ToolUpdate, settings: Settings
+    session: AsyncSession,
+    actor: User,
+    tool_id: uuid.UUID,
+    data: ToolUpdate,
+    settings: Settings,
+    egress: EgressPolicy,
 ) -> Tool:
     fields = data.model_fields_set
     nulls = [f for f in NOT_NULLABLE if f in fields and getattr(data, f) is None]
     if nulls:
         raise ValidationFailed(details=[field_error(f"body.{f}", "may not be null") for f in nulls])
+    if "api_endpoint" in fields:  # before the row lock: it may resolve a host name
+        await _check_endpoint_policy(data.api_endpoint, settings, egress)
     tool = await get_admin_tool(session, tool_id, lock=True)
     before = snapshot(tool)
-    if "api_endpoint" in fields:
-        _check_endpoint_policy(data.api_endpoint, settings)
     if "min_plan" in fields:
         await _check_plan(session, data.min_plan)
         tool.min_plan_code = data.min_plan

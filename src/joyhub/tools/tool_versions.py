@@ -11,6 +11,11 @@ current schema refuses.
 
 Only tools the database returned are learnt (never an id a caller made up), and the cache is a
 bounded LRU.
+
+Schemas are compiled with the bounded validator (`safe_validator.py`). The gateway validates
+with `ToolVersion.input_errors_async`: on the event loop only while the work stays small (an input
+up to `THREAD_VALIDATION_BYTES` that validates within `LOOP_WORK_UNITS`), otherwise on a worker
+thread, so even a schema's bounded worst case is not paid on the event loop.
 """
 
 from __future__ import annotations
@@ -23,28 +28,61 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from jsonschema import Draft202012Validator
+import anyio.to_thread
+from jsonschema.protocols import Validator
 
-from joyhub.tools.input_validation import input_errors
+from joyhub.core.errors import field_error
+from joyhub.tools.input_validation import (
+    LOOP_WORK_UNITS,
+    TOO_COMPLEX,
+    compile_schema,
+    errors_within,
+    input_errors,
+    work_budget,
+)
+from joyhub.tools.safe_validator import BudgetExceeded
 
 CACHE_SIZE = 1024
+# inputs bigger than this are validated on a worker thread; smaller ones cost less than the hop
+THREAD_VALIDATION_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
 class ToolVersion:
     updated_at: datetime
     timeout_seconds: int
-    validator: Draft202012Validator | None  # None: the tool takes any JSON object
+    validator: Validator | None  # None: the tool takes any JSON object
     streaming: bool = False
 
-    def input_errors(self, value: dict[str, Any]) -> list[dict[str, Any]]:
-        return input_errors(self.validator, value) if self.validator is not None else []
+    def input_errors(self, value: dict[str, Any], nbytes: int | None = None) -> list[dict[str, Any]]:
+        """The input's errors (at most 20), on this thread; `nbytes` sizes the work budget."""
+        return input_errors(self.validator, value, nbytes) if self.validator is not None else []
+
+    async def input_errors_async(self, value: dict[str, Any], nbytes: int) -> list[dict[str, Any]]:
+        """`input_errors` for a request body of `nbytes`, keeping big work off the event loop.
+
+        A body up to 64 KiB is validated here with at most LOOP_WORK_UNITS of work (tens of ms);
+        a bigger one, or one that needs more, is validated (again, from the start) on a worker
+        thread within its full budget. A request cancelled meanwhile leaves the thread to finish
+        within that budget.
+        """
+        validator = self.validator
+        if validator is None:
+            return []
+        budget = work_budget(nbytes)
+        if nbytes <= THREAD_VALIDATION_BYTES:
+            try:
+                return errors_within(validator, value, min(budget, LOOP_WORK_UNITS))
+            except BudgetExceeded:
+                if budget <= LOOP_WORK_UNITS:
+                    return [field_error("body.input", TOO_COMPLEX)]
+        return await anyio.to_thread.run_sync(input_errors, validator, value, nbytes)
 
 
-def _compile(schema_text: str | None) -> Draft202012Validator | None:
+def _compile(schema_text: str | None) -> Validator | None:
     schema = json.loads(schema_text) if schema_text is not None else None
     # JSON null is stored for "no schema"; a schema was checked as one when it was written
-    return Draft202012Validator(schema) if isinstance(schema, dict) else None
+    return compile_schema(schema) if isinstance(schema, dict) else None
 
 
 class ToolVersions:

@@ -17,7 +17,9 @@ What the transport does and does not do: it never follows redirects (httpx decid
 decompresses (httpx decodes `Content-Encoding` itself, so the 10 MiB cap counts decoded bytes),
 never reads proxy variables, and closes a connection whose body was not read to the end instead
 of draining it (an 11 MiB answer is cut off, not downloaded), and keeps no cookies: a cookie
-one caller's call brought back must never ride along on another caller's call.
+one caller's call brought back must never ride along on another caller's call. With an egress
+policy (`core/egress.py`) it connects only to addresses the policy allows; a refused address
+fails like an unreachable host (httpx.ConnectError).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any
 
 import aiohttp
 import httpx
+
+from joyhub.core.egress import EgressPolicy
 
 READ_CHUNK_BYTES = 64 * 1024
 
@@ -70,18 +74,24 @@ class _Body(httpx.AsyncByteStream):
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """`httpx.AsyncClient(transport=AiohttpTransport(...))`: one aiohttp session per process."""
 
-    def __init__(self, *, max_connections: int, keepalive_seconds: float) -> None:
+    def __init__(
+        self, *, max_connections: int, keepalive_seconds: float, egress: EgressPolicy | None = None
+    ) -> None:
         self._max_connections = max_connections
         self._keepalive_seconds = keepalive_seconds
+        self._egress = egress
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         # made on first use: aiohttp binds a session to the running event loop
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
-                limit_per_host=0,
-                keepalive_timeout=self._keepalive_seconds,
+            pool: dict[str, Any] = {
+                "limit": self._max_connections,
+                "limit_per_host": 0,
+                "keepalive_timeout": self._keepalive_seconds,
+            }
+            connector = (
+                self._egress.connector(**pool) if self._egress is not None else aiohttp.TCPConnector(**pool)
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,

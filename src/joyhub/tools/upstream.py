@@ -42,6 +42,7 @@ import httpx
 from joyhub import __version__
 from joyhub.core import metrics
 from joyhub.core.clock import utcnow
+from joyhub.core.egress import EgressPolicy
 from joyhub.tools import sse
 from joyhub.tools.token_count import Charge, reported_tokens
 from joyhub.tools.transport import AiohttpTransport
@@ -61,7 +62,9 @@ USER_AGENT = f"joyhub/{__version__}"
 Outcome = Literal["success", "rejected", "bad_response", "timeout", "unavailable"]
 
 
-def make_transport(max_connections: int = 4096) -> httpx.AsyncBaseTransport:
+def make_transport(
+    max_connections: int = 4096, egress: EgressPolicy | None = None
+) -> httpx.AsyncBaseTransport:
     """The process-wide upstream connection pool (closed by the lifespan).
 
     Calls go straight to an httpx transport (aiohttp's wire layer, `transport.py` says why)
@@ -69,9 +72,10 @@ def make_transport(max_connections: int = 4096) -> httpx.AsyncBaseTransport:
     must not do — follow redirects, keep and resend cookies (what one caller's call brought back
     would ride along on another caller's call), read proxy variables — and skipping them saves
     a third of the upstream call's CPU. Requests and responses are still httpx's, so headers,
-    content decoding and the exception classes are httpx's.
+    content decoding and the exception classes are httpx's. `egress` (the app's policy) decides
+    which addresses may be connected to.
     """
-    return AiohttpTransport(max_connections=max_connections, keepalive_seconds=30.0)
+    return AiohttpTransport(max_connections=max_connections, keepalive_seconds=30.0, egress=egress)
 
 
 @dataclass(frozen=True)
@@ -552,8 +556,8 @@ class Upstream:
         self.transport = transport if transport is not None else make_transport()
 
     @classmethod
-    def with_pool(cls, max_connections: int) -> Upstream:
-        return cls(make_transport(max_connections))
+    def with_pool(cls, max_connections: int, egress: EgressPolicy | None = None) -> Upstream:
+        return cls(make_transport(max_connections, egress))
 
     async def call(self, target: Target, body: bytes, request_id: str, hooks: BreakerHooks) -> UpstreamResult:
         """POST `body` to the tool with retries (`call`); never raises for upstream behaviour."""

@@ -11,11 +11,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from joyhub.auth.dependencies import CurrentUser
 from joyhub.core.clock import utcnow
 from joyhub.core.db import DbSession
 from joyhub.core.envelope import Envelope, ok, page
+from joyhub.core.leases import Lease, Leases, kept, leases_for
 from joyhub.core.pagination import PageParams
 from joyhub.usage import service
 from joyhub.usage.dates import RangeParams
@@ -27,6 +29,31 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Envelope[None], "description": "Not authenticated, or invalid credentials"},
     422: {"model": Envelope[None], "description": "Malformed or inverted date range, bad filter"},
 }
+
+
+class LeasedStreamingResponse(StreamingResponse):
+    """A StreamingResponse that holds a lease (an export slot) while it is being sent, renewed
+    meanwhile, and gives it back however the sending ends: done, client gone, or an error.
+
+    The response, not the body generator, holds it: a generator abandoned by a disconnect is
+    only closed when it is garbage-collected, and until then would keep renewing its slot.
+    (If the response is never sent at all, the lease runs out after its ttl.)
+    """
+
+    def __init__(self, content: Any, *, leases: Leases, lease: Lease, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._leases = leases
+        self._lease = lease
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with kept(self._leases, self._lease):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                close = getattr(self.body_iterator, "aclose", None)
+                if close is not None:
+                    await close()  # ends the batch loop (a no-op when it finished)
+
 
 ToolIdParam = Annotated[uuid.UUID | None, Query(description="Only this tool's records")]
 StatusParam = Annotated[UsageStatus | None, Query(description="Only records with this outcome")]
@@ -95,9 +122,14 @@ async def usage_timeseries(
     description=(
         "Columns: id, timestamp, tool_id, tool_name, status, tokens_used, duration_ms, request_id, "
         "error_code, token_source; newest first. Text cells starting with = + - @ are prefixed with "
-        "an apostrophe."
+        "an apostrophe. At most 2 exports of one user run at once (429 RATE_LIMITED with "
+        "Retry-After past that)."
     ),
-    responses={200: {"content": {"text/csv": {}}, "description": "CSV attachment"}, **_ERRORS},
+    responses={
+        200: {"content": {"text/csv": {}}, "description": "CSV attachment"},
+        **_ERRORS,
+        429: {"model": Envelope[None], "description": "Two exports of this user are already running"},
+    },
 )
 async def usage_export(
     request: Request,
@@ -108,12 +140,17 @@ async def usage_export(
 ) -> StreamingResponse:
     start, end = dates
     rng = service.export_range(start, end)
-    filename = service.export_filename(rng, utcnow())
+    now = utcnow()
+    filename = service.export_filename(rng, now)
+    leases = leases_for(request.app.state)
+    lease = await service.start_export(leases, principal.id, now)
     body = service.export_csv(
         request.app.state.sessionmaker, principal.id, rng, service.LogFilter(tool_id, status)
     )
-    return StreamingResponse(
+    return LeasedStreamingResponse(
         body,
+        leases=leases,
+        lease=lease,
         media_type="text/csv; charset=utf-8",
         headers={
             "Content-Disposition": f'attachment; filename="{filename}"',

@@ -34,9 +34,12 @@ the rollups are described in `rollups.py`):
   plus a raw count of the ragged edge days, so it costs what a summary costs, and it equals the
   number of listed rows because the rollups are written in the same transaction as the logs.
   A first page shorter than `limit` skips the count altogether.
-- **Export** streams the rows from a server-side cursor in batches with its own session (the
-  request's session is closed by the time the body is sent), so memory stays flat whatever the
-  size; it holds one pooled connection for as long as the client takes to download.
+- **Export** reads the rows in keyset-paginated batches (`(timestamp, id)` below the last row
+  sent, newest first, along the same index), each batch in a short transaction of its own
+  that ends before the batch is sent: no connection or transaction is held while the client
+  reads, however slowly, so stalled downloads cannot drain the pool. Memory stays at one batch.
+  A user may run at most MAX_CONCURRENT_EXPORTS at once, across every worker and instance
+  (`core/leases.py`: a lease renewed while the export runs); past it, 429 RATE_LIMITED.
 """
 
 from __future__ import annotations
@@ -53,11 +56,13 @@ from sqlalchemy import (
     ColumnElement,
     select,
     text,
+    tuple_,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from joyhub.core.clock import iso_utc
-from joyhub.core.errors import ValidationFailed, field_error
+from joyhub.core.errors import RateLimited, ValidationFailed, field_error
+from joyhub.core.leases import Lease, Leases
 from joyhub.core.pagination import Page
 from joyhub.models import Plan, Subscription, Tool, UsageLog
 from joyhub.subscriptions.rollover import apply_locked, is_due
@@ -89,6 +94,9 @@ _SETTLED_SQL = ", ".join(f"'{status}'" for status in SETTLED)
 MAX_SPAN = {"day": timedelta(days=366), "hour": timedelta(days=31)}
 UNITS = {"day": DAY, "hour": HOUR}
 EXPORT_BATCH = 2000
+MAX_CONCURRENT_EXPORTS = 2
+EXPORT_LEASE_TTL = timedelta(seconds=60)
+EXPORT_RETRY_AFTER_SECONDS = 5
 CSV_HEADER = (
     "id",
     "timestamp",
@@ -554,47 +562,77 @@ def export_filename(rng: TimeRange, now: datetime) -> str:
     return f"usage-{first}-{last.strftime('%Y%m%d')}.csv"
 
 
-async def export_csv(
-    factory: async_sessionmaker[AsyncSession], user_id: uuid.UUID, rng: TimeRange, filt: LogFilter
-) -> AsyncIterator[bytes]:
-    """The caller's settled logs as CSV, newest first, fetched in batches from a server-side
-    cursor on a session of its own (the request's session is gone when the body is sent)."""
-    stmt = (
-        select(
-            UsageLog.id,
-            UsageLog.timestamp,
-            UsageLog.tool_id,
-            Tool.name,
-            UsageLog.status,
-            UsageLog.tokens_used,
-            UsageLog.duration_ms,
-            UsageLog.request_id,
-            UsageLog.error_code,
-            UsageLog.token_source,
+async def start_export(leases: Leases, user_id: uuid.UUID, now: datetime) -> Lease:
+    """One of the user's MAX_CONCURRENT_EXPORTS slots, or 429 RATE_LIMITED."""
+    lease = await leases.acquire(
+        f"export:{user_id}", limit=MAX_CONCURRENT_EXPORTS, ttl=EXPORT_LEASE_TTL, now=now
+    )
+    if lease is None:
+        raise RateLimited(
+            f"At most {MAX_CONCURRENT_EXPORTS} exports may run at once; try again when one has finished",
+            headers={"Retry-After": str(EXPORT_RETRY_AFTER_SECONDS)},
         )
+    return lease
+
+
+_EXPORT_COLUMNS = (
+    UsageLog.id,
+    UsageLog.timestamp,
+    UsageLog.tool_id,
+    Tool.name,
+    UsageLog.status,
+    UsageLog.tokens_used,
+    UsageLog.duration_ms,
+    UsageLog.request_id,
+    UsageLog.error_code,
+    UsageLog.token_source,
+)
+
+
+async def export_csv(
+    factory: async_sessionmaker[AsyncSession],
+    user_id: uuid.UUID,
+    rng: TimeRange,
+    filt: LogFilter,
+    batch: int = EXPORT_BATCH,
+) -> AsyncIterator[bytes]:
+    """The caller's settled logs as CSV, newest first, in keyset-paginated batches.
+
+    Each batch is read in a session of its own that is closed (its connection back in the pool)
+    before the batch is yielded to the client. (The export's lease is held by the response that
+    sends this body: `usage/router.py`.)
+    """
+    query = (
+        select(*_EXPORT_COLUMNS)
         .join(Tool, Tool.id == UsageLog.tool_id)
         .where(*_raw_window(user_id, rng.start, rng.end), *_raw_filters(filt))
         .order_by(UsageLog.timestamp.desc(), UsageLog.id.desc())
-        .execution_options(yield_per=EXPORT_BATCH)
+        .limit(batch)
     )
     yield _csv_lines([CSV_HEADER])
-    async with factory() as session:
-        result = await session.stream(stmt)
-        async for batch in result.partitions(EXPORT_BATCH):
-            yield _csv_lines(
-                [
-                    (
-                        str(r[0]),
-                        iso_utc(r[1]),
-                        str(r[2]),
-                        r[3],
-                        r[4],
-                        r[5],
-                        "" if r[6] is None else r[6],
-                        r[7] or "",
-                        r[8] or "",
-                        r[9],
-                    )
-                    for r in batch
-                ]
-            )
+    after: tuple[datetime, uuid.UUID] | None = None
+    while True:
+        stmt = query if after is None else query.where(tuple_(UsageLog.timestamp, UsageLog.id) < after)
+        async with factory() as session:
+            rows = (await session.execute(stmt)).all()
+        if not rows:
+            return
+        yield _csv_lines([_csv_row(r) for r in rows])
+        if len(rows) < batch:
+            return
+        after = (rows[-1][1], rows[-1][0])
+
+
+def _csv_row(r: Sequence[Any]) -> tuple[object, ...]:
+    return (
+        str(r[0]),
+        iso_utc(r[1]),
+        str(r[2]),
+        r[3],
+        r[4],
+        r[5],
+        "" if r[6] is None else r[6],
+        r[7] or "",
+        r[8] or "",
+        r[9],
+    )

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from joyhub.auth import sessions
 from joyhub.auth.dependencies import ClientInfo
 from joyhub.auth.passwords import enforce_policy
-from joyhub.auth.service import release_connection
+from joyhub.auth.service import charge_password_work, release_connection
 from joyhub.auth.sessions import IssuedTokens
 from joyhub.auth.throttle import Throttle, login_bucket
 from joyhub.core import audit
@@ -74,6 +74,10 @@ async def change_password(
     at once. A wrong current password counts as a failed login of (email, client address), so
     a stolen access token cannot be used to guess the password faster than the login allows.
 
+    API keys are kept: the caller proved the current password, and scripts should not break on
+    a routine change (a password *reset*, account recovery, revokes them). The attempt takes a
+    unit of the client address's password-work budget first (`auth.service.charge_password_work`).
+
     Both bcrypt steps (checking the current password, hashing the new one) run with no pooled
     connection held: the transaction that read the caller's session and user row ends first
     (nothing is written before), and the writes open a new one after the hash. When bcrypt's
@@ -83,6 +87,7 @@ async def change_password(
     ensure_bcrypt_capacity()
     user_id, email, password_hash = user.id, user.email, user.password_hash
     await release_connection(db)
+    await charge_password_work(throttle, client, settings, now)
     bucket = login_bucket(email, client.address)
     decision = await throttle.acquire(
         bucket,

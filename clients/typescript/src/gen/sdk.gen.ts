@@ -90,16 +90,20 @@ export const authLogout = <ThrowOnError extends boolean = false>(options: Option
 });
 
 /**
- * End every session of the caller (access token only)
+ * End every session of the caller (access token only); with include_api_keys, every API key too
  */
 export const authLogoutAll = <ThrowOnError extends boolean = false>(options?: Options<AuthLogoutAllData, ThrowOnError>) => (options?.client ?? client).post<AuthLogoutAllResponses, AuthLogoutAllErrors, ThrowOnError>({
     security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
     url: '/api/v1/auth/logout-all',
-    ...options
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options?.headers
+    }
 });
 
 /**
- * Email a password-reset link (same answer for known and unknown emails)
+ * Email a password-reset link (same answer, and the same time, for known and unknown emails)
  */
 export const authPasswordReset = <ThrowOnError extends boolean = false>(options: Options<AuthPasswordResetData, ThrowOnError>) => (options.client ?? client).post<AuthPasswordResetResponses, AuthPasswordResetErrors, ThrowOnError>({
     url: '/api/v1/auth/password-reset',
@@ -111,7 +115,7 @@ export const authPasswordReset = <ThrowOnError extends boolean = false>(options:
 });
 
 /**
- * Set a new password with a reset token; revokes every session and logs in
+ * Set a new password with a reset token; revokes every session and API key, and logs in
  */
 export const authPasswordResetConfirm = <ThrowOnError extends boolean = false>(options: Options<AuthPasswordResetConfirmData, ThrowOnError>) => (options.client ?? client).post<AuthPasswordResetConfirmResponses, AuthPasswordResetConfirmErrors, ThrowOnError>({
     url: '/api/v1/auth/password-reset/confirm',
@@ -298,7 +302,7 @@ export const usageTimeseries = <ThrowOnError extends boolean = false>(options?: 
 /**
  * Your usage records as a CSV download, streamed
  *
- * Columns: id, timestamp, tool_id, tool_name, status, tokens_used, duration_ms, request_id, error_code, token_source; newest first. Text cells starting with = + - @ are prefixed with an apostrophe.
+ * Columns: id, timestamp, tool_id, tool_name, status, tokens_used, duration_ms, request_id, error_code, token_source; newest first. Text cells starting with = + - @ are prefixed with an apostrophe. At most 2 exports of one user run at once (429 RATE_LIMITED with Retry-After past that).
  */
 export const usageExport = <ThrowOnError extends boolean = false>(options?: Options<UsageExportData, ThrowOnError>) => (options?.client ?? client).get<UsageExportResponses, UsageExportErrors, ThrowOnError>({
     security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],

@@ -1079,6 +1079,18 @@ export type LoginIn = {
 };
 
 /**
+ * LogoutAllIn
+ */
+export type LogoutAllIn = {
+    /**
+     * Include Api Keys
+     *
+     * Revoke every API key of the account too
+     */
+    include_api_keys?: boolean;
+};
+
+/**
  * MessageOut
  */
 export type MessageOut = {
@@ -2012,6 +2024,10 @@ export type AuthRegisterErrors = {
      */
     422: EnvelopeNoneType;
     /**
+     * Too many attempts (has Retry-After)
+     */
+    429: EnvelopeNoneType;
+    /**
      * INTERNAL_ERROR (logged with the request id)
      */
     500: EnvelopeNoneType;
@@ -2225,7 +2241,10 @@ export type AuthLogoutResponses = {
 export type AuthLogoutResponse = AuthLogoutResponses[keyof AuthLogoutResponses];
 
 export type AuthLogoutAllData = {
-    body?: never;
+    /**
+     * Body
+     */
+    body?: LogoutAllIn | null;
     path?: never;
     query?: never;
     url: '/api/v1/auth/logout-all';
@@ -2249,7 +2268,7 @@ export type AuthLogoutAllErrors = {
      */
     413: EnvelopeNoneType;
     /**
-     * VALIDATION_ERROR, with one detail per field
+     * Validation error
      */
     422: EnvelopeNoneType;
     /**
@@ -2293,6 +2312,10 @@ export type AuthPasswordResetErrors = {
      * Validation error
      */
     422: EnvelopeNoneType;
+    /**
+     * Too many attempts (has Retry-After)
+     */
+    429: EnvelopeNoneType;
     /**
      * INTERNAL_ERROR (logged with the request id)
      */
@@ -2338,6 +2361,10 @@ export type AuthPasswordResetConfirmErrors = {
      * Validation error
      */
     422: EnvelopeNoneType;
+    /**
+     * Too many attempts (has Retry-After)
+     */
+    429: EnvelopeNoneType;
     /**
      * INTERNAL_ERROR (logged with the request id)
      */
@@ -3373,6 +3400,10 @@ export type UsageExportErrors = {
      * Malformed or inverted date range, bad filter
      */
     422: EnvelopeNoneType;
+    /**
+     * Two exports of this user are already running
+     */
+    429: EnvelopeNoneType;
     /**
      * INTERNAL_ERROR (logged with the request id)
      */
