@@ -56,6 +56,8 @@ class RefreshIn(_Strict):
 
 
 class LogoutAllIn(_Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"include_api_keys": True}]})
+
     # strict: a destructive switch must be a JSON boolean, not "yes" or 1
     include_api_keys: StrictBool = Field(False, description="Revoke every API key of the account too")
 
