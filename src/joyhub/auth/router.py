@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Body, Depends, Request, Response
 from fastapi.security import OAuth2PasswordRequestForm
 
 from joyhub.auth import service
@@ -176,7 +176,11 @@ async def logout(body: RefreshIn, db: DbSession) -> Response:
     summary="End every session of the caller (access token only); with include_api_keys, every API key too",
     responses={401: _ERR[401], 403: _ERR[403], 422: _ERR[422]},
 )
-async def logout_all(principal: AccessTokenUser, db: DbSession, body: LogoutAllIn | None = None) -> Response:
+async def logout_all(
+    principal: AccessTokenUser,
+    db: DbSession,
+    body: Annotated[LogoutAllIn | None, Body(examples=[{"include_api_keys": True}])] = None,
+) -> Response:
     include = body is not None and body.include_api_keys
     await service.logout_all(db, user=principal.user, include_api_keys=include, now=utcnow())
     return Response(status_code=204)
