@@ -4,6 +4,7 @@ from joyhub.models.api_key import ApiKey
 from joyhub.models.audit import AuditLog
 from joyhub.models.base import Base
 from joyhub.models.notification import NotificationEmail, NotificationPreference, QuotaAlert
+from joyhub.models.organization import Organization, OrganizationInvitation, OrganizationMember
 from joyhub.models.plan import Plan
 from joyhub.models.session import AuthSession, PasswordResetToken, RefreshToken
 from joyhub.models.subscription import Subscription
@@ -14,6 +15,7 @@ from joyhub.models.usage import (
     UsageDaily,
     UsageHourly,
     UsageLog,
+    UsageOrgDaily,
     UsagePlatformDaily,
     UsageUserDaily,
     UsageUserWeekly,
@@ -29,6 +31,9 @@ __all__ = [
     "IdempotencyRecord",
     "NotificationEmail",
     "NotificationPreference",
+    "Organization",
+    "OrganizationInvitation",
+    "OrganizationMember",
     "PasswordResetToken",
     "Plan",
     "QuotaAlert",
@@ -39,6 +44,7 @@ __all__ = [
     "UsageDaily",
     "UsageHourly",
     "UsageLog",
+    "UsageOrgDaily",
     "UsagePlatformDaily",
     "UsageUserDaily",
     "UsageUserWeekly",

@@ -16,6 +16,7 @@ class ApiKey(UUIDPk, Base):
     __tablename__ = "api_keys"
     __table_args__ = (
         Index("ix_api_keys_user_created", "user_id", "created_at"),
+        Index("ix_api_keys_org_created", "org_id", "created_at", postgresql_where="org_id IS NOT NULL"),
         CheckConstraint(
             "requests_per_minute IS NULL OR requests_per_minute >= 1", name="requests_per_minute_positive"
         ),
@@ -33,3 +34,6 @@ class ApiKey(UUIDPk, Base):
     # the key's own limit, below its plan's (API.md §4.1), and its GCRA state
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
     rate_tat: Mapped[datetime | None]
+    # an organization's key (API.md §13): it bills the organization, and holds only while its
+    # user is a member of it (the credential rule checks the membership)
+    org_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))

@@ -1,4 +1,4 @@
-"""One subscription row per user; its limit is read from the plan so plan edits apply at once.
+"""One subscription row per user or organization; its limit is read from the plan so plan edits apply at once.
 
 `tokens_reserved` and `inflight` count calls admitted but not yet settled, so concurrent
 admissions at the quota edge see the tokens still in flight (API.md §5, guarantee 3).
@@ -24,9 +24,14 @@ class Subscription(UUIDPk, Timestamps, Base):
         CheckConstraint("tokens_used >= 0", name="tokens_used_nonnegative"),
         CheckConstraint("tokens_reserved >= 0", name="tokens_reserved_nonnegative"),
         Index("ix_subscriptions_status_period_end", "status", "current_period_end"),
+        # a subscription belongs to a user or to an organization (API.md §13), never both
+        CheckConstraint("(user_id IS NULL) <> (org_id IS NULL)", name="one_owner"),
     )
 
-    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), unique=True)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), unique=True)
+    org_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), unique=True
+    )
     plan_code: Mapped[str] = mapped_column(ForeignKey("plans.code"), index=True)
     status: Mapped[str] = mapped_column(String(16), default="active")
     tokens_used: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -41,6 +41,7 @@ class UsageLog(UUIDPk, Base):
         CheckConstraint("token_source IN ('reported', 'estimated')", name="token_source"),
         Index("ix_usage_logs_user_ts", "user_id", "timestamp"),
         Index("ix_usage_logs_pending", "started_at", postgresql_where="status = 'pending'"),
+        Index("ix_usage_logs_org_ts", "org_id", "timestamp", postgresql_where="org_id IS NOT NULL"),
     )
 
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
@@ -59,6 +60,8 @@ class UsageLog(UUIDPk, Base):
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     request_id: Mapped[str | None] = mapped_column(String(128))
     error_code: Mapped[str | None] = mapped_column(String(64))
+    # the organization the call billed (API.md §13); null for a personal call
+    org_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
 
 
 class UsageDaily(Base):
@@ -152,6 +155,26 @@ class UsagePlatformDaily(Base):
     timeouts: Mapped[int] = mapped_column(BigInteger, default=0)
     cancelled: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     rate_limited: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # refusals, §4.1
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageOrgDaily(Base):
+    """Per-day rollup of organization calls (org, UTC day, member, tool): what an organization's
+    summaries, timeseries and per-member breakdown read (API.md §13). Personal rollups count
+    personal calls only."""
+
+    __tablename__ = "usage_org_daily"
+    __table_args__ = (PrimaryKeyConstraint("org_id", "day", "user_id", "tool_id", name="pk_usage_org_daily"),)
+
+    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    day: Mapped[date] = mapped_column(Date)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    tool_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tools.id"))
+    invocations: Mapped[int] = mapped_column(BigInteger, default=0)
+    successes: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    timeouts: Mapped[int] = mapped_column(BigInteger, default=0)
+    cancelled: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
