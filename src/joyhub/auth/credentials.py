@@ -38,6 +38,10 @@ class Credential:
     user_id: uuid.UUID | None = None
     session_id: uuid.UUID | None = None
     api_key_digest: bytes | None = None
+    # the organization the request asks to bill (`X-Org-ID`, API.md §13): part of the credential
+    # so that every surface (JSON invoke, the OpenAI adapter, …) gets the billing rule for free,
+    # and so that calls billing different accounts are never batched together
+    org_id: uuid.UUID | None = None
 
     @property
     def is_api_key(self) -> bool:
@@ -49,25 +53,34 @@ class Credential:
             "cred_session_id": self.session_id,
             "cred_user_id": self.user_id,
             "cred_key_digest": self.api_key_digest,
+            "cred_org_id": self.org_id,
             "now": now,
         }
 
 
 # The rule, as SQL with named parameters (`:cred_session_id`, `:cred_user_id`, `:cred_key_digest`,
-# `:now`): the user of a live session of that very user, or of an active, unexpired API key; the
-# user enabled. At most one row — a credential has a session or a key digest, never both, and both
-# lookups go through unique keys. Columns: `user_id`, `api_key_id` (null for a session) and
-# `key_last_used_at` (for the once-a-minute stamp). Statements embed it as a subquery or CTE body.
+# `:cred_org_id`, `:now`): the user of a live session of that very user, or of an active,
+# unexpired API key; the user enabled; an organization's key only while its user is a member of
+# that (undeleted) organization — so a member who leaves loses their organization keys at once,
+# on every instance, whatever else happens to the key rows. At most one row — a credential has a
+# session or a key digest, never both, and both lookups go through unique keys. Columns:
+# `user_id`, `api_key_id` (null for a session), `key_last_used_at` (for the once-a-minute stamp)
+# and `org_id`: the organization the call bills — an organization key's own, else the one asked
+# for with `X-Org-ID` (membership is the admission's to check: asking is not billing). Statements
+# embed it as a subquery or CTE body.
 CREDENTIAL_USERS = """
     SELECT u.id AS user_id, CAST(NULL AS uuid) AS api_key_id,
-           CAST(NULL AS timestamptz) AS key_last_used_at
+           CAST(NULL AS timestamptz) AS key_last_used_at, CAST(:cred_org_id AS uuid) AS org_id
     FROM auth_sessions AS a JOIN users AS u ON u.id = a.user_id
     WHERE a.id = :cred_session_id AND u.id = :cred_user_id AND a.revoked_at IS NULL AND u.is_active
     UNION ALL
-    SELECT u.id, k.id, k.last_used_at
+    SELECT u.id, k.id, k.last_used_at, COALESCE(k.org_id, CAST(:cred_org_id AS uuid))
     FROM api_keys AS k JOIN users AS u ON u.id = k.user_id
     WHERE k.key_hash = :cred_key_digest AND k.is_active
       AND (k.expires_at IS NULL OR k.expires_at > :now) AND u.is_active
+      AND (k.org_id IS NULL OR EXISTS (
+            SELECT 1 FROM organization_members AS km JOIN organizations AS ko ON ko.id = km.org_id
+            WHERE km.org_id = k.org_id AND km.user_id = k.user_id AND ko.deleted_at IS NULL))
 """
 
 _CONFIRM = text(CREDENTIAL_USERS)

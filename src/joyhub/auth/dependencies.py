@@ -10,11 +10,11 @@ password change, reuse, disabled account) stops it at once.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.security import APIKeyHeader, OAuth2PasswordBearer
 from sqlalchemy import DateTime, Uuid, column, select, text
 
@@ -69,6 +69,7 @@ _CREDENTIAL = (
         column("user_id", Uuid()),
         column("api_key_id", Uuid()),
         column("key_last_used_at", DateTime(timezone=True)),
+        column("org_id", Uuid()),
     )
     .subquery("cred")
 )
@@ -117,6 +118,22 @@ async def deferred_credential(
     # cycle, which only the cyclic GC frees (seen as RSS growth under load)
     request.state.confirm_credential = partial(confirm, request.app.state.engine, credential)
     return credential
+
+
+async def billing_credential(
+    credential: Annotated[Credential, Depends(deferred_credential)],
+    x_org_id: Annotated[
+        uuid.UUID | None,
+        Header(
+            alias="X-Org-ID",
+            description="Bill this organization's subscription instead of your own (you must be a "
+            "member; otherwise 404). An organization's API key bills its organization without it.",
+        ),
+    ] = None,
+) -> Credential:
+    """`deferred_credential` with the account the call bills (API.md §13): the gateway's admission
+    statement checks the membership in the same round trip as everything else."""
+    return credential if x_org_id is None else replace(credential, org_id=x_org_id)
 
 
 async def _principal(session: DbSession, credential: Credential) -> Principal:
@@ -185,5 +202,7 @@ CurrentUser = Annotated[Principal, Depends(current_principal)]
 # the credential as presented, for the one route whose own statement checks it against the
 # database (the gateway's admission): see `Credential`
 PresentedCredential = Annotated[Credential, Depends(deferred_credential)]
+# the same, with the organization an `X-Org-ID` header asks to bill (every invocation surface)
+BillingCredential = Annotated[Credential, Depends(billing_credential)]
 AccessTokenUser = Annotated[Principal, Depends(access_token_principal)]
 AdminUser = Annotated[Principal, Depends(require_admin)]

@@ -365,6 +365,8 @@ def sql_refusal(read: AdmissionRead, now: datetime) -> AppError | None:
     account = read.account
     quota = account.quota if account is not None else None
     headers = account_headers(quota, read.limits)
+    if read.org_denied:  # `X-Org-ID` of an organization the caller does not belong to
+        return NotFound("Organization not found")
     if read.tool is None:
         return NotFound("Tool not found", headers=headers)
     if account is None or quota is None:
@@ -376,7 +378,31 @@ def sql_refusal(read: AdmissionRead, now: datetime) -> AppError | None:
         return limited
     if not account.tokens_left:
         return quota_exceeded(account.token_limit, account.tokens_used, account.current_period_end, headers)
+    member = read.member
+    if member is not None and member.token_limit is not None and not member.tokens_left:
+        end = account.current_period_end
+        return member_quota_exceeded(member.token_limit, member.tokens_used, end, headers)
     return None
+
+
+def member_quota_exceeded(
+    limit: int, used: int, period_end: datetime, headers: dict[str, str]
+) -> QuotaExceeded:
+    """The member's own limit within their organization is used up (API.md §13)."""
+    return QuotaExceeded(
+        "Your token limit in this organization is used up for this period",
+        details=[
+            {
+                "field": None,
+                "message": "No tokens left of your limit in this organization for this billing period",
+                "scope": "member",
+                "token_limit": limit,
+                "tokens_used": used,
+                "period_end": iso_utc(period_end),
+            }
+        ],
+        headers=headers,
+    )
 
 
 def quota_exceeded(limit: int, used: int, period_end: datetime, headers: dict[str, str]) -> QuotaExceeded:

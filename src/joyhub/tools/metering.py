@@ -134,6 +134,19 @@ class AccountRead:
 
 
 @dataclass(frozen=True)
+class MemberRead:
+    """An organization call's member and their own token limit for the period (API.md §13)."""
+
+    token_limit: int | None  # None: no limit of their own
+    tokens_used: int  # this period, within the organization
+    tokens_reserved: int  # held by their calls in flight (and those ahead in the batch)
+
+    @property
+    def tokens_left(self) -> bool:
+        return self.token_limit is None or self.tokens_used + self.tokens_reserved < self.token_limit
+
+
+@dataclass(frozen=True)
 class AdmissionRead:
     """Everything the admission statement read, admitted or not."""
 
@@ -142,6 +155,10 @@ class AdmissionRead:
     account: AccountRead | None  # None: the caller never subscribed
     stored: StoredKey | None  # a live record of the request's Idempotency-Key
     limits: Limits = NO_LIMITS  # the rate and concurrency limits, as decided on the locked rows
+    org_id: uuid.UUID | None = None  # the organization the call bills (None: personal)
+    # an organization was asked for (`X-Org-ID`) that the caller is not a member of: 404
+    org_denied: bool = False
+    member: MemberRead | None = None  # the member's own limit, for an organization call
 
 
 @dataclass(frozen=True)
@@ -158,6 +175,7 @@ class Admission:
     tokens_left: int  # the account's tokens not used or held by other calls, as admitted
     limits: Limits = NO_LIMITS  # the limits as this admission left them (`X-RateLimit-*`)
     idem_id: uuid.UUID | None = None  # the Idempotency-Key's record, once claimed
+    org_id: uuid.UUID | None = None  # the organization the call bills (API.md §13)
 
 
 @dataclass(frozen=True)
@@ -258,15 +276,26 @@ _ADMIT = text(
         FROM api_keys AS k JOIN who ON who.api_key_id = k.id
         WHERE k.requests_per_minute IS NOT NULL
         FOR NO KEY UPDATE OF k
+    ), member AS (
+        SELECT m.org_id, m.user_id
+        FROM organization_members AS m JOIN who ON m.user_id = who.user_id AND m.org_id = who.org_id
+        JOIN organizations AS o ON o.id = m.org_id AND o.deleted_at IS NULL
     ), account AS (
-        SELECT s.* FROM subscriptions AS s JOIN who ON s.user_id = who.user_id
-        WHERE (SELECT count(*) FROM lk_key) >= 0
+        SELECT s.* FROM subscriptions AS s
+        WHERE (s.user_id = (SELECT who.user_id FROM who WHERE who.org_id IS NULL)
+               OR s.org_id = (SELECT member.org_id FROM member))
+          AND (SELECT count(*) FROM lk_key) >= 0
         FOR NO KEY UPDATE OF s
+    ), lk_member AS (
+        SELECT m.token_limit, m.tokens_used, m.tokens_reserved, m.period_end
+        FROM organization_members AS m JOIN member ON m.org_id = member.org_id AND m.user_id = member.user_id
+        WHERE (SELECT count(*) FROM account) >= 0
+        FOR NO KEY UPDATE OF m
     ), lk_tool AS (
         SELECT t.id, t.requests_per_minute AS rpm, t.rate_tat
         FROM tools AS t
         WHERE t.id = :tool_id AND t.requests_per_minute IS NOT NULL AND t.deleted_at IS NULL AND t.is_active
-          AND (SELECT count(*) FROM account) >= 0
+          AND (SELECT count(*) FROM lk_member) >= 0
         FOR NO KEY UPDATE OF t
     ), touch AS (
         UPDATE api_keys AS k SET last_used_at = :now
@@ -276,7 +305,10 @@ _ADMIT = text(
               AND tk.requests_per_minute IS NULL
             FOR NO KEY UPDATE OF tk SKIP LOCKED)
     ), ctx AS (
-        SELECT who.user_id, t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
+        SELECT who.user_id, who.org_id AS asked_org_id, member.org_id, lm.token_limit AS member_limit,
+               CASE WHEN lm.period_end = s.current_period_end THEN lm.tokens_used ELSE 0 END AS member_used,
+               lm.tokens_reserved AS member_reserved,
+               t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
                t.auth_header_name, t.auth_header_value, t.updated_at AS tool_updated_at, t.streaming,
                t.updated_at IS DISTINCT FROM :tool_version AS tool_changed,
                CASE WHEN t.updated_at IS DISTINCT FROM :tool_version THEN t.input_schema::text END
@@ -291,6 +323,8 @@ _ADMIT = text(
                kk.response_status AS idem_status, kk.response_body::text AS idem_body
         FROM (SELECT 1) AS one
         LEFT JOIN who ON true
+        LEFT JOIN member ON true
+        LEFT JOIN lk_member AS lm ON true
         LEFT JOIN tools AS t ON t.id = :tool_id AND t.deleted_at IS NULL AND t.is_active
         LEFT JOIN plans AS mp ON mp.code = t.min_plan_code
         LEFT JOIN account AS s ON true
@@ -315,7 +349,8 @@ _ADMIT = text(
                floor((60 + LEAST(30.0 / ctx.tool_rpm, 0.1)
                       - EXTRACT(EPOCH FROM GREATEST(ctx.tool_tat, :now) - :now)) * ctx.tool_rpm / 60)
                    AS tool_room,
-               ctx.token_limit - ctx.tokens_used - ctx.tokens_reserved AS token_room
+               ctx.token_limit - ctx.tokens_used - ctx.tokens_reserved AS token_room,
+               ctx.member_limit - ctx.member_used - ctx.member_reserved AS member_room
         FROM ctx
     ), ranked AS (
         SELECT req.n, req.log_id, req.reserve, req.request_id,
@@ -333,11 +368,13 @@ _ADMIT = text(
                room.tool_room IS NULL OR ranked.ahead < room.tool_room AS tool_rate_ok,
                room.max_concurrent IS NULL OR room.inflight + ranked.ahead < room.max_concurrent
                    AS concurrency_ok,
-               ranked.ahead_tokens < room.token_room AS tokens_ok
+               ranked.ahead_tokens < room.token_room AS tokens_ok,
+               room.member_room IS NULL OR ranked.ahead_tokens < room.member_room AS member_ok
         FROM ranked CROSS JOIN room
     ), admitted AS (
         SELECT * FROM decided
         WHERE eligible AND plan_rate_ok AND key_rate_ok AND tool_rate_ok AND concurrency_ok AND tokens_ok
+          AND member_ok
     ), total AS (
         SELECT count(*) AS calls, COALESCE(sum(reserve), 0) AS reserve FROM admitted
     ), adm AS (
@@ -349,6 +386,11 @@ _ADMIT = text(
         FROM room, total
         WHERE s.id = room.sub_id AND total.calls > 0
         RETURNING s.id, s.plan_code
+    ), member_adm AS (
+        -- the member's share of the organization's reservation, under the locks taken above
+        UPDATE organization_members AS m SET tokens_reserved = m.tokens_reserved + total.reserve
+        FROM room, total
+        WHERE m.org_id = room.org_id AND m.user_id = room.user_id AND total.calls > 0
     ), key_rate AS (
         UPDATE api_keys AS k
         SET rate_tat = GREATEST(k.rate_tat, :now)
@@ -375,7 +417,7 @@ _ADMIT = text(
         SELECT room.user_id, room.tool_id, room.plan_code,
                get_byte(uuid_send(room.user_id), 15) % 16 AS shard, count(*) AS calls
         FROM explained AS e CROSS JOIN room
-        WHERE room.gate_ok AND room.version_ok
+        WHERE room.gate_ok AND room.version_ok AND room.org_id IS NULL
           AND NOT (e.plan_rate_ok AND e.key_rate_ok AND e.tool_rate_ok AND e.concurrency_ok)
         GROUP BY 1, 2, 3, 4
     ), limited AS (
@@ -394,9 +436,9 @@ _ADMIT = text(
             DO UPDATE SET rate_limited = pd.rate_limited + EXCLUDED.rate_limited
     ), log AS (
         INSERT INTO usage_logs (id, user_id, tool_id, subscription_id, plan_code, status,
-                                started_at, "timestamp", tokens_used, tokens_reserved, request_id)
+                                started_at, "timestamp", tokens_used, tokens_reserved, request_id, org_id)
         SELECT a.log_id, room.user_id, CAST(:tool_id AS uuid), adm.id, adm.plan_code,
-               'pending', :now, :now, 0, a.reserve, a.request_id
+               'pending', :now, :now, 0, a.reserve, a.request_id, room.org_id
         FROM admitted AS a CROSS JOIN room CROSS JOIN adm
         RETURNING id
     )
@@ -454,7 +496,7 @@ _SETTLE = text(
         AS r(log_id, status, tokens, duration_ms, error_code, token_source, idem_id, response_status,
              response_body)
     ), l AS (
-        SELECT u.id, u.subscription_id, u.tokens_reserved, req.*
+        SELECT u.id, u.subscription_id, u.tokens_reserved, u.org_id, u.user_id AS member_id, req.*
         FROM usage_logs AS u JOIN req ON u.id = req.log_id
         WHERE u.status = 'pending'
         ORDER BY u.id
@@ -470,7 +512,20 @@ _SETTLE = text(
         FROM charge WHERE s.id = charge.subscription_id
         RETURNING s.id, s.user_id, s.tokens_used - charge.tokens AS tokens_before, s.tokens_used,
                   s.current_period_start, s.current_period_end,
-                  (SELECT p.token_limit FROM plans AS p WHERE p.code = s.plan_code) AS token_limit
+                  (SELECT p.token_limit FROM plans AS p WHERE p.code = s.plan_code) AS token_limit, s.org_id
+    ), member_charge AS (
+        -- an organization call's member: charged in the period the organization was charged in,
+        -- after the subscription's row lock (the admission's lock order: account, then member)
+        UPDATE organization_members AS m
+        SET tokens_used = CASE WHEN m.period_end = sub.current_period_end THEN m.tokens_used ELSE 0 END
+                          + mc.tokens,
+            tokens_reserved = GREATEST(m.tokens_reserved - mc.reserved, 0),
+            period_end = sub.current_period_end
+        FROM (SELECT org_id, member_id, subscription_id, sum(tokens) AS tokens,
+                     sum(tokens_reserved) AS reserved
+              FROM l WHERE org_id IS NOT NULL GROUP BY 1, 2, 3) AS mc
+        JOIN sub ON sub.id = mc.subscription_id
+        WHERE m.org_id = mc.org_id AND m.user_id = mc.member_id
     ), log AS (
         UPDATE usage_logs AS u
         SET status = l.status, tokens_used = l.tokens, duration_ms = l.duration_ms, error_code = l.error_code,
@@ -481,14 +536,14 @@ _SETTLE = text(
                 CAST(:now AS timestamptz))
         FROM l LEFT JOIN sub ON sub.id = l.subscription_id
         WHERE u.id = l.id
-        RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp", u.status, u.tokens_used
+        RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp", u.status, u.tokens_used, u.org_id
     ), idem AS (
         UPDATE idempotency_keys AS k
         SET state = 'done', response_status = l.response_status,
             response_body = CAST(l.response_body AS jsonb), usage_log_id = l.id
         FROM l WHERE k.id = l.idem_id
     ), settled AS (
-        SELECT user_id, tool_id, COALESCE(plan_code, '') AS plan_code,
+        SELECT user_id, org_id, tool_id, COALESCE(plan_code, '') AS plan_code,
                get_byte(uuid_send(user_id), 15) % 16 AS shard, "timestamp" AS ts,
                CAST(status = 'success' AS integer) AS success, CAST(status = 'error' AS integer) AS error,
                CAST(status = 'timeout' AS integer) AS timeout,
@@ -517,15 +572,28 @@ _OUTCOME = text(
 
 
 def _release_reservations(logs: str) -> str:
-    """SQL giving back what the pending logs of the CTE `logs` hold on their subscriptions (the
-    reserved tokens and the in-flight count): one rule for the sweep and the admission undo."""
+    """CTEs (`released`, `released_members`) giving back what the pending logs of the CTE `logs`
+    (columns subscription_id, tokens_reserved, org_id, user_id) hold on their subscriptions (the
+    reserved tokens and the in-flight count) and, for organization calls, on their members — the
+    subscription first, then the member (the admission's lock order): one rule for the sweep and
+    the admission undo."""
     return f"""
+    released AS (
         UPDATE subscriptions AS s
         SET tokens_reserved = GREATEST(s.tokens_reserved - x.reserved, 0),
             inflight = GREATEST(s.inflight - x.calls, 0)
         FROM (SELECT subscription_id, SUM(tokens_reserved) AS reserved, COUNT(*) AS calls
               FROM {logs} GROUP BY subscription_id) AS x
         WHERE s.id = x.subscription_id
+        RETURNING s.id
+    ), released_members AS (
+        UPDATE organization_members AS m
+        SET tokens_reserved = GREATEST(m.tokens_reserved - x.reserved, 0)
+        FROM (SELECT subscription_id, org_id, user_id, SUM(tokens_reserved) AS reserved
+              FROM {logs} WHERE org_id IS NOT NULL GROUP BY 1, 2, 3) AS x
+        JOIN released ON released.id = x.subscription_id
+        WHERE m.org_id = x.org_id AND m.user_id = x.user_id
+    )
     """  # noqa: S608 (a CTE name of ours, never a value)
 
 
@@ -536,9 +604,10 @@ _UNDO_ADMISSIONS = text(
     """
     WITH l AS (
         DELETE FROM usage_logs WHERE id = ANY(CAST(:log_ids AS uuid[])) AND status = 'pending'
-        RETURNING subscription_id, tokens_reserved
-    )"""  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
+        RETURNING subscription_id, tokens_reserved, org_id, user_id
+    ), """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + _release_reservations("l")
+    + "SELECT 1"
 )
 
 _CLOSE_STALE = text(
@@ -556,15 +625,14 @@ _CLOSE_STALE = text(
                             + CASE WHEN t.streaming THEN :stream_max ELSE 0 END)
             ORDER BY l.started_at LIMIT 1000
             FOR UPDATE OF l SKIP LOCKED)
-        RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u.subscription_id, u.tokens_reserved
-    ), released AS ("""  # noqa: S608 (constant SQL pieces joined at import; values are bound)
+        RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u.subscription_id, u.tokens_reserved, u.org_id
+    ), """  # noqa: S608 (constant SQL pieces joined at import; values are bound)
     + _release_reservations("stale")
-    + """
-    ), unclaimed AS (
+    + """, unclaimed AS (
         DELETE FROM idempotency_keys AS k USING stale
         WHERE k.usage_log_id = stale.id AND k.state = 'in_flight'
     )
-    SELECT id, user_id, tool_id, plan_code FROM stale
+    SELECT id, user_id, tool_id, plan_code, org_id FROM stale
     """
 )
 
@@ -616,8 +684,22 @@ def _admission_read(row: Record, now: datetime) -> AdmissionRead:
     stored = None
     if row["idem_state"] is not None:
         stored = StoredKey(row["idem_state"], bytes(row["idem_hash"]), row["idem_status"], row["idem_body"])
+    member = None
+    if row["org_id"] is not None:
+        member = MemberRead(
+            token_limit=row["member_limit"],
+            tokens_used=row["member_used"] or 0,
+            tokens_reserved=(row["member_reserved"] or 0) + int(row["ahead_tokens"]),
+        )
     return AdmissionRead(
-        user_id=row["user_id"], tool=tool, account=account, stored=stored, limits=_limits(row, now)
+        user_id=row["user_id"],
+        tool=tool,
+        account=account,
+        stored=stored,
+        limits=_limits(row, now),
+        org_id=row["org_id"],
+        org_denied=row["user_id"] is not None and row["asked_org_id"] is not None and row["org_id"] is None,
+        member=member,
     )
 
 
@@ -660,6 +742,7 @@ def _admit_result(row: Record, req: AdmitRequest, now: datetime) -> AdmitResult:
         started_at=now,
         tokens_left=read.account.token_limit - read.account.tokens_used - read.account.tokens_reserved,
         limits=read.limits,
+        org_id=read.org_id,
     )
     return AdmitResult(read, admission)
 
@@ -913,6 +996,7 @@ class MeteringStore:
             await rollups.bump(
                 session,
                 user_id=row.user_id,
+                org_id=row.org_id,
                 tool_id=row.tool_id,
                 plan_code=row.plan_code,
                 ts=now,

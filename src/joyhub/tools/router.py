@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 
-from joyhub.auth.dependencies import CurrentUser, PresentedCredential
+from joyhub.auth.dependencies import BillingCredential, CurrentUser
 from joyhub.core.db import DbSession
 from joyhub.core.envelope import Envelope, json_response, ok, page
 from joyhub.core.event_stream import EventStreamResponse
@@ -185,7 +185,7 @@ async def invoke_tool(
     gateway: GatewayDep,
     # authentication: the credential's signature or form here; its session or key, and the
     # user, checked by the admission statement itself (`MeteringConnection.admit`) — 401 first
-    caller: PresentedCredential,
+    caller: BillingCredential,
     idempotency_key: Annotated[
         str | None,
         Header(

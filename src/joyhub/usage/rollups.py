@@ -28,20 +28,22 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from joyhub.models.usage import PLATFORM_SHARDS
 
 # The rollup upserts as CTEs that count every row of a CTE named `settled` — columns user_id,
-# tool_id, plan_code ('' for none), shard, ts (timestamptz), success, error, timeout, cancelled
-# (0/1) and tokens; one row per settled call — in all five read models. Each upsert first adds up
-# the rows that fall on the same rollup row (a batch of calls settled together, `metering.py`), so
-# one statement never updates a row twice, and takes its rows in key order, so two batches
-# cannot deadlock on them. Put them in a WITH after `settled`: the settle statement derives
-# `settled` from the usage logs it closes, `bump` from parameters. One text for both, so the
-# rollups cannot be counted one way at settle and another in the sweep.
+# org_id (null for a personal call), tool_id, plan_code ('' for none), shard, ts (timestamptz),
+# success, error, timeout, cancelled (0/1) and tokens; one row per settled call. The personal read
+# models count personal calls only (API.md §13: personal usage shows personal calls),
+# `usage_org_daily` counts organization calls by member, the platform's counts every call. Each
+# upsert first adds up the rows that fall on the same rollup row (a batch of calls settled
+# together, `metering.py`), so one statement never updates a row twice, and takes its rows in key
+# order, so two batches cannot deadlock on them. Put them in a WITH after `settled`: the settle
+# statement derives `settled` from the usage logs it closes, `bump` from parameters. One text for
+# both, so the rollups cannot be counted one way at settle and another in the sweep.
 ROLLUP_CTES = """
     daily AS (
         INSERT INTO usage_daily AS d
             (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, cancelled, tokens)
         SELECT user_id, ts AT TIME ZONE 'UTC', tool_id, plan_code, count(*), sum(success), sum(error),
                sum(timeout), sum(cancelled), sum(tokens)
-        FROM settled GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+        FROM settled WHERE org_id IS NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
         ON CONFLICT (user_id, day, tool_id, plan_code) DO UPDATE SET
             invocations = d.invocations + EXCLUDED.invocations,
             successes = d.successes + EXCLUDED.successes,
@@ -53,7 +55,7 @@ ROLLUP_CTES = """
     ), user_daily AS (
         INSERT INTO usage_user_daily AS ud (user_id, day, invocations, tokens)
         SELECT user_id, ts AT TIME ZONE 'UTC', count(*), sum(tokens)
-        FROM settled GROUP BY 1, 2 ORDER BY 1, 2
+        FROM settled WHERE org_id IS NULL GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (user_id, day) DO UPDATE SET
             invocations = ud.invocations + EXCLUDED.invocations,
             tokens = ud.tokens + EXCLUDED.tokens
@@ -61,7 +63,7 @@ ROLLUP_CTES = """
     ), user_weekly AS (
         INSERT INTO usage_user_weekly AS uw (user_id, week, invocations, tokens)
         SELECT user_id, date_trunc('week', ts AT TIME ZONE 'UTC'), count(*), sum(tokens)
-        FROM settled GROUP BY 1, 2 ORDER BY 1, 2
+        FROM settled WHERE org_id IS NULL GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (user_id, week) DO UPDATE SET
             invocations = uw.invocations + EXCLUDED.invocations,
             tokens = uw.tokens + EXCLUDED.tokens
@@ -83,10 +85,24 @@ ROLLUP_CTES = """
     ), hourly AS (
         INSERT INTO usage_hourly AS h (user_id, hour, invocations, tokens)
         SELECT user_id, date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', count(*), sum(tokens)
-        FROM settled GROUP BY 1, 2 ORDER BY 1, 2
+        FROM settled WHERE org_id IS NULL GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (user_id, hour) DO UPDATE SET
             invocations = h.invocations + EXCLUDED.invocations,
             tokens = h.tokens + EXCLUDED.tokens
+        RETURNING 1
+    ), org_daily AS (
+        INSERT INTO usage_org_daily AS od
+            (org_id, day, user_id, tool_id, invocations, successes, errors, timeouts, cancelled, tokens)
+        SELECT org_id, ts AT TIME ZONE 'UTC', user_id, tool_id, count(*), sum(success), sum(error),
+               sum(timeout), sum(cancelled), sum(tokens)
+        FROM settled WHERE org_id IS NOT NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+        ON CONFLICT (org_id, day, user_id, tool_id) DO UPDATE SET
+            invocations = od.invocations + EXCLUDED.invocations,
+            successes = od.successes + EXCLUDED.successes,
+            errors = od.errors + EXCLUDED.errors,
+            timeouts = od.timeouts + EXCLUDED.timeouts,
+            cancelled = od.cancelled + EXCLUDED.cancelled,
+            tokens = od.tokens + EXCLUDED.tokens
         RETURNING 1
     )
 """
@@ -94,7 +110,8 @@ ROLLUP_CTES = """
 _BUMP = text(
     """
     WITH settled AS (
-        SELECT CAST(:user_id AS uuid) AS user_id, CAST(:tool_id AS uuid) AS tool_id,
+        SELECT CAST(:user_id AS uuid) AS user_id, CAST(:org_id AS uuid) AS org_id,
+               CAST(:tool_id AS uuid) AS tool_id,
                CAST(:plan_code AS varchar) AS plan_code, CAST(:shard AS integer) AS shard,
                CAST(:ts AS timestamptz) AS ts, CAST(:success AS integer) AS success,
                CAST(:error AS integer) AS error, CAST(:timeout AS integer) AS timeout,
@@ -117,6 +134,7 @@ async def bump(
     user_id: uuid.UUID,
     tool_id: uuid.UUID,
     plan_code: str | None,
+    org_id: uuid.UUID | None = None,
     ts: datetime,
     status: str,
     tokens: int,
@@ -127,6 +145,7 @@ async def bump(
         _BUMP,
         {
             "user_id": user_id,
+            "org_id": org_id,
             "tool_id": tool_id,
             "plan_code": plan_code or "",
             "shard": platform_shard(user_id),
