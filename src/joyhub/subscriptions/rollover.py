@@ -116,7 +116,8 @@ async def roll_locked(
             action=action,
             target_type="subscription",
             target_id=sub.id,
-            changes=audit.diff(before, snapshot(sub)) | {"user_id": str(sub.user_id)},
+            changes=audit.diff(before, snapshot(sub))
+            | ({"org_id": str(sub.org_id)} if sub.org_id is not None else {"user_id": str(sub.user_id)}),
         )
         notify.rolled(session, sub, plans[sub.plan_code], before, now)
     return action
@@ -140,11 +141,13 @@ async def apply_locked(session: AsyncSession, sub_id: uuid.UUID, now: datetime) 
     return sub
 
 
-async def ensure_current(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> Subscription | None:
-    """The user's subscription as of `now` (rolled over if due), or None if they never had one."""
-    sub = (
-        await session.execute(select(Subscription).where(Subscription.user_id == user_id))
-    ).scalar_one_or_none()
+async def ensure_current(
+    session: AsyncSession, user_id: uuid.UUID | None, now: datetime, *, org_id: uuid.UUID | None = None
+) -> Subscription | None:
+    """The user's (or with `org_id` the organization's) subscription as of `now` (rolled over if
+    due), or None if they never had one."""
+    owner = Subscription.org_id == org_id if org_id is not None else Subscription.user_id == user_id
+    sub = (await session.execute(select(Subscription).where(owner))).scalar_one_or_none()
     if sub is None or not is_due(sub, now):
         return sub
     return await apply_locked(session, sub.id, now)

@@ -42,7 +42,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -71,6 +71,32 @@ _CHANGE_EVENTS = {
     Change.UPGRADE: events.SUBSCRIPTION_UPGRADED,
     Change.DOWNGRADE: events.SUBSCRIPTION_DOWNGRADE_SCHEDULED,
 }
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Whose subscription: a user's (§4) or an organization's (§13) — one row each, the same
+    lifecycle."""
+
+    user_id: uuid.UUID | None = None
+    org_id: uuid.UUID | None = None
+
+    def __post_init__(self) -> None:
+        assert (self.user_id is None) != (self.org_id is None), "exactly one owner"
+
+    def clause(self) -> ColumnElement[bool]:
+        if self.org_id is not None:
+            return Subscription.org_id == self.org_id
+        return Subscription.user_id == self.user_id
+
+    def audit(self) -> dict[str, str]:
+        if self.org_id is not None:
+            return {"org_id": str(self.org_id)}
+        return {"user_id": str(self.user_id)}
+
+
+def _owner_of(user_id: uuid.UUID | None, org_id: uuid.UUID | None) -> Owner:
+    return Owner(org_id=org_id) if org_id is not None else Owner(user_id=user_id)
 
 
 @dataclass(frozen=True)
@@ -214,14 +240,17 @@ async def _notify(session: AsyncSession, event_type: str, sub: Subscription, now
     notify.changed(session, event_type, sub, plan, now)
 
 
-async def current(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> SubscriptionOut | None:
-    """The user's subscription rolled forward to now, or None if they never subscribed."""
-    sub = await rollover.ensure_current(session, user_id, now)
+async def current(
+    session: AsyncSession, user_id: uuid.UUID | None, now: datetime, *, org_id: uuid.UUID | None = None
+) -> SubscriptionOut | None:
+    """The user's (or organization's) subscription rolled forward to now, or None if they never
+    subscribed."""
+    sub = await rollover.ensure_current(session, user_id, now, org_id=org_id)
     return None if sub is None else await _view(session, sub)
 
 
 async def _lock_or_insert(
-    session: AsyncSession, user_id: uuid.UUID, plan: Plan, now: datetime
+    session: AsyncSession, owner: Owner, plan: Plan, now: datetime
 ) -> tuple[Subscription, bool]:
     """The user's one subscription row, locked; inserted (a new period on `plan`) if missing.
 
@@ -229,7 +258,7 @@ async def _lock_or_insert(
     NOTHING`; the second waits for the first to commit, inserts nothing, and then locks and
     handles the row the first one created. Exactly one row, no unique-violation 500.
     """
-    sub = await rollover.lock(session, Subscription.user_id == user_id)
+    sub = await rollover.lock(session, owner.clause())
     if sub is not None:
         return sub, False
     inserted = (
@@ -237,7 +266,8 @@ async def _lock_or_insert(
             pg_insert(Subscription)
             .values(
                 id=uuid.uuid4(),
-                user_id=user_id,
+                user_id=owner.user_id,
+                org_id=owner.org_id,
                 plan_code=plan.code,
                 status="active",
                 tokens_used=0,
@@ -251,11 +281,13 @@ async def _lock_or_insert(
                 created_at=now,
                 updated_at=now,
             )
-            .on_conflict_do_nothing(index_elements=[Subscription.user_id])
+            .on_conflict_do_nothing(
+                index_elements=[Subscription.user_id if owner.org_id is None else Subscription.org_id]
+            )
             .returning(Subscription.id)
         )
     ).scalar_one_or_none()
-    sub = await rollover.lock(session, Subscription.user_id == user_id)
+    sub = await rollover.lock(session, owner.clause())
     assert sub is not None  # we inserted it, or the winner of the race committed it
     return sub, inserted is not None
 
@@ -275,16 +307,25 @@ def _record(
         action=action,
         target_type="subscription",
         target_id=sub.id,
-        changes=audit.diff(before, rollover.snapshot(sub)) | {"user_id": str(sub.user_id)} | (extra or {}),
+        changes=audit.diff(before, rollover.snapshot(sub))
+        | _owner_of(sub.user_id, sub.org_id).audit()
+        | (extra or {}),
     )
 
 
 async def change_plan(
-    session: AsyncSession, *, actor: User, user_id: uuid.UUID, plan_code: str, now: datetime
+    session: AsyncSession,
+    *,
+    actor: User,
+    user_id: uuid.UUID | None,
+    plan_code: str,
+    now: datetime,
+    org_id: uuid.UUID | None = None,
 ) -> ChangeResult:
-    """`POST /subscriptions {plan}`: subscribe, re-pick, upgrade or schedule a downgrade."""
+    """`POST /subscriptions {plan}` (or an organization's): subscribe, re-pick, upgrade or
+    schedule a downgrade."""
     target = await _available_plan(session, plan_code)
-    sub, inserted = await _lock_or_insert(session, user_id, target, now)
+    sub, inserted = await _lock_or_insert(session, _owner_of(user_id, org_id), target, now)
     if inserted:
         change, before = Change.CREATE, {}
     else:
@@ -303,21 +344,28 @@ async def change_plan(
     return ChangeResult(await _view(session, sub), change)
 
 
-async def _locked_current(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> Subscription:
-    sub = await rollover.lock(session, Subscription.user_id == user_id)
+async def _locked_current(session: AsyncSession, owner: Owner, now: datetime) -> Subscription:
+    sub = await rollover.lock(session, owner.clause())
     if sub is None:
-        raise NotFound("You have no subscription")
+        raise NotFound("You have no subscription" if owner.org_id is None else "No subscription")
     await rollover.roll_locked(session, sub, await rollover.load_plans(session), now)
     return sub
 
 
-async def cancel(session: AsyncSession, *, actor: User, user_id: uuid.UUID, now: datetime) -> SubscriptionOut:
+async def cancel(
+    session: AsyncSession,
+    *,
+    actor: User,
+    user_id: uuid.UUID | None,
+    now: datetime,
+    org_id: uuid.UUID | None = None,
+) -> SubscriptionOut:
     """Cancel at the period end (idempotent). Never subscribed → 404; already ended → 409.
 
     An ended subscription exists but its state forbids the action, hence 409 CONFLICT rather
     than 404 (Stripe likewise refuses to cancel a canceled subscription), matching `resume`.
     """
-    sub = await _locked_current(session, user_id, now)
+    sub = await _locked_current(session, _owner_of(user_id, org_id), now)
     if sub.status != "active":
         raise Conflict(f"The subscription has already ended ({sub.status})")
     if not sub.cancel_at_period_end:
@@ -330,12 +378,19 @@ async def cancel(session: AsyncSession, *, actor: User, user_id: uuid.UUID, now:
     return await _view(session, sub)
 
 
-async def resume(session: AsyncSession, *, actor: User, user_id: uuid.UUID, now: datetime) -> SubscriptionOut:
+async def resume(
+    session: AsyncSession,
+    *,
+    actor: User,
+    user_id: uuid.UUID | None,
+    now: datetime,
+    org_id: uuid.UUID | None = None,
+) -> SubscriptionOut:
     """Undo a pending cancellation before the period end; after the end → 409 (API.md §4).
 
     Resuming with nothing pending is a harmless no-op (200), like cancelling twice.
     """
-    sub = await _locked_current(session, user_id, now)
+    sub = await _locked_current(session, _owner_of(user_id, org_id), now)
     if sub.status != "active":
         raise Conflict("The subscription has already ended; subscribe again to start a new one")
     if sub.cancel_at_period_end:
@@ -352,14 +407,16 @@ async def grant(
     session: AsyncSession,
     *,
     admin: User,
-    user_id: uuid.UUID,
+    user_id: uuid.UUID | None,
     plan_code: str,
     expires_at: datetime | None,
     now: datetime,
+    org_id: uuid.UUID | None = None,
 ) -> SubscriptionOut:
-    """An admin puts a user on a plan now: a new period from now, nothing used, nothing
-    pending, optionally ending at `expires_at` (which must be in the future)."""
-    if await session.get(User, user_id) is None:
+    """An admin puts a user (or an organization, whose existence the caller checked) on a plan
+    now: a new period from now, nothing used, nothing pending, optionally ending at `expires_at`
+    (which must be in the future)."""
+    if org_id is None and (user_id is None or await session.get(User, user_id) is None):
         raise NotFound("No such user")
     target = await _available_plan(session, plan_code)
     if expires_at is not None and expires_at <= now:
@@ -367,7 +424,7 @@ async def grant(
             "expires_at must be in the future",
             details=[field_error("body.expires_at", "must be in the future")],
         )
-    sub, inserted = await _lock_or_insert(session, user_id, target, now)
+    sub, inserted = await _lock_or_insert(session, _owner_of(user_id, org_id), target, now)
     if inserted:
         before: dict[str, object] = {}
     else:

@@ -131,7 +131,8 @@ _IS_SETTLED = UsageLog.status.in_(SETTLED)
 def _raw_window(
     user_id: uuid.UUID, start: datetime | None, end: datetime | None
 ) -> list[ColumnElement[bool]]:
-    conds: list[ColumnElement[bool]] = [UsageLog.user_id == user_id, _IS_SETTLED]
+    # personal calls only: an organization's calls are the organization's usage (API.md §13)
+    conds: list[ColumnElement[bool]] = [UsageLog.user_id == user_id, UsageLog.org_id.is_(None), _IS_SETTLED]
     if start is not None:
         conds.append(UsageLog.timestamp >= start)
     if end is not None:
@@ -247,7 +248,7 @@ _BY_TOOL = text(
                count(*) FILTER (WHERE status IN ('error', 'timeout')),
                count(*) FILTER (WHERE status = 'cancelled'), sum(tokens_used)
         FROM usage_logs
-        WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
+        WHERE user_id = :user_id AND org_id IS NULL AND status IN ({_SETTLED_SQL})
           AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
                OR ("timestamp" >= :r2a AND "timestamp" < :r2b))
         GROUP BY tool_id
@@ -270,7 +271,7 @@ _COUNT = text(
         ), 0)
         + (
             SELECT count(*) FROM usage_logs
-            WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
+            WHERE user_id = :user_id AND org_id IS NULL AND status IN ({_SETTLED_SQL})
               AND (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
               AND (CAST(:tool_id AS uuid) IS NULL OR tool_id = CAST(:tool_id AS uuid))
               AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
@@ -291,12 +292,12 @@ _SERIES = text(
     UNION ALL
     SELECT CAST(:r1a AS timestamptz), count(*), coalesce(sum(tokens_used), 0)
     FROM usage_logs
-    WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
+    WHERE user_id = :user_id AND org_id IS NULL AND status IN ({_SETTLED_SQL})
       AND "timestamp" >= :r1a AND "timestamp" < :r1b
     UNION ALL
     SELECT CAST(:r2a AS timestamptz), count(*), coalesce(sum(tokens_used), 0)
     FROM usage_logs
-    WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
+    WHERE user_id = :user_id AND org_id IS NULL AND status IN ({_SETTLED_SQL})
       AND "timestamp" >= :r2a AND "timestamp" < :r2b
     """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
 )

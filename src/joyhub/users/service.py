@@ -131,16 +131,14 @@ def api_key_out(key: ApiKey, now: datetime) -> ApiKeyOut:
 
 
 async def list_api_keys(db: AsyncSession, user_id: uuid.UUID, *, page: Page) -> tuple[list[ApiKey], int]:
-    """The user's keys, revoked and expired ones included, newest first."""
-    total = int(
-        (
-            await db.execute(select(func.count()).select_from(ApiKey).where(ApiKey.user_id == user_id))
-        ).scalar_one()
-    )
+    """The user's personal keys (not their organization keys, API.md §13), revoked and expired
+    ones included, newest first."""
+    mine = (ApiKey.user_id == user_id, ApiKey.org_id.is_(None))
+    total = int((await db.execute(select(func.count()).select_from(ApiKey).where(*mine))).scalar_one())
     rows = (
         await db.execute(
             select(ApiKey)
-            .where(ApiKey.user_id == user_id)
+            .where(*mine)
             .order_by(ApiKey.created_at.desc(), ApiKey.id.desc())
             .offset(page.offset)
             .limit(page.limit)
@@ -157,11 +155,15 @@ async def create_api_key(
     expires_at: datetime | None,
     now: datetime,
     requests_per_minute: int | None = None,
+    org_id: uuid.UUID | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key and return it with the raw key (shown this once; only its hash is kept).
+    With `org_id`, an organization's key made by `user` (API.md §13): it bills the organization,
+    and counts against the organization's key limit rather than the user's.
 
     The user row is locked (`SELECT … FOR UPDATE`) before counting, so parallel creations
-    cannot push the number of active keys past the limit.
+    cannot push the number of active keys past the limit (the organization's keys are counted
+    under its row lock, taken by the caller).
     """
     if expires_at is not None and expires_at <= now:
         raise ValidationFailed(details=[field_error("body.expires_at", "Must be in the future")])
@@ -171,14 +173,16 @@ async def create_api_key(
             select(func.count())
             .select_from(ApiKey)
             .where(
-                ApiKey.user_id == user.id,
+                ApiKey.user_id == user.id if org_id is None else ApiKey.org_id == org_id,
+                ApiKey.org_id.is_(None) if org_id is None else ApiKey.org_id == org_id,
                 ApiKey.is_active.is_(True),
                 or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now),
             )
         )
     ).scalar_one()
     if active >= MAX_ACTIVE_API_KEYS:
-        raise Conflict(f"At most {MAX_ACTIVE_API_KEYS} active API keys per user; revoke one first")
+        owner = "user" if org_id is None else "organization"
+        raise Conflict(f"At most {MAX_ACTIVE_API_KEYS} active API keys per {owner}; revoke one first")
     raw = new_api_key()
     key = ApiKey(
         id=uuid.uuid4(),
@@ -190,17 +194,19 @@ async def create_api_key(
         created_at=now,
         expires_at=expires_at,
         requests_per_minute=requests_per_minute,
+        org_id=org_id,
     )
     db.add(key)
     await db.flush()
     audit.record(
         db,
         actor=user,
-        action="user.api_key_create",
-        target_type="user",
-        target_id=user.id,
+        action="user.api_key_create" if org_id is None else "organization.api_key_create",
+        target_type="user" if org_id is None else "organization",
+        target_id=user.id if org_id is None else org_id,
         changes={
             "api_key_id": str(key.id),
+            "user_id": str(user.id),
             "name": name,
             "key_prefix": key.key_prefix,
             "requests_per_minute": requests_per_minute,
@@ -215,7 +221,7 @@ async def revoke_api_key(db: AsyncSession, user: User, key_id: uuid.UUID, *, now
     found = (
         await db.execute(
             update(ApiKey)
-            .where(ApiKey.id == key_id, ApiKey.user_id == user.id)
+            .where(ApiKey.id == key_id, ApiKey.user_id == user.id, ApiKey.org_id.is_(None))
             .values(is_active=False, revoked_at=func.coalesce(ApiKey.revoked_at, now))
             .returning(ApiKey.id)
             .execution_options(synchronize_session=False)
