@@ -72,6 +72,9 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
     from joyhub.auth.router import router as auth_router
     from joyhub.ops.router import prometheus_metrics
     from joyhub.ops.router import router as ops_router
+    from joyhub.orgs.admin_router import router as admin_orgs_router
+    from joyhub.orgs.router import invitations_router
+    from joyhub.orgs.router import router as orgs_router
     from joyhub.subscriptions.router import router as subscriptions_router
     from joyhub.tools.router import router as tools_router
     from joyhub.usage.router import router as usage_router
@@ -87,9 +90,17 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
         (tools_router, "tools"),
         (usage_router, "usage"),
         (admin_router, "admin"),
+        (orgs_router, "orgs"),
     ]
     for router, name in api:
         app.include_router(router, prefix=f"{API_PREFIX}/{name}", tags=[name], responses=COMMON_RESPONSES)
+    # teams (API.md §13): accepting an invitation, and the platform admin's views of organizations
+    app.include_router(
+        invitations_router, prefix=f"{API_PREFIX}/invitations", tags=["orgs"], responses=COMMON_RESPONSES
+    )
+    app.include_router(
+        admin_orgs_router, prefix=f"{API_PREFIX}/admin/orgs", tags=["admin"], responses=COMMON_RESPONSES
+    )
     # the caller's webhooks and notification settings live under /users/me (API.md §11)
     app.include_router(
         webhooks_router, prefix=f"{API_PREFIX}/users", tags=["webhooks"], responses=COMMON_RESPONSES

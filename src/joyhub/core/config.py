@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     smtp_starttls: bool = False
     smtp_from: str = "Joyfull UI Hub <no-reply@joyfull.local>"
     password_reset_url: str = "http://localhost:3000/reset-password?token={token}"  # noqa: S105
+    org_invite_url: str = "http://localhost:3000/invitations/accept?token={token}"
     admin_email: str | None = None
     admin_password: str | None = None
     cors_origins: str = "http://localhost:3000"
@@ -130,7 +131,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis:// URL")
         return value
 
-    @field_validator("password_reset_url")
+    @field_validator("password_reset_url", "org_invite_url")
     @classmethod
     def _check_reset_url(cls, value: str) -> str:
         if "{token}" not in value:

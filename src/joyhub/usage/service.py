@@ -603,10 +603,20 @@ async def export_csv(
     before the batch is yielded to the client. (The export's lease is held by the response that
     sends this body: `usage/router.py`.)
     """
+    async for chunk in export_logs_csv(
+        factory, [*_raw_window(user_id, rng.start, rng.end), *_raw_filters(filt)], batch
+    ):
+        yield chunk
+
+
+async def export_logs_csv(
+    factory: async_sessionmaker[AsyncSession], where: Sequence[ColumnElement[bool]], batch: int = EXPORT_BATCH
+) -> AsyncIterator[bytes]:
+    """The settled logs matching `where` as CSV (see `export_csv`); also an organization's."""
     query = (
         select(*_EXPORT_COLUMNS)
         .join(Tool, Tool.id == UsageLog.tool_id)
-        .where(*_raw_window(user_id, rng.start, rng.end), *_raw_filters(filt))
+        .where(*where)
         .order_by(UsageLog.timestamp.desc(), UsageLog.id.desc())
         .limit(batch)
     )
