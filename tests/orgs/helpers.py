@@ -53,15 +53,17 @@ async def make_org(
     for role, n in (("admin", admins), ("member", members)):
         for _ in range(n):
             acct = await make_account(engine)
-            await add_member(engine, org.id, acct, role, token_limit=token_limit if role == "member" else None)
+            limit = token_limit if role == "member" else None
+            await add_member(engine, org.id, acct, role, token_limit=limit)
             org.members[role].append(acct)
     if plan is not None:
         async with engine.begin() as conn:
             await conn.execute(
                 text(
-                    "INSERT INTO subscriptions (id, org_id, plan_code, status, tokens_used, tokens_reserved,"
-                    " inflight, current_period_start, current_period_end, cancel_at_period_end, created_at,"
-                    " updated_at) VALUES (:id, :org, :plan, 'active', :used, 0, 0, :now, :end, false, :now, :now)"
+                    "INSERT INTO subscriptions (id, org_id, plan_code, status, tokens_used,"
+                    " tokens_reserved, inflight, current_period_start, current_period_end,"
+                    " cancel_at_period_end, created_at, updated_at)"
+                    " VALUES (:id, :org, :plan, 'active', :used, 0, 0, :now, :end, false, :now, :now)"
                 ),
                 {
                     "id": uuid.uuid4(),
@@ -109,7 +111,10 @@ async def org_ledger(engine: AsyncEngine, org_id: uuid.UUID) -> OrgLedger:
         ).one()
         members = (
             await conn.execute(
-                text("SELECT user_id, tokens_used, tokens_reserved FROM organization_members WHERE org_id = :o"),
+                text(
+                    "SELECT user_id, tokens_used, tokens_reserved FROM organization_members"
+                    " WHERE org_id = :o"
+                ),
                 {"o": org_id},
             )
         ).all()

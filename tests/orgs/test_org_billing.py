@@ -70,7 +70,9 @@ async def test_a_non_members_header_is_404_and_bills_nothing(
     assert upstream.total == 0
 
 
-async def test_member_limit_refuses_with_scope_member(client: Any, engine: AsyncEngine, upstream: Upstream) -> None:
+async def test_member_limit_refuses_with_scope_member(
+    client: Any, engine: AsyncEngine, upstream: Upstream
+) -> None:
     org = await make_org(engine, members=1, token_limit=12)
     member = org.of("member")
     tool = await make_tool(engine, upstream.url("/fast?tokens=5"))
@@ -134,11 +136,13 @@ async def test_twenty_members_on_two_instances_share_the_quota_and_keep_their_li
     assert sum(r.status_code == 200 for r in results) == ledger.log_tokens
     scopes = {r.json()["error"]["details"][0].get("scope") for r in results if r.status_code == 429}
     assert scopes <= {"member", None}
-    # 20 × 60 = 1,200 > 1,000 left: the organization's quota is what stopped them in the end
+    # 20 x 60 = 1,200 > 1,000 left: the organization's quota is what stopped them in the end
     assert ledger.tokens_used >= 49_998
 
 
-async def test_personal_usage_unaffected_by_org_calls(client: Any, engine: AsyncEngine, upstream: Upstream) -> None:
+async def test_personal_usage_unaffected_by_org_calls(
+    client: Any, engine: AsyncEngine, upstream: Upstream
+) -> None:
     org = await make_org(engine, members=0, admins=0)
     caller = await make_caller(engine, "pro")
     await add_member(engine, org.id, caller.account, "member")
