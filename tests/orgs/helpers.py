@@ -112,8 +112,7 @@ async def org_ledger(engine: AsyncEngine, org_id: uuid.UUID) -> OrgLedger:
         members = (
             await conn.execute(
                 text(
-                    "SELECT user_id, tokens_used, tokens_reserved FROM organization_members"
-                    " WHERE org_id = :o"
+                    "SELECT user_id, tokens_used, tokens_reserved FROM organization_members WHERE org_id = :o"
                 ),
                 {"o": org_id},
             )

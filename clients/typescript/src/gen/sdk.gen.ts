@@ -2,7 +2,7 @@
 
 import { client } from './client.gen.js';
 import { type Client, type Options as Options2, type TDataShape, urlSearchParamsBodySerializer } from './client/index.js';
-import type { AdminCreateEndpointData, AdminCreateEndpointErrors, AdminCreateEndpointResponses, AdminCreateToolData, AdminCreateToolErrors, AdminCreateToolResponses, AdminDeleteEndpointData, AdminDeleteEndpointErrors, AdminDeleteEndpointResponses, AdminDeleteToolData, AdminDeleteToolErrors, AdminDeleteToolResponses, AdminGetToolData, AdminGetToolErrors, AdminGetToolResponses, AdminGetUserData, AdminGetUserErrors, AdminGetUserResponses, AdminGrantSubscriptionData, AdminGrantSubscriptionErrors, AdminGrantSubscriptionResponses, AdminListAuditLogsData, AdminListAuditLogsErrors, AdminListAuditLogsResponses, AdminListDeliveriesData, AdminListDeliveriesErrors, AdminListDeliveriesResponses, AdminListEndpointsData, AdminListEndpointsErrors, AdminListEndpointsResponses, AdminListPlansData, AdminListPlansErrors, AdminListPlansResponses, AdminListToolsData, AdminListToolsErrors, AdminListToolsResponses, AdminListUsersData, AdminListUsersErrors, AdminListUsersResponses, AdminResetCircuitData, AdminResetCircuitErrors, AdminResetCircuitResponses, AdminRetryDeliveryData, AdminRetryDeliveryErrors, AdminRetryDeliveryResponses, AdminRotateSecretData, AdminRotateSecretErrors, AdminRotateSecretResponses, AdminSendTestData, AdminSendTestErrors, AdminSendTestResponses, AdminUpdateEndpointData, AdminUpdateEndpointErrors, AdminUpdateEndpointResponses, AdminUpdatePlanData, AdminUpdatePlanErrors, AdminUpdatePlanResponses, AdminUpdateToolData, AdminUpdateToolErrors, AdminUpdateToolResponses, AdminUpdateUserData, AdminUpdateUserErrors, AdminUpdateUserResponses, AdminUsageStatsData, AdminUsageStatsErrors, AdminUsageStatsResponses, AuthLoginData, AuthLoginErrors, AuthLoginResponses, AuthLogoutAllData, AuthLogoutAllErrors, AuthLogoutAllResponses, AuthLogoutData, AuthLogoutErrors, AuthLogoutResponses, AuthPasswordResetConfirmData, AuthPasswordResetConfirmErrors, AuthPasswordResetConfirmResponses, AuthPasswordResetData, AuthPasswordResetErrors, AuthPasswordResetResponses, AuthRefreshData, AuthRefreshErrors, AuthRefreshResponses, AuthRegisterData, AuthRegisterErrors, AuthRegisterResponses, AuthTokenData, AuthTokenErrors, AuthTokenResponses, OperationsHealthData, OperationsHealthResponses, OperationsReadyData, OperationsReadyErrors, OperationsReadyResponses, SubscriptionsCancelData, SubscriptionsCancelErrors, SubscriptionsCancelResponses, SubscriptionsCurrentData, SubscriptionsCurrentErrors, SubscriptionsCurrentResponses, SubscriptionsListPlansData, SubscriptionsListPlansErrors, SubscriptionsListPlansResponses, SubscriptionsResumeData, SubscriptionsResumeErrors, SubscriptionsResumeResponses, SubscriptionsSubscribeData, SubscriptionsSubscribeErrors, SubscriptionsSubscribeResponses, ToolsGetData, ToolsGetErrors, ToolsGetResponses, ToolsInvokeData, ToolsInvokeErrors, ToolsInvokeResponses, ToolsListData, ToolsListErrors, ToolsListResponses, UsageExportData, UsageExportErrors, UsageExportResponses, UsageListData, UsageListErrors, UsageListResponses, UsageSummaryData, UsageSummaryErrors, UsageSummaryResponses, UsageTimeseriesData, UsageTimeseriesErrors, UsageTimeseriesResponses, UsersChangePasswordData, UsersChangePasswordErrors, UsersChangePasswordResponses, UsersCreateApiKeyData, UsersCreateApiKeyErrors, UsersCreateApiKeyResponses, UsersGetMeData, UsersGetMeErrors, UsersGetMeResponses, UsersListApiKeysData, UsersListApiKeysErrors, UsersListApiKeysResponses, UsersRevokeApiKeyData, UsersRevokeApiKeyErrors, UsersRevokeApiKeyResponses, UsersUpdateMeData, UsersUpdateMeErrors, UsersUpdateMeResponses, WebhooksCreateEndpointData, WebhooksCreateEndpointErrors, WebhooksCreateEndpointResponses, WebhooksDeleteEndpointData, WebhooksDeleteEndpointErrors, WebhooksDeleteEndpointResponses, WebhooksGetNotificationsData, WebhooksGetNotificationsErrors, WebhooksGetNotificationsResponses, WebhooksListDeliveriesData, WebhooksListDeliveriesErrors, WebhooksListDeliveriesResponses, WebhooksListEndpointsData, WebhooksListEndpointsErrors, WebhooksListEndpointsResponses, WebhooksRetryDeliveryData, WebhooksRetryDeliveryErrors, WebhooksRetryDeliveryResponses, WebhooksRotateSecretData, WebhooksRotateSecretErrors, WebhooksRotateSecretResponses, WebhooksSendTestData, WebhooksSendTestErrors, WebhooksSendTestResponses, WebhooksUpdateEndpointData, WebhooksUpdateEndpointErrors, WebhooksUpdateEndpointResponses, WebhooksUpdateNotificationsData, WebhooksUpdateNotificationsErrors, WebhooksUpdateNotificationsResponses } from './types.gen.js';
+import type { AdminCreateEndpointData, AdminCreateEndpointErrors, AdminCreateEndpointResponses, AdminCreateToolData, AdminCreateToolErrors, AdminCreateToolResponses, AdminDeleteEndpointData, AdminDeleteEndpointErrors, AdminDeleteEndpointResponses, AdminDeleteToolData, AdminDeleteToolErrors, AdminDeleteToolResponses, AdminGetOrgData, AdminGetOrgErrors, AdminGetOrgResponses, AdminGetToolData, AdminGetToolErrors, AdminGetToolResponses, AdminGetUserData, AdminGetUserErrors, AdminGetUserResponses, AdminGrantOrgSubscriptionData, AdminGrantOrgSubscriptionErrors, AdminGrantOrgSubscriptionResponses, AdminGrantSubscriptionData, AdminGrantSubscriptionErrors, AdminGrantSubscriptionResponses, AdminListAuditLogsData, AdminListAuditLogsErrors, AdminListAuditLogsResponses, AdminListDeliveriesData, AdminListDeliveriesErrors, AdminListDeliveriesResponses, AdminListEndpointsData, AdminListEndpointsErrors, AdminListEndpointsResponses, AdminListOrgsData, AdminListOrgsErrors, AdminListOrgsResponses, AdminListPlansData, AdminListPlansErrors, AdminListPlansResponses, AdminListToolsData, AdminListToolsErrors, AdminListToolsResponses, AdminListUsersData, AdminListUsersErrors, AdminListUsersResponses, AdminResetCircuitData, AdminResetCircuitErrors, AdminResetCircuitResponses, AdminRetryDeliveryData, AdminRetryDeliveryErrors, AdminRetryDeliveryResponses, AdminRotateSecretData, AdminRotateSecretErrors, AdminRotateSecretResponses, AdminSendTestData, AdminSendTestErrors, AdminSendTestResponses, AdminUpdateEndpointData, AdminUpdateEndpointErrors, AdminUpdateEndpointResponses, AdminUpdatePlanData, AdminUpdatePlanErrors, AdminUpdatePlanResponses, AdminUpdateToolData, AdminUpdateToolErrors, AdminUpdateToolResponses, AdminUpdateUserData, AdminUpdateUserErrors, AdminUpdateUserResponses, AdminUsageStatsData, AdminUsageStatsErrors, AdminUsageStatsResponses, AuthLoginData, AuthLoginErrors, AuthLoginResponses, AuthLogoutAllData, AuthLogoutAllErrors, AuthLogoutAllResponses, AuthLogoutData, AuthLogoutErrors, AuthLogoutResponses, AuthPasswordResetConfirmData, AuthPasswordResetConfirmErrors, AuthPasswordResetConfirmResponses, AuthPasswordResetData, AuthPasswordResetErrors, AuthPasswordResetResponses, AuthRefreshData, AuthRefreshErrors, AuthRefreshResponses, AuthRegisterData, AuthRegisterErrors, AuthRegisterResponses, AuthTokenData, AuthTokenErrors, AuthTokenResponses, OperationsHealthData, OperationsHealthResponses, OperationsReadyData, OperationsReadyErrors, OperationsReadyResponses, OrgsAcceptInvitationData, OrgsAcceptInvitationErrors, OrgsAcceptInvitationResponses, OrgsCancelSubscriptionData, OrgsCancelSubscriptionErrors, OrgsCancelSubscriptionResponses, OrgsCreateApiKeyData, OrgsCreateApiKeyErrors, OrgsCreateApiKeyResponses, OrgsCreateData, OrgsCreateErrors, OrgsCreateInvitationData, OrgsCreateInvitationErrors, OrgsCreateInvitationResponses, OrgsCreateResponses, OrgsDeleteData, OrgsDeleteErrors, OrgsDeleteResponses, OrgsGetData, OrgsGetErrors, OrgsGetResponses, OrgsGetSubscriptionData, OrgsGetSubscriptionErrors, OrgsGetSubscriptionResponses, OrgsListApiKeysData, OrgsListApiKeysErrors, OrgsListApiKeysResponses, OrgsListData, OrgsListErrors, OrgsListInvitationsData, OrgsListInvitationsErrors, OrgsListInvitationsResponses, OrgsListMembersData, OrgsListMembersErrors, OrgsListMembersResponses, OrgsListResponses, OrgsListUsageData, OrgsListUsageErrors, OrgsListUsageResponses, OrgsRemoveMemberData, OrgsRemoveMemberErrors, OrgsRemoveMemberResponses, OrgsResumeSubscriptionData, OrgsResumeSubscriptionErrors, OrgsResumeSubscriptionResponses, OrgsRevokeApiKeyData, OrgsRevokeApiKeyErrors, OrgsRevokeApiKeyResponses, OrgsRevokeInvitationData, OrgsRevokeInvitationErrors, OrgsRevokeInvitationResponses, OrgsSubscribeData, OrgsSubscribeErrors, OrgsSubscribeResponses, OrgsUpdateData, OrgsUpdateErrors, OrgsUpdateMemberData, OrgsUpdateMemberErrors, OrgsUpdateMemberResponses, OrgsUpdateResponses, OrgsUsageExportData, OrgsUsageExportErrors, OrgsUsageExportResponses, OrgsUsageSummaryData, OrgsUsageSummaryErrors, OrgsUsageSummaryResponses, OrgsUsageTimeseriesData, OrgsUsageTimeseriesErrors, OrgsUsageTimeseriesResponses, SubscriptionsCancelData, SubscriptionsCancelErrors, SubscriptionsCancelResponses, SubscriptionsCurrentData, SubscriptionsCurrentErrors, SubscriptionsCurrentResponses, SubscriptionsListPlansData, SubscriptionsListPlansErrors, SubscriptionsListPlansResponses, SubscriptionsResumeData, SubscriptionsResumeErrors, SubscriptionsResumeResponses, SubscriptionsSubscribeData, SubscriptionsSubscribeErrors, SubscriptionsSubscribeResponses, ToolsGetData, ToolsGetErrors, ToolsGetResponses, ToolsInvokeData, ToolsInvokeErrors, ToolsInvokeResponses, ToolsListData, ToolsListErrors, ToolsListResponses, UsageExportData, UsageExportErrors, UsageExportResponses, UsageListData, UsageListErrors, UsageListResponses, UsageSummaryData, UsageSummaryErrors, UsageSummaryResponses, UsageTimeseriesData, UsageTimeseriesErrors, UsageTimeseriesResponses, UsersChangePasswordData, UsersChangePasswordErrors, UsersChangePasswordResponses, UsersCreateApiKeyData, UsersCreateApiKeyErrors, UsersCreateApiKeyResponses, UsersGetMeData, UsersGetMeErrors, UsersGetMeResponses, UsersListApiKeysData, UsersListApiKeysErrors, UsersListApiKeysResponses, UsersRevokeApiKeyData, UsersRevokeApiKeyErrors, UsersRevokeApiKeyResponses, UsersUpdateMeData, UsersUpdateMeErrors, UsersUpdateMeResponses, WebhooksCreateEndpointData, WebhooksCreateEndpointErrors, WebhooksCreateEndpointResponses, WebhooksDeleteEndpointData, WebhooksDeleteEndpointErrors, WebhooksDeleteEndpointResponses, WebhooksGetNotificationsData, WebhooksGetNotificationsErrors, WebhooksGetNotificationsResponses, WebhooksListDeliveriesData, WebhooksListDeliveriesErrors, WebhooksListDeliveriesResponses, WebhooksListEndpointsData, WebhooksListEndpointsErrors, WebhooksListEndpointsResponses, WebhooksRetryDeliveryData, WebhooksRetryDeliveryErrors, WebhooksRetryDeliveryResponses, WebhooksRotateSecretData, WebhooksRotateSecretErrors, WebhooksRotateSecretResponses, WebhooksSendTestData, WebhooksSendTestErrors, WebhooksSendTestResponses, WebhooksUpdateEndpointData, WebhooksUpdateEndpointErrors, WebhooksUpdateEndpointResponses, WebhooksUpdateNotificationsData, WebhooksUpdateNotificationsErrors, WebhooksUpdateNotificationsResponses } from './types.gen.js';
 
 export type Options<TData extends TDataShape = TDataShape, ThrowOnError extends boolean = boolean, TResponse = unknown> = Options2<TData, ThrowOnError, TResponse> & {
     /**
@@ -540,6 +540,324 @@ export const adminRetryDelivery = <ThrowOnError extends boolean = false>(options
     security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
     url: '/api/v1/admin/webhooks/{endpoint_id}/deliveries/{delivery_id}/retry',
     ...options
+});
+
+/**
+ * The organizations the caller belongs to
+ *
+ * Role: any user; lists only their own organizations, with their role in each.
+ */
+export const orgsList = <ThrowOnError extends boolean = false>(options?: Options<OrgsListData, ThrowOnError>) => (options?.client ?? client).get<OrgsListResponses, OrgsListErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs',
+    ...options
+});
+
+/**
+ * Create an organization; the caller becomes its owner
+ *
+ * Role: any user. At most 10 organizations owned per user (409 CONFLICT).
+ */
+export const orgsCreate = <ThrowOnError extends boolean = false>(options: Options<OrgsCreateData, ThrowOnError>) => (options.client ?? client).post<OrgsCreateResponses, OrgsCreateErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * Delete an organization: its subscription ends now and its keys stop
+ *
+ * Role: owner (403 for an admin or member). Its usage history stays, for platform admins.
+ */
+export const orgsDelete = <ThrowOnError extends boolean = false>(options: Options<OrgsDeleteData, ThrowOnError>) => (options.client ?? client).delete<OrgsDeleteResponses, OrgsDeleteErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}',
+    ...options
+});
+
+/**
+ * One organization
+ *
+ * Role: any member.
+ */
+export const orgsGet = <ThrowOnError extends boolean = false>(options: Options<OrgsGetData, ThrowOnError>) => (options.client ?? client).get<OrgsGetResponses, OrgsGetErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}',
+    ...options
+});
+
+/**
+ * Rename an organization
+ *
+ * Role: admin or owner (403 for a member).
+ */
+export const orgsUpdate = <ThrowOnError extends boolean = false>(options: Options<OrgsUpdateData, ThrowOnError>) => (options.client ?? client).patch<OrgsUpdateResponses, OrgsUpdateErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * The organization's members, owners first
+ *
+ * Role: any member.
+ */
+export const orgsListMembers = <ThrowOnError extends boolean = false>(options: Options<OrgsListMembersData, ThrowOnError>) => (options.client ?? client).get<OrgsListMembersResponses, OrgsListMembersErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/members',
+    ...options
+});
+
+/**
+ * Remove a member, or leave
+ *
+ * Role: admin or owner, or the member themself (leaving). Admins cannot remove owners; the last owner can neither leave nor be removed (409 CONFLICT). The member's organization keys stop at once.
+ */
+export const orgsRemoveMember = <ThrowOnError extends boolean = false>(options: Options<OrgsRemoveMemberData, ThrowOnError>) => (options.client ?? client).delete<OrgsRemoveMemberResponses, OrgsRemoveMemberErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/members/{user_id}',
+    ...options
+});
+
+/**
+ * Change a member's role or token limit
+ *
+ * Role: admin or owner (403 for a member). Admins set limits and move people between member and admin; only owners grant, take or change the owner role. The last owner cannot be demoted (409 CONFLICT).
+ */
+export const orgsUpdateMember = <ThrowOnError extends boolean = false>(options: Options<OrgsUpdateMemberData, ThrowOnError>) => (options.client ?? client).patch<OrgsUpdateMemberResponses, OrgsUpdateMemberErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/members/{user_id}',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * Pending invitations
+ *
+ * Role: admin or owner (403 for a member).
+ */
+export const orgsListInvitations = <ThrowOnError extends boolean = false>(options: Options<OrgsListInvitationsData, ThrowOnError>) => (options.client ?? client).get<OrgsListInvitationsResponses, OrgsListInvitationsErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/invitations',
+    ...options
+});
+
+/**
+ * Invite someone by email (single-use link, valid 7 days)
+ *
+ * Role: admin or owner (403 for a member). Inviting an owner takes an owner. Someone already a member → 409.
+ */
+export const orgsCreateInvitation = <ThrowOnError extends boolean = false>(options: Options<OrgsCreateInvitationData, ThrowOnError>) => (options.client ?? client).post<OrgsCreateInvitationResponses, OrgsCreateInvitationErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/invitations',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * Revoke a pending invitation
+ *
+ * Role: admin or owner (403 for a member).
+ */
+export const orgsRevokeInvitation = <ThrowOnError extends boolean = false>(options: Options<OrgsRevokeInvitationData, ThrowOnError>) => (options.client ?? client).delete<OrgsRevokeInvitationResponses, OrgsRevokeInvitationErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/invitations/{invitation_id}',
+    ...options
+});
+
+/**
+ * The organization's subscription (data: null when it never subscribed)
+ *
+ * Role: any member.
+ */
+export const orgsGetSubscription = <ThrowOnError extends boolean = false>(options: Options<OrgsGetSubscriptionData, ThrowOnError>) => (options.client ?? client).get<OrgsGetSubscriptionResponses, OrgsGetSubscriptionErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/subscription',
+    ...options
+});
+
+/**
+ * Subscribe the organization, or change its plan (API.md §4 lifecycle)
+ *
+ * Role: owner (403 for an admin or member).
+ */
+export const orgsSubscribe = <ThrowOnError extends boolean = false>(options: Options<OrgsSubscribeData, ThrowOnError>) => (options.client ?? client).post<OrgsSubscribeResponses, OrgsSubscribeErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/subscription',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * Cancel the organization's subscription at the period end
+ *
+ * Role: owner (403 for an admin or member).
+ */
+export const orgsCancelSubscription = <ThrowOnError extends boolean = false>(options: Options<OrgsCancelSubscriptionData, ThrowOnError>) => (options.client ?? client).post<OrgsCancelSubscriptionResponses, OrgsCancelSubscriptionErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/subscription/cancel',
+    ...options
+});
+
+/**
+ * Undo a pending cancellation of the organization's subscription
+ *
+ * Role: owner (403 for an admin or member).
+ */
+export const orgsResumeSubscription = <ThrowOnError extends boolean = false>(options: Options<OrgsResumeSubscriptionData, ThrowOnError>) => (options.client ?? client).post<OrgsResumeSubscriptionResponses, OrgsResumeSubscriptionErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/subscription/resume',
+    ...options
+});
+
+/**
+ * The organization's API keys (they bill the organization)
+ *
+ * Role: admin or owner (403 for a member). With an access token (an API key → 403).
+ */
+export const orgsListApiKeys = <ThrowOnError extends boolean = false>(options: Options<OrgsListApiKeysData, ThrowOnError>) => (options.client ?? client).get<OrgsListApiKeysResponses, OrgsListApiKeysErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/api-keys',
+    ...options
+});
+
+/**
+ * Create an organization API key; the full key is in this response only
+ *
+ * Role: admin or owner (403 for a member). With an access token. The key bills the organization; the member who made it is the caller, and it stops when they leave.
+ */
+export const orgsCreateApiKey = <ThrowOnError extends boolean = false>(options: Options<OrgsCreateApiKeyData, ThrowOnError>) => (options.client ?? client).post<OrgsCreateApiKeyResponses, OrgsCreateApiKeyErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/api-keys',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * Revoke an organization API key; it stops working at once
+ *
+ * Role: admin or owner (403 for a member). With an access token.
+ */
+export const orgsRevokeApiKey = <ThrowOnError extends boolean = false>(options: Options<OrgsRevokeApiKeyData, ThrowOnError>) => (options.client ?? client).delete<OrgsRevokeApiKeyResponses, OrgsRevokeApiKeyErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/api-keys/{key_id}',
+    ...options
+});
+
+/**
+ * The organization's usage history, newest first
+ *
+ * Role: any member. Admins and owners see every member's calls and may filter by user_id; a member sees their own.
+ */
+export const orgsListUsage = <ThrowOnError extends boolean = false>(options: Options<OrgsListUsageData, ThrowOnError>) => (options.client ?? client).get<OrgsListUsageResponses, OrgsListUsageErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/usage',
+    ...options
+});
+
+/**
+ * The organization's totals, per tool and per member
+ *
+ * Role: any member. Admins and owners see every member's calls and may filter by user_id; a member sees their own. `by_member` is shown to admins and owners.
+ */
+export const orgsUsageSummary = <ThrowOnError extends boolean = false>(options: Options<OrgsUsageSummaryData, ThrowOnError>) => (options.client ?? client).get<OrgsUsageSummaryResponses, OrgsUsageSummaryErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/usage/summary',
+    ...options
+});
+
+/**
+ * The organization's invocations and tokens per hour or day
+ *
+ * Role: any member. Admins and owners see every member's calls and may filter by user_id; a member sees their own.
+ */
+export const orgsUsageTimeseries = <ThrowOnError extends boolean = false>(options: Options<OrgsUsageTimeseriesData, ThrowOnError>) => (options.client ?? client).get<OrgsUsageTimeseriesResponses, OrgsUsageTimeseriesErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/usage/timeseries',
+    ...options
+});
+
+/**
+ * The organization's usage records as a CSV download
+ *
+ * Role: any member. Admins and owners see every member's calls and may filter by user_id; a member sees their own. The columns of GET /usage/export.
+ */
+export const orgsUsageExport = <ThrowOnError extends boolean = false>(options: Options<OrgsUsageExportData, ThrowOnError>) => (options.client ?? client).get<OrgsUsageExportResponses, OrgsUsageExportErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/usage/export',
+    ...options
+});
+
+/**
+ * Accept an invitation and join its organization
+ *
+ * Role: any user whose email is the invited one (403 otherwise). An unknown, expired, revoked or used token → 404; already a member → 409.
+ */
+export const orgsAcceptInvitation = <ThrowOnError extends boolean = false>(options: Options<OrgsAcceptInvitationData, ThrowOnError>) => (options.client ?? client).post<OrgsAcceptInvitationResponses, OrgsAcceptInvitationErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/invitations/accept',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * Every organization (deleted ones included), newest first
+ *
+ * Role: platform admin.
+ */
+export const adminListOrgs = <ThrowOnError extends boolean = false>(options?: Options<AdminListOrgsData, ThrowOnError>) => (options?.client ?? client).get<AdminListOrgsResponses, AdminListOrgsErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/admin/orgs',
+    ...options
+});
+
+/**
+ * One organization
+ *
+ * Role: platform admin.
+ */
+export const adminGetOrg = <ThrowOnError extends boolean = false>(options: Options<AdminGetOrgData, ThrowOnError>) => (options.client ?? client).get<AdminGetOrgResponses, AdminGetOrgErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/admin/orgs/{org_id}',
+    ...options
+});
+
+/**
+ * Grant or change an organization's plan now (a new period)
+ *
+ * Role: platform admin.
+ */
+export const adminGrantOrgSubscription = <ThrowOnError extends boolean = false>(options: Options<AdminGrantOrgSubscriptionData, ThrowOnError>) => (options.client ?? client).put<AdminGrantOrgSubscriptionResponses, AdminGrantOrgSubscriptionErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/admin/orgs/{org_id}/subscription',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
 });
 
 /**

@@ -5,6 +5,16 @@ export type ClientOptions = {
 };
 
 /**
+ * AcceptIn
+ */
+export type AcceptIn = {
+    /**
+     * Token
+     */
+    token: string;
+};
+
+/**
  * AccessTokenOut
  *
  * `POST /auth/token`: the plain OAuth2 shape (no envelope), for the docs' Authorize button.
@@ -18,6 +28,39 @@ export type AccessTokenOut = {
      * Token Type
      */
     token_type?: 'bearer';
+};
+
+/**
+ * AdminOrganizationOut
+ */
+export type AdminOrganizationOut = {
+    /**
+     * Id
+     */
+    id: string;
+    /**
+     * Name
+     */
+    name: string;
+    /**
+     * Created At
+     */
+    created_at: string;
+    /**
+     * Deleted At
+     */
+    deleted_at: string | null;
+    /**
+     * Member Count
+     */
+    member_count: number;
+    /**
+     * Owners
+     *
+     * The owners' emails
+     */
+    owners: Array<string>;
+    subscription: SubscriptionOut | null;
 };
 
 /**
@@ -643,6 +686,15 @@ export type EndpointWithSecretOut = {
 };
 
 /**
+ * Envelope[AdminOrganizationOut]
+ */
+export type EnvelopeAdminOrganizationOut = {
+    data: AdminOrganizationOut;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
  * Envelope[AdminPlanOut]
  */
 export type EnvelopeAdminPlanOut = {
@@ -706,10 +758,28 @@ export type EnvelopeEndpointWithSecretOut = {
 };
 
 /**
+ * Envelope[InvitationOut]
+ */
+export type EnvelopeInvitationOut = {
+    data: InvitationOut;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
  * Envelope[Invocation]
  */
 export type EnvelopeInvocation = {
     data: Invocation;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
+ * Envelope[MemberOut]
+ */
+export type EnvelopeMemberOut = {
+    data: MemberOut;
     error: ErrorBody | null;
     meta: Meta;
 };
@@ -740,6 +810,24 @@ export type EnvelopeNoneType = {
  */
 export type EnvelopeNotificationsOut = {
     data: NotificationsOut;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
+ * Envelope[OrgUsageSummary]
+ */
+export type EnvelopeOrgUsageSummary = {
+    data: OrgUsageSummary;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
+ * Envelope[OrganizationOut]
+ */
+export type EnvelopeOrganizationOut = {
+    data: OrganizationOut;
     error: ErrorBody | null;
     meta: Meta;
 };
@@ -845,6 +933,18 @@ export type EnvelopeDictStrStr = {
 };
 
 /**
+ * Envelope[list[AdminOrganizationOut]]
+ */
+export type EnvelopeListAdminOrganizationOut = {
+    /**
+     * Data
+     */
+    data: Array<AdminOrganizationOut>;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
  * Envelope[list[AdminPlanOut]]
  */
 export type EnvelopeListAdminPlanOut = {
@@ -924,6 +1024,42 @@ export type EnvelopeListEndpointOut = {
      * Data
      */
     data: Array<EndpointOut>;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
+ * Envelope[list[InvitationOut]]
+ */
+export type EnvelopeListInvitationOut = {
+    /**
+     * Data
+     */
+    data: Array<InvitationOut>;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
+ * Envelope[list[MemberOut]]
+ */
+export type EnvelopeListMemberOut = {
+    /**
+     * Data
+     */
+    data: Array<MemberOut>;
+    error: ErrorBody | null;
+    meta: Meta;
+};
+
+/**
+ * Envelope[list[OrganizationOut]]
+ */
+export type EnvelopeListOrganizationOut = {
+    /**
+     * Data
+     */
+    data: Array<OrganizationOut>;
     error: ErrorBody | null;
     meta: Meta;
 };
@@ -1015,6 +1151,46 @@ export type GrantIn = {
 };
 
 /**
+ * InvitationIn
+ */
+export type InvitationIn = {
+    /**
+     * Email
+     */
+    email: string;
+    /**
+     * Role
+     */
+    role?: 'owner' | 'admin' | 'member';
+};
+
+/**
+ * InvitationOut
+ */
+export type InvitationOut = {
+    /**
+     * Id
+     */
+    id: string;
+    /**
+     * Email
+     */
+    email: string;
+    /**
+     * Role
+     */
+    role: 'owner' | 'admin' | 'member';
+    /**
+     * Expires At
+     */
+    expires_at: string;
+    /**
+     * Created At
+     */
+    created_at: string;
+};
+
+/**
  * Invocation
  */
 export type Invocation = {
@@ -1091,6 +1267,82 @@ export type LogoutAllIn = {
 };
 
 /**
+ * MemberOut
+ */
+export type MemberOut = {
+    /**
+     * User Id
+     */
+    user_id: string;
+    /**
+     * Email
+     */
+    email: string;
+    /**
+     * Name
+     */
+    name: string;
+    /**
+     * Role
+     */
+    role: 'owner' | 'admin' | 'member';
+    /**
+     * Token Limit
+     *
+     * The member's own tokens per period; null for no limit
+     */
+    token_limit: number | null;
+    /**
+     * Tokens Used
+     *
+     * This period, within the organization
+     */
+    tokens_used: number;
+    /**
+     * Joined At
+     */
+    joined_at: string;
+};
+
+/**
+ * MemberUpdateIn
+ *
+ * Only the fields sent change; `token_limit: null` removes the member's limit.
+ */
+export type MemberUpdateIn = {
+    /**
+     * Role
+     */
+    role?: 'owner' | 'admin' | 'member' | null;
+    /**
+     * Token Limit
+     */
+    token_limit?: number | null;
+};
+
+/**
+ * MemberUsage
+ */
+export type MemberUsage = {
+    /**
+     * User Id
+     */
+    user_id: string;
+    /**
+     * Email
+     */
+    email: string;
+    /**
+     * Invocations
+     */
+    invocations: number;
+    /**
+     * Tokens
+     */
+    tokens: number;
+};
+
+/**
  * MessageOut
  */
 export type MessageOut = {
@@ -1140,6 +1392,106 @@ export type NotificationsUpdateIn = {
      * Thresholds
      */
     thresholds?: Array<number> | null;
+};
+
+/**
+ * OrgCreateIn
+ */
+export type OrgCreateIn = {
+    /**
+     * Name
+     */
+    name: string;
+};
+
+/**
+ * OrgUpdateIn
+ */
+export type OrgUpdateIn = {
+    /**
+     * Name
+     */
+    name: string;
+};
+
+/**
+ * OrgUsageSummary
+ *
+ * `UsageSummary` (API.md §6) of the organization's calls; `by_member` for admins and owners.
+ */
+export type OrgUsageSummary = {
+    /**
+     * Period Start
+     */
+    period_start: string;
+    /**
+     * Period End
+     */
+    period_end: string;
+    /**
+     * Total Invocations
+     */
+    total_invocations: number;
+    /**
+     * Successful Invocations
+     */
+    successful_invocations: number;
+    /**
+     * Failed Invocations
+     */
+    failed_invocations: number;
+    /**
+     * Cancelled Invocations
+     */
+    cancelled_invocations: number;
+    /**
+     * Total Tokens
+     */
+    total_tokens: number;
+    /**
+     * By Tool
+     */
+    by_tool: Array<ToolUsage>;
+    quota: Quota | null;
+    /**
+     * Rate Limited
+     *
+     * Calls refused by a rate or concurrency limit (API.md §4.1), per UTC day of the range that had any (counted by day: a partial first or last day counts whole)
+     */
+    rate_limited: Array<DailyRefusals>;
+    /**
+     * By Member
+     */
+    by_member?: Array<MemberUsage> | null;
+};
+
+/**
+ * OrganizationOut
+ */
+export type OrganizationOut = {
+    /**
+     * Id
+     */
+    id: string;
+    /**
+     * Name
+     */
+    name: string;
+    /**
+     * Created At
+     */
+    created_at: string;
+    /**
+     * Role
+     *
+     * The caller's role in the organization
+     */
+    role: 'owner' | 'admin' | 'member';
+    /**
+     * Member Count
+     */
+    member_count: number;
+    subscription: SubscriptionOut | null;
 };
 
 /**
@@ -3074,6 +3426,12 @@ export type ToolsInvokeData = {
          * Makes retries safe: the same key within 24 h replays the first response
          */
         'Idempotency-Key'?: string | null;
+        /**
+         * X-Org-Id
+         *
+         * Bill this organization's subscription instead of your own (you must be a member; otherwise 404). An organization's API key bills its organization without it.
+         */
+        'X-Org-ID'?: string | null;
     };
     path: {
         /**
@@ -4777,6 +5135,1685 @@ export type AdminRetryDeliveryResponses = {
 };
 
 export type AdminRetryDeliveryResponse = AdminRetryDeliveryResponses[keyof AdminRetryDeliveryResponses];
+
+export type OrgsListData = {
+    body?: never;
+    path?: never;
+    query?: {
+        /**
+         * Offset
+         *
+         * Rows to skip
+         */
+        offset?: number;
+        /**
+         * Limit
+         *
+         * Rows to return (1-100)
+         */
+        limit?: number;
+    };
+    url: '/api/v1/orgs';
+};
+
+export type OrgsListErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsListError = OrgsListErrors[keyof OrgsListErrors];
+
+export type OrgsListResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListOrganizationOut;
+};
+
+export type OrgsListResponse = OrgsListResponses[keyof OrgsListResponses];
+
+export type OrgsCreateData = {
+    body: OrgCreateIn;
+    path?: never;
+    query?: never;
+    url: '/api/v1/orgs';
+};
+
+export type OrgsCreateErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Already owns 10 organizations
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsCreateError = OrgsCreateErrors[keyof OrgsCreateErrors];
+
+export type OrgsCreateResponses = {
+    /**
+     * Successful Response
+     */
+    201: EnvelopeOrganizationOut;
+};
+
+export type OrgsCreateResponse = OrgsCreateResponses[keyof OrgsCreateResponses];
+
+export type OrgsDeleteData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}';
+};
+
+export type OrgsDeleteErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsDeleteError = OrgsDeleteErrors[keyof OrgsDeleteErrors];
+
+export type OrgsDeleteResponses = {
+    /**
+     * Successful Response
+     */
+    204: void;
+};
+
+export type OrgsDeleteResponse = OrgsDeleteResponses[keyof OrgsDeleteResponses];
+
+export type OrgsGetData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}';
+};
+
+export type OrgsGetErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsGetError = OrgsGetErrors[keyof OrgsGetErrors];
+
+export type OrgsGetResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeOrganizationOut;
+};
+
+export type OrgsGetResponse = OrgsGetResponses[keyof OrgsGetResponses];
+
+export type OrgsUpdateData = {
+    body: OrgUpdateIn;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}';
+};
+
+export type OrgsUpdateErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsUpdateError = OrgsUpdateErrors[keyof OrgsUpdateErrors];
+
+export type OrgsUpdateResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeOrganizationOut;
+};
+
+export type OrgsUpdateResponse = OrgsUpdateResponses[keyof OrgsUpdateResponses];
+
+export type OrgsListMembersData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: {
+        /**
+         * Offset
+         *
+         * Rows to skip
+         */
+        offset?: number;
+        /**
+         * Limit
+         *
+         * Rows to return (1-100)
+         */
+        limit?: number;
+    };
+    url: '/api/v1/orgs/{org_id}/members';
+};
+
+export type OrgsListMembersErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsListMembersError = OrgsListMembersErrors[keyof OrgsListMembersErrors];
+
+export type OrgsListMembersResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListMemberOut;
+};
+
+export type OrgsListMembersResponse = OrgsListMembersResponses[keyof OrgsListMembersResponses];
+
+export type OrgsRemoveMemberData = {
+    body?: never;
+    path: {
+        /**
+         * User Id
+         */
+        user_id: string;
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/members/{user_id}';
+};
+
+export type OrgsRemoveMemberErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * The last owner
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsRemoveMemberError = OrgsRemoveMemberErrors[keyof OrgsRemoveMemberErrors];
+
+export type OrgsRemoveMemberResponses = {
+    /**
+     * Successful Response
+     */
+    204: void;
+};
+
+export type OrgsRemoveMemberResponse = OrgsRemoveMemberResponses[keyof OrgsRemoveMemberResponses];
+
+export type OrgsUpdateMemberData = {
+    body: MemberUpdateIn;
+    path: {
+        /**
+         * User Id
+         */
+        user_id: string;
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/members/{user_id}';
+};
+
+export type OrgsUpdateMemberErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * The last owner
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsUpdateMemberError = OrgsUpdateMemberErrors[keyof OrgsUpdateMemberErrors];
+
+export type OrgsUpdateMemberResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeMemberOut;
+};
+
+export type OrgsUpdateMemberResponse = OrgsUpdateMemberResponses[keyof OrgsUpdateMemberResponses];
+
+export type OrgsListInvitationsData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: {
+        /**
+         * Offset
+         *
+         * Rows to skip
+         */
+        offset?: number;
+        /**
+         * Limit
+         *
+         * Rows to return (1-100)
+         */
+        limit?: number;
+    };
+    url: '/api/v1/orgs/{org_id}/invitations';
+};
+
+export type OrgsListInvitationsErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsListInvitationsError = OrgsListInvitationsErrors[keyof OrgsListInvitationsErrors];
+
+export type OrgsListInvitationsResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListInvitationOut;
+};
+
+export type OrgsListInvitationsResponse = OrgsListInvitationsResponses[keyof OrgsListInvitationsResponses];
+
+export type OrgsCreateInvitationData = {
+    body: InvitationIn;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/invitations';
+};
+
+export type OrgsCreateInvitationErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * Already a member
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsCreateInvitationError = OrgsCreateInvitationErrors[keyof OrgsCreateInvitationErrors];
+
+export type OrgsCreateInvitationResponses = {
+    /**
+     * Successful Response
+     */
+    201: EnvelopeInvitationOut;
+};
+
+export type OrgsCreateInvitationResponse = OrgsCreateInvitationResponses[keyof OrgsCreateInvitationResponses];
+
+export type OrgsRevokeInvitationData = {
+    body?: never;
+    path: {
+        /**
+         * Invitation Id
+         */
+        invitation_id: string;
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/invitations/{invitation_id}';
+};
+
+export type OrgsRevokeInvitationErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsRevokeInvitationError = OrgsRevokeInvitationErrors[keyof OrgsRevokeInvitationErrors];
+
+export type OrgsRevokeInvitationResponses = {
+    /**
+     * Successful Response
+     */
+    204: void;
+};
+
+export type OrgsRevokeInvitationResponse = OrgsRevokeInvitationResponses[keyof OrgsRevokeInvitationResponses];
+
+export type OrgsGetSubscriptionData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/subscription';
+};
+
+export type OrgsGetSubscriptionErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsGetSubscriptionError = OrgsGetSubscriptionErrors[keyof OrgsGetSubscriptionErrors];
+
+export type OrgsGetSubscriptionResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeUnionSubscriptionOutNoneType;
+};
+
+export type OrgsGetSubscriptionResponse = OrgsGetSubscriptionResponses[keyof OrgsGetSubscriptionResponses];
+
+export type OrgsSubscribeData = {
+    body: SubscribeIn;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/subscription';
+};
+
+export type OrgsSubscribeErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Unknown or inactive plan
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsSubscribeError = OrgsSubscribeErrors[keyof OrgsSubscribeErrors];
+
+export type OrgsSubscribeResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeSubscriptionOut;
+    /**
+     * A new subscription period started
+     */
+    201: EnvelopeSubscriptionOut;
+};
+
+export type OrgsSubscribeResponse = OrgsSubscribeResponses[keyof OrgsSubscribeResponses];
+
+export type OrgsCancelSubscriptionData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/subscription/cancel';
+};
+
+export type OrgsCancelSubscriptionErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * Already ended
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsCancelSubscriptionError = OrgsCancelSubscriptionErrors[keyof OrgsCancelSubscriptionErrors];
+
+export type OrgsCancelSubscriptionResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeSubscriptionOut;
+};
+
+export type OrgsCancelSubscriptionResponse = OrgsCancelSubscriptionResponses[keyof OrgsCancelSubscriptionResponses];
+
+export type OrgsResumeSubscriptionData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/subscription/resume';
+};
+
+export type OrgsResumeSubscriptionErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * Already ended
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsResumeSubscriptionError = OrgsResumeSubscriptionErrors[keyof OrgsResumeSubscriptionErrors];
+
+export type OrgsResumeSubscriptionResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeSubscriptionOut;
+};
+
+export type OrgsResumeSubscriptionResponse = OrgsResumeSubscriptionResponses[keyof OrgsResumeSubscriptionResponses];
+
+export type OrgsListApiKeysData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: {
+        /**
+         * Offset
+         *
+         * Rows to skip
+         */
+        offset?: number;
+        /**
+         * Limit
+         *
+         * Rows to return (1-100)
+         */
+        limit?: number;
+    };
+    url: '/api/v1/orgs/{org_id}/api-keys';
+};
+
+export type OrgsListApiKeysErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsListApiKeysError = OrgsListApiKeysErrors[keyof OrgsListApiKeysErrors];
+
+export type OrgsListApiKeysResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListApiKeyOut;
+};
+
+export type OrgsListApiKeysResponse = OrgsListApiKeysResponses[keyof OrgsListApiKeysResponses];
+
+export type OrgsCreateApiKeyData = {
+    body: ApiKeyCreateIn;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/api-keys';
+};
+
+export type OrgsCreateApiKeyErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * At most 20 active keys
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsCreateApiKeyError = OrgsCreateApiKeyErrors[keyof OrgsCreateApiKeyErrors];
+
+export type OrgsCreateApiKeyResponses = {
+    /**
+     * Successful Response
+     */
+    201: EnvelopeApiKeyCreatedOut;
+};
+
+export type OrgsCreateApiKeyResponse = OrgsCreateApiKeyResponses[keyof OrgsCreateApiKeyResponses];
+
+export type OrgsRevokeApiKeyData = {
+    body?: never;
+    path: {
+        /**
+         * Key Id
+         */
+        key_id: string;
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/api-keys/{key_id}';
+};
+
+export type OrgsRevokeApiKeyErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The caller's role may not do this
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsRevokeApiKeyError = OrgsRevokeApiKeyErrors[keyof OrgsRevokeApiKeyErrors];
+
+export type OrgsRevokeApiKeyResponses = {
+    /**
+     * Successful Response
+     */
+    204: void;
+};
+
+export type OrgsRevokeApiKeyResponse = OrgsRevokeApiKeyResponses[keyof OrgsRevokeApiKeyResponses];
+
+export type OrgsListUsageData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: {
+        /**
+         * Tool Id
+         *
+         * Only this tool's records
+         */
+        tool_id?: string | null;
+        /**
+         * Status
+         *
+         * Only records with this outcome
+         */
+        status?: 'success' | 'error' | 'timeout' | 'cancelled' | null;
+        /**
+         * User Id
+         *
+         * Only this member's calls (admins and owners; members see their own)
+         */
+        user_id?: string | null;
+        /**
+         * Start Date
+         *
+         * Range start: YYYY-MM-DD (a whole UTC day; end_date inclusive) or an ISO 8601 timestamp (no offset = UTC; end exclusive)
+         */
+        start_date?: string | null;
+        /**
+         * End Date
+         *
+         * Range end: YYYY-MM-DD (a whole UTC day; end_date inclusive) or an ISO 8601 timestamp (no offset = UTC; end exclusive)
+         */
+        end_date?: string | null;
+        /**
+         * Offset
+         *
+         * Rows to skip
+         */
+        offset?: number;
+        /**
+         * Limit
+         *
+         * Rows to return (1-100)
+         */
+        limit?: number;
+    };
+    url: '/api/v1/orgs/{org_id}/usage';
+};
+
+export type OrgsListUsageErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsListUsageError = OrgsListUsageErrors[keyof OrgsListUsageErrors];
+
+export type OrgsListUsageResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListUsageRecord;
+};
+
+export type OrgsListUsageResponse = OrgsListUsageResponses[keyof OrgsListUsageResponses];
+
+export type OrgsUsageSummaryData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: {
+        /**
+         * User Id
+         *
+         * Only this member's calls (admins and owners; members see their own)
+         */
+        user_id?: string | null;
+        /**
+         * Start Date
+         *
+         * Range start: YYYY-MM-DD (a whole UTC day; end_date inclusive) or an ISO 8601 timestamp (no offset = UTC; end exclusive)
+         */
+        start_date?: string | null;
+        /**
+         * End Date
+         *
+         * Range end: YYYY-MM-DD (a whole UTC day; end_date inclusive) or an ISO 8601 timestamp (no offset = UTC; end exclusive)
+         */
+        end_date?: string | null;
+    };
+    url: '/api/v1/orgs/{org_id}/usage/summary';
+};
+
+export type OrgsUsageSummaryErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsUsageSummaryError = OrgsUsageSummaryErrors[keyof OrgsUsageSummaryErrors];
+
+export type OrgsUsageSummaryResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeOrgUsageSummary;
+};
+
+export type OrgsUsageSummaryResponse = OrgsUsageSummaryResponses[keyof OrgsUsageSummaryResponses];
+
+export type OrgsUsageTimeseriesData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: {
+        /**
+         * Granularity
+         *
+         * Bucket size
+         */
+        granularity?: 'hour' | 'day';
+        /**
+         * User Id
+         *
+         * Only this member's calls (admins and owners; members see their own)
+         */
+        user_id?: string | null;
+        /**
+         * Start Date
+         *
+         * Range start: YYYY-MM-DD (a whole UTC day; end_date inclusive) or an ISO 8601 timestamp (no offset = UTC; end exclusive)
+         */
+        start_date?: string | null;
+        /**
+         * End Date
+         *
+         * Range end: YYYY-MM-DD (a whole UTC day; end_date inclusive) or an ISO 8601 timestamp (no offset = UTC; end exclusive)
+         */
+        end_date?: string | null;
+    };
+    url: '/api/v1/orgs/{org_id}/usage/timeseries';
+};
+
+export type OrgsUsageTimeseriesErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsUsageTimeseriesError = OrgsUsageTimeseriesErrors[keyof OrgsUsageTimeseriesErrors];
+
+export type OrgsUsageTimeseriesResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListTimeseriesPoint;
+};
+
+export type OrgsUsageTimeseriesResponse = OrgsUsageTimeseriesResponses[keyof OrgsUsageTimeseriesResponses];
+
+export type OrgsUsageExportData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: {
+        /**
+         * Tool Id
+         *
+         * Only this tool's records
+         */
+        tool_id?: string | null;
+        /**
+         * Status
+         *
+         * Only records with this outcome
+         */
+        status?: 'success' | 'error' | 'timeout' | 'cancelled' | null;
+        /**
+         * User Id
+         *
+         * Only this member's calls (admins and owners; members see their own)
+         */
+        user_id?: string | null;
+        /**
+         * Start Date
+         *
+         * Range start: YYYY-MM-DD (a whole UTC day; end_date inclusive) or an ISO 8601 timestamp (no offset = UTC; end exclusive)
+         */
+        start_date?: string | null;
+        /**
+         * End Date
+         *
+         * Range end: YYYY-MM-DD (a whole UTC day; end_date inclusive) or an ISO 8601 timestamp (no offset = UTC; end exclusive)
+         */
+        end_date?: string | null;
+    };
+    url: '/api/v1/orgs/{org_id}/usage/export';
+};
+
+export type OrgsUsageExportErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsUsageExportError = OrgsUsageExportErrors[keyof OrgsUsageExportErrors];
+
+export type OrgsUsageExportResponses = {
+    /**
+     * CSV attachment
+     */
+    200: unknown;
+};
+
+export type OrgsAcceptInvitationData = {
+    body: AcceptIn;
+    path?: never;
+    query?: never;
+    url: '/api/v1/invitations/accept';
+};
+
+export type OrgsAcceptInvitationErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * The invitation was sent to another email
+     */
+    403: EnvelopeNoneType;
+    /**
+     * Unknown, expired, revoked or used
+     */
+    404: EnvelopeNoneType;
+    /**
+     * Already a member
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsAcceptInvitationError = OrgsAcceptInvitationErrors[keyof OrgsAcceptInvitationErrors];
+
+export type OrgsAcceptInvitationResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeOrganizationOut;
+};
+
+export type OrgsAcceptInvitationResponse = OrgsAcceptInvitationResponses[keyof OrgsAcceptInvitationResponses];
+
+export type AdminListOrgsData = {
+    body?: never;
+    path?: never;
+    query?: {
+        /**
+         * Search
+         *
+         * Part of the name
+         */
+        search?: string | null;
+        /**
+         * Offset
+         *
+         * Rows to skip
+         */
+        offset?: number;
+        /**
+         * Limit
+         *
+         * Rows to return (1-100)
+         */
+        limit?: number;
+    };
+    url: '/api/v1/admin/orgs';
+};
+
+export type AdminListOrgsErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not a platform admin
+     */
+    403: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type AdminListOrgsError = AdminListOrgsErrors[keyof AdminListOrgsErrors];
+
+export type AdminListOrgsResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListAdminOrganizationOut;
+};
+
+export type AdminListOrgsResponse = AdminListOrgsResponses[keyof AdminListOrgsResponses];
+
+export type AdminGetOrgData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/admin/orgs/{org_id}';
+};
+
+export type AdminGetOrgErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not a platform admin
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such organization
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type AdminGetOrgError = AdminGetOrgErrors[keyof AdminGetOrgErrors];
+
+export type AdminGetOrgResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeAdminOrganizationOut;
+};
+
+export type AdminGetOrgResponse = AdminGetOrgResponses[keyof AdminGetOrgResponses];
+
+export type AdminGrantOrgSubscriptionData = {
+    body: GrantIn;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/admin/orgs/{org_id}/subscription';
+};
+
+export type AdminGrantOrgSubscriptionErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not a platform admin
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such (live) organization
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * Validation error
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type AdminGrantOrgSubscriptionError = AdminGrantOrgSubscriptionErrors[keyof AdminGrantOrgSubscriptionErrors];
+
+export type AdminGrantOrgSubscriptionResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeSubscriptionOut;
+};
+
+export type AdminGrantOrgSubscriptionResponse = AdminGrantOrgSubscriptionResponses[keyof AdminGrantOrgSubscriptionResponses];
 
 export type WebhooksListEndpointsData = {
     body?: never;
