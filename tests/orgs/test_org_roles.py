@@ -68,7 +68,9 @@ async def _world(client: httpx.AsyncClient, engine: AsyncEngine) -> World:
     org = await make_org(engine, admins=1, members=2)
     owner = org.owner.headers
     inv = await client.post(
-        f"{API}/orgs/{org.id}/invitations", json={"email": f"{uuid.uuid4().hex[:8]}@example.com"}, headers=owner
+        f"{API}/orgs/{org.id}/invitations",
+        json={"email": f"{uuid.uuid4().hex[:8]}@example.com"},
+        headers=owner,
     )
     assert inv.status_code == 201, inv.text
     key = await client.post(f"{API}/orgs/{org.id}/api-keys", json={"name": "k"}, headers=owner)

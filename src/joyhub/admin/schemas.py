@@ -13,7 +13,7 @@ from joyhub.usage.schemas import DailyRefusals, ToolUsage
 from joyhub.users.schemas import Name
 
 Role = Literal["user", "admin"]
-TargetType = Literal["user", "tool", "plan", "subscription", "webhook"]
+TargetType = Literal["user", "tool", "plan", "subscription", "webhook", "organization"]
 
 
 class AdminSubscription(BaseModel):

@@ -4590,7 +4590,7 @@ export type AdminListAuditLogsData = {
          *
          * Only this kind of target
          */
-        target_type?: 'user' | 'tool' | 'plan' | 'subscription' | 'webhook' | null;
+        target_type?: 'user' | 'tool' | 'plan' | 'subscription' | 'webhook' | 'organization' | null;
         /**
          * Target Id
          *
