@@ -176,9 +176,57 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("org_id", "day", "user_id", "tool_id", name="pk_usage_org_daily"),
     )
+    # organization webhooks (API.md §11 with §13): endpoints owned by an organization, events
+    # about an organization's subscription
+    op.add_column("webhook_endpoints", sa.Column("org_id", sa.Uuid(), nullable=True))
+    op.create_foreign_key(
+        op.f("fk_webhook_endpoints_org_id_organizations"),
+        "webhook_endpoints",
+        "organizations",
+        ["org_id"],
+        ["id"],
+        ondelete="CASCADE",
+    )
+    op.create_index(
+        "ix_webhook_endpoints_org_created",
+        "webhook_endpoints",
+        ["org_id", "created_at"],
+        unique=False,
+        postgresql_where=sa.text("org_id IS NOT NULL"),
+    )
+    op.drop_constraint(op.f("ck_webhook_endpoints_scope"), "webhook_endpoints", type_="check")
+    op.create_check_constraint(
+        op.f("ck_webhook_endpoints_scope"), "webhook_endpoints", "scope IN ('user', 'admin', 'org')"
+    )
+    op.add_column("webhook_events", sa.Column("org_id", sa.Uuid(), nullable=True))
+    op.create_foreign_key(
+        op.f("fk_webhook_events_org_id_organizations"),
+        "webhook_events",
+        "organizations",
+        ["org_id"],
+        ["id"],
+        ondelete="CASCADE",
+    )
 
 
 def downgrade() -> None:
+    op.execute("DELETE FROM webhook_events WHERE org_id IS NOT NULL")
+    op.drop_constraint(op.f("fk_webhook_events_org_id_organizations"), "webhook_events", type_="foreignkey")
+    op.drop_column("webhook_events", "org_id")
+    op.drop_index(
+        "ix_webhook_endpoints_org_created",
+        table_name="webhook_endpoints",
+        postgresql_where=sa.text("org_id IS NOT NULL"),
+    )
+    op.execute("DELETE FROM webhook_endpoints WHERE org_id IS NOT NULL OR scope = 'org'")
+    op.drop_constraint(
+        op.f("fk_webhook_endpoints_org_id_organizations"), "webhook_endpoints", type_="foreignkey"
+    )
+    op.drop_column("webhook_endpoints", "org_id")
+    op.drop_constraint(op.f("ck_webhook_endpoints_scope"), "webhook_endpoints", type_="check")
+    op.create_check_constraint(
+        op.f("ck_webhook_endpoints_scope"), "webhook_endpoints", "scope IN ('user', 'admin')"
+    )
     op.drop_table("usage_org_daily")
     op.drop_index(
         "ix_usage_logs_org_ts", table_name="usage_logs", postgresql_where=sa.text("org_id IS NOT NULL")

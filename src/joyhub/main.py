@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
     from joyhub.orgs.admin_router import router as admin_orgs_router
     from joyhub.orgs.router import invitations_router
     from joyhub.orgs.router import router as orgs_router
+    from joyhub.orgs.webhooks_router import router as org_webhooks_router
     from joyhub.subscriptions.router import router as subscriptions_router
     from joyhub.tools.router import router as tools_router
     from joyhub.usage.router import router as usage_router
@@ -97,6 +98,12 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
     # teams (API.md §13): accepting an invitation, and the platform admin's views of organizations
     app.include_router(
         invitations_router, prefix=f"{API_PREFIX}/invitations", tags=["orgs"], responses=COMMON_RESPONSES
+    )
+    app.include_router(
+        org_webhooks_router,
+        prefix=f"{API_PREFIX}/orgs/{{org_id}}/webhooks",
+        tags=["orgs"],
+        responses=COMMON_RESPONSES,
     )
     app.include_router(
         admin_orgs_router, prefix=f"{API_PREFIX}/admin/orgs", tags=["admin"], responses=COMMON_RESPONSES

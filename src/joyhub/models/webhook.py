@@ -33,17 +33,22 @@ from sqlalchemy.orm import Mapped, mapped_column
 from joyhub.core.clock import utcnow
 from joyhub.models.base import Base, Timestamps, UUIDPk
 
-ENDPOINT_SCOPES = ("user", "admin")
+ENDPOINT_SCOPES = ("user", "admin", "org")
 DELIVERY_STATUSES = ("pending", "succeeded", "failed")
 
 
 class WebhookEndpoint(UUIDPk, Timestamps, Base):
-    """A URL that receives signed events: a user's own (`scope = 'user'`, that user's events) or
-    a platform one managed by admins (`scope = 'admin'`, every user's events and tool events)."""
+    """A URL that receives signed events: a user's own (`scope = 'user'`, that user's events), an
+    organization's (`scope = 'org'`, `org_id`: the organization's subscription events, managed by
+    its admins, API.md §13) or a platform one managed by admins (`scope = 'admin'`, every
+    account's events and tool events)."""
 
     __tablename__ = "webhook_endpoints"
     __table_args__ = (
-        CheckConstraint("scope IN ('user', 'admin')", name="scope"),
+        CheckConstraint("scope IN ('user', 'admin', 'org')", name="scope"),
+        Index(
+            "ix_webhook_endpoints_org_created", "org_id", "created_at", postgresql_where="org_id IS NOT NULL"
+        ),
         Index("ix_webhook_endpoints_owner_created", "owner_id", "created_at"),
         Index("ix_webhook_endpoints_admin", "created_at", postgresql_where="scope = 'admin'"),
     )
@@ -60,6 +65,7 @@ class WebhookEndpoint(UUIDPk, Timestamps, Base):
     previous_secret_expires_at: Mapped[datetime | None]
     # the first failed attempt since the last success; the endpoint is disabled when it is old
     failing_since: Mapped[datetime | None]
+    org_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
 
 
 class WebhookEvent(Base):
@@ -81,6 +87,8 @@ class WebhookEvent(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     fanned_out_at: Mapped[datetime | None]
+    # the organization whose subscription the event concerns (then `user_id` is null)
+    org_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
 
 
 class WebhookDelivery(UUIDPk, Base):

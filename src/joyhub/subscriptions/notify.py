@@ -18,17 +18,22 @@ from joyhub.webhooks import events
 
 
 def changed(session: AsyncSession, event_type: str, sub: Subscription, plan: Plan, now: datetime) -> None:
-    """`subscription.*`: `{subscription: Subscription, user_id}`."""
+    """`subscription.*`: `{subscription: Subscription, user_id}` (an organization's: `org_id`
+    in place of `user_id`, API.md §13)."""
     events.emit(
         session,
         event_type,
         user_id=sub.user_id,
-        data={
-            "subscription": SubscriptionOut.of(sub, plan).model_dump(mode="json"),
-            "user_id": str(sub.user_id),
-        },
+        org_id=sub.org_id,
+        data={"subscription": SubscriptionOut.of(sub, plan).model_dump(mode="json"), **_owner(sub)},
         now=now,
     )
+
+
+def _owner(sub: Subscription) -> dict[str, str]:
+    if sub.org_id is not None:
+        return {"org_id": str(sub.org_id)}
+    return {"user_id": str(sub.user_id)}
 
 
 def period_reset(session: AsyncSession, sub: Subscription, previous_tokens_used: int, now: datetime) -> None:
@@ -37,9 +42,10 @@ def period_reset(session: AsyncSession, sub: Subscription, previous_tokens_used:
         session,
         events.QUOTA_PERIOD_RESET,
         user_id=sub.user_id,
+        org_id=sub.org_id,
         data={
             "subscription_id": str(sub.id),
-            "user_id": str(sub.user_id),
+            **_owner(sub),
             "previous_tokens_used": previous_tokens_used,
             "period_start": iso_utc(sub.current_period_start),
             "period_end": iso_utc(sub.current_period_end),

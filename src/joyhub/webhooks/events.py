@@ -66,6 +66,7 @@ def emit(
     data: dict[str, Any],
     now: datetime,
     endpoint_id: uuid.UUID | None = None,
+    org_id: uuid.UUID | None = None,
 ) -> WebhookEvent:
     """Add an event to the session's transaction (the outbox); the dispatcher does the rest."""
     event = WebhookEvent(
@@ -73,6 +74,7 @@ def emit(
         type=event_type,
         user_id=user_id,
         endpoint_id=endpoint_id,
+        org_id=org_id,
         data=data,
         created_at=now,
         fanned_out_at=None,

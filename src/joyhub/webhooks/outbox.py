@@ -7,7 +7,9 @@ emails of `quota.threshold_reached` events whose user has `quota_email` on. Who 
 
 - a user's endpoints (`scope = 'user'`): the events of their own account, for the types they
   chose, while the account is active;
-- the platform's endpoints (`scope = 'admin'`): every user's events and the tool events, for
+- an organization's endpoints (`scope = 'org'`): the events of the organization's subscription
+  (API.md §13), while the organization exists; its quota emails go to its owners and admins;
+- the platform's endpoints (`scope = 'admin'`): every account's events and the tool events, for
   the types they chose.
 
 `webhook.test` events never come here: `POST …/test` creates its one delivery directly.
@@ -29,7 +31,7 @@ BATCH = 500
 _FAN_OUT = text(
     """
     WITH ev AS (
-        SELECT id, type, user_id FROM webhook_events
+        SELECT id, type, user_id, org_id FROM webhook_events
         WHERE fanned_out_at IS NULL
         ORDER BY created_at LIMIT :limit
         FOR UPDATE SKIP LOCKED
@@ -38,6 +40,12 @@ _FAN_OUT = text(
         FROM ev
         JOIN webhook_endpoints AS e ON e.owner_id = ev.user_id AND e.scope = 'user'
         JOIN users AS u ON u.id = e.owner_id AND u.is_active
+        WHERE e.is_active AND ev.type = ANY(e.events)
+        UNION ALL
+        SELECT ev.id, e.id
+        FROM ev
+        JOIN webhook_endpoints AS e ON e.org_id = ev.org_id AND e.scope = 'org'
+        JOIN organizations AS o ON o.id = e.org_id AND o.deleted_at IS NULL
         WHERE e.is_active AND ev.type = ANY(e.events)
         UNION ALL
         SELECT ev.id, e.id
@@ -55,14 +63,24 @@ _FAN_OUT = text(
     """
 )
 
-# the quota emails to queue: threshold events of active users with quota_email on (the default)
+# the quota emails to queue: threshold events of active users with quota_email on (the default);
+# an organization's go to its active owners and admins who have quota_email on (one email each,
+# not tied to the event's id: the fan-out that queues them runs once per event)
 _QUOTA_MAILS = text(
     """
-    SELECT ev.id, ev.user_id, ev.data::text AS data, ev.created_at, u.email
+    SELECT ev.id, ev.user_id, ev.data::text AS data, ev.created_at, u.email, false AS for_org
     FROM webhook_events AS ev
     JOIN users AS u ON u.id = ev.user_id AND u.is_active
     LEFT JOIN notification_preferences AS np ON np.user_id = ev.user_id
     WHERE ev.id = ANY(CAST(:ids AS uuid[])) AND COALESCE(np.quota_email, true)
+    UNION ALL
+    SELECT ev.id, u.id, ev.data::text, ev.created_at, u.email, true
+    FROM webhook_events AS ev
+    JOIN organizations AS o ON o.id = ev.org_id AND o.deleted_at IS NULL
+    JOIN organization_members AS m ON m.org_id = ev.org_id AND m.role IN ('owner', 'admin')
+    JOIN users AS u ON u.id = m.user_id AND u.is_active
+    LEFT JOIN notification_preferences AS np ON np.user_id = u.id
+    WHERE ev.id = ANY(CAST(:ids AS uuid[])) AND ev.org_id IS NOT NULL AND COALESCE(np.quota_email, true)
     """
 )
 
@@ -83,7 +101,7 @@ async def fan_out(engine: AsyncEngine, *, now: datetime, limit: int = BATCH) -> 
                     subject=subject,
                     body=body,
                     now=now,
-                    event_id=row.id,
+                    event_id=None if row.for_org else row.id,
                 )
     return len(events)
 

@@ -7,7 +7,8 @@ and the same round trip — as the tokens that cross it.
 What the fragment expects from the statement around it
 ------------------------------------------------------
 - a CTE named `sub`: the subscription row the settle just charged (0 or 1 row), with columns
-  `id` (uuid), `user_id` (uuid), `tokens_before` (bigint, `tokens_used` before this settle),
+  `id` (uuid), `user_id` (uuid), `org_id` (uuid, for an organization's subscription),
+  `tokens_before` (bigint, `tokens_used` before this settle),
   `tokens_used` (bigint, after it), `token_limit` (bigint, the plan's limit),
   `current_period_start` and `current_period_end` (timestamptz);
 - a bound parameter `:now` (timestamptz): when the settle happened.
@@ -52,7 +53,7 @@ _DEFAULTS = ", ".join(str(t) for t in DEFAULT_THRESHOLDS)
 
 QUOTA_ALERT_CTES = f"""
     quota_crossing AS (
-        SELECT sub.id, sub.user_id, sub.tokens_before, sub.tokens_used, sub.token_limit,
+        SELECT sub.id, sub.user_id, sub.org_id, sub.tokens_before, sub.tokens_used, sub.token_limit,
                sub.current_period_start, sub.current_period_end
         FROM sub
         WHERE sub.token_limit > 0
@@ -70,12 +71,12 @@ QUOTA_ALERT_CTES = f"""
         ON CONFLICT DO NOTHING
         RETURNING threshold
     ), quota_events AS (
-        INSERT INTO webhook_events (id, type, user_id, data, created_at)
-        SELECT gen_random_uuid(), '{QUOTA_THRESHOLD_REACHED}', c.user_id,
-               jsonb_build_object(
-                   'subscription_id', c.id, 'user_id', c.user_id, 'threshold', c.threshold,
-                   'token_limit', c.token_limit, 'tokens_used', c.tokens_used,
-                   'period_end', {iso_utc_sql("c.current_period_end")}),
+        INSERT INTO webhook_events (id, type, user_id, org_id, data, created_at)
+        SELECT gen_random_uuid(), '{QUOTA_THRESHOLD_REACHED}', c.user_id, c.org_id,
+               jsonb_strip_nulls(jsonb_build_object(
+                   'subscription_id', c.id, 'user_id', c.user_id, 'org_id', c.org_id,
+                   'threshold', c.threshold, 'token_limit', c.token_limit, 'tokens_used', c.tokens_used,
+                   'period_end', {iso_utc_sql("c.current_period_end")})),
                CAST(:now AS timestamptz)
         FROM quota_alerted AS a JOIN quota_crossed AS c ON c.threshold = a.threshold
         RETURNING 1

@@ -30,7 +30,7 @@ from joyhub.webhooks import deliveries, events, policy
 from joyhub.webhooks.schemas import DeliveryOut, EndpointCreateIn, EndpointOut, EndpointUpdateIn
 from joyhub.webhooks.secret_box import new_secret, secret_box
 
-Scope = Literal["user", "admin"]
+Scope = Literal["user", "admin", "org"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,13 @@ class Owner:
 
     user: User
     scope: Scope
+    org_id: uuid.UUID | None = None  # scope `org`: the organization's endpoints (API.md §13)
 
     def visible(self) -> ColumnElement[bool]:
         if self.scope == "admin":
             return WebhookEndpoint.scope == "admin"
+        if self.scope == "org":
+            return (WebhookEndpoint.scope == "org") & (WebhookEndpoint.org_id == self.org_id)
         return (WebhookEndpoint.scope == "user") & (WebhookEndpoint.owner_id == self.user.id)
 
     @property
@@ -106,7 +109,8 @@ def _record(
 
 async def _lock_owner(session: AsyncSession, owner: Owner) -> None:
     """Serialise creations in one owner's set, so parallel ones cannot pass the limit."""
-    key = f"joyhub.webhooks:{owner.user.id if owner.scope == 'user' else 'platform'}"
+    owner_key = {"user": owner.user.id, "admin": "platform", "org": f"org:{owner.org_id}"}[owner.scope]
+    key = f"joyhub.webhooks:{owner_key}"
     await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": key})
 
 
@@ -153,6 +157,7 @@ async def create_endpoint(
         id=endpoint_id,
         owner_id=owner.user.id,
         scope=owner.scope,
+        org_id=owner.org_id,
         url=body.url,
         events=body.events,
         description=body.description,

@@ -2,7 +2,7 @@
 
 import { client } from './client.gen.js';
 import { type Client, type Options as Options2, type TDataShape, urlSearchParamsBodySerializer } from './client/index.js';
-import type { AdminCreateEndpointData, AdminCreateEndpointErrors, AdminCreateEndpointResponses, AdminCreateToolData, AdminCreateToolErrors, AdminCreateToolResponses, AdminDeleteEndpointData, AdminDeleteEndpointErrors, AdminDeleteEndpointResponses, AdminDeleteToolData, AdminDeleteToolErrors, AdminDeleteToolResponses, AdminGetOrgData, AdminGetOrgErrors, AdminGetOrgResponses, AdminGetToolData, AdminGetToolErrors, AdminGetToolResponses, AdminGetUserData, AdminGetUserErrors, AdminGetUserResponses, AdminGrantOrgSubscriptionData, AdminGrantOrgSubscriptionErrors, AdminGrantOrgSubscriptionResponses, AdminGrantSubscriptionData, AdminGrantSubscriptionErrors, AdminGrantSubscriptionResponses, AdminListAuditLogsData, AdminListAuditLogsErrors, AdminListAuditLogsResponses, AdminListDeliveriesData, AdminListDeliveriesErrors, AdminListDeliveriesResponses, AdminListEndpointsData, AdminListEndpointsErrors, AdminListEndpointsResponses, AdminListOrgsData, AdminListOrgsErrors, AdminListOrgsResponses, AdminListPlansData, AdminListPlansErrors, AdminListPlansResponses, AdminListToolsData, AdminListToolsErrors, AdminListToolsResponses, AdminListUsersData, AdminListUsersErrors, AdminListUsersResponses, AdminResetCircuitData, AdminResetCircuitErrors, AdminResetCircuitResponses, AdminRetryDeliveryData, AdminRetryDeliveryErrors, AdminRetryDeliveryResponses, AdminRotateSecretData, AdminRotateSecretErrors, AdminRotateSecretResponses, AdminSendTestData, AdminSendTestErrors, AdminSendTestResponses, AdminUpdateEndpointData, AdminUpdateEndpointErrors, AdminUpdateEndpointResponses, AdminUpdatePlanData, AdminUpdatePlanErrors, AdminUpdatePlanResponses, AdminUpdateToolData, AdminUpdateToolErrors, AdminUpdateToolResponses, AdminUpdateUserData, AdminUpdateUserErrors, AdminUpdateUserResponses, AdminUsageStatsData, AdminUsageStatsErrors, AdminUsageStatsResponses, AuthLoginData, AuthLoginErrors, AuthLoginResponses, AuthLogoutAllData, AuthLogoutAllErrors, AuthLogoutAllResponses, AuthLogoutData, AuthLogoutErrors, AuthLogoutResponses, AuthPasswordResetConfirmData, AuthPasswordResetConfirmErrors, AuthPasswordResetConfirmResponses, AuthPasswordResetData, AuthPasswordResetErrors, AuthPasswordResetResponses, AuthRefreshData, AuthRefreshErrors, AuthRefreshResponses, AuthRegisterData, AuthRegisterErrors, AuthRegisterResponses, AuthTokenData, AuthTokenErrors, AuthTokenResponses, OperationsHealthData, OperationsHealthResponses, OperationsReadyData, OperationsReadyErrors, OperationsReadyResponses, OrgsAcceptInvitationData, OrgsAcceptInvitationErrors, OrgsAcceptInvitationResponses, OrgsCancelSubscriptionData, OrgsCancelSubscriptionErrors, OrgsCancelSubscriptionResponses, OrgsCreateApiKeyData, OrgsCreateApiKeyErrors, OrgsCreateApiKeyResponses, OrgsCreateData, OrgsCreateErrors, OrgsCreateInvitationData, OrgsCreateInvitationErrors, OrgsCreateInvitationResponses, OrgsCreateResponses, OrgsDeleteData, OrgsDeleteErrors, OrgsDeleteResponses, OrgsGetData, OrgsGetErrors, OrgsGetResponses, OrgsGetSubscriptionData, OrgsGetSubscriptionErrors, OrgsGetSubscriptionResponses, OrgsListApiKeysData, OrgsListApiKeysErrors, OrgsListApiKeysResponses, OrgsListData, OrgsListErrors, OrgsListInvitationsData, OrgsListInvitationsErrors, OrgsListInvitationsResponses, OrgsListMembersData, OrgsListMembersErrors, OrgsListMembersResponses, OrgsListResponses, OrgsListUsageData, OrgsListUsageErrors, OrgsListUsageResponses, OrgsRemoveMemberData, OrgsRemoveMemberErrors, OrgsRemoveMemberResponses, OrgsResumeSubscriptionData, OrgsResumeSubscriptionErrors, OrgsResumeSubscriptionResponses, OrgsRevokeApiKeyData, OrgsRevokeApiKeyErrors, OrgsRevokeApiKeyResponses, OrgsRevokeInvitationData, OrgsRevokeInvitationErrors, OrgsRevokeInvitationResponses, OrgsSubscribeData, OrgsSubscribeErrors, OrgsSubscribeResponses, OrgsUpdateData, OrgsUpdateErrors, OrgsUpdateMemberData, OrgsUpdateMemberErrors, OrgsUpdateMemberResponses, OrgsUpdateResponses, OrgsUsageExportData, OrgsUsageExportErrors, OrgsUsageExportResponses, OrgsUsageSummaryData, OrgsUsageSummaryErrors, OrgsUsageSummaryResponses, OrgsUsageTimeseriesData, OrgsUsageTimeseriesErrors, OrgsUsageTimeseriesResponses, SubscriptionsCancelData, SubscriptionsCancelErrors, SubscriptionsCancelResponses, SubscriptionsCurrentData, SubscriptionsCurrentErrors, SubscriptionsCurrentResponses, SubscriptionsListPlansData, SubscriptionsListPlansErrors, SubscriptionsListPlansResponses, SubscriptionsResumeData, SubscriptionsResumeErrors, SubscriptionsResumeResponses, SubscriptionsSubscribeData, SubscriptionsSubscribeErrors, SubscriptionsSubscribeResponses, ToolsGetData, ToolsGetErrors, ToolsGetResponses, ToolsInvokeData, ToolsInvokeErrors, ToolsInvokeResponses, ToolsListData, ToolsListErrors, ToolsListResponses, UsageExportData, UsageExportErrors, UsageExportResponses, UsageListData, UsageListErrors, UsageListResponses, UsageSummaryData, UsageSummaryErrors, UsageSummaryResponses, UsageTimeseriesData, UsageTimeseriesErrors, UsageTimeseriesResponses, UsersChangePasswordData, UsersChangePasswordErrors, UsersChangePasswordResponses, UsersCreateApiKeyData, UsersCreateApiKeyErrors, UsersCreateApiKeyResponses, UsersGetMeData, UsersGetMeErrors, UsersGetMeResponses, UsersListApiKeysData, UsersListApiKeysErrors, UsersListApiKeysResponses, UsersRevokeApiKeyData, UsersRevokeApiKeyErrors, UsersRevokeApiKeyResponses, UsersUpdateMeData, UsersUpdateMeErrors, UsersUpdateMeResponses, WebhooksCreateEndpointData, WebhooksCreateEndpointErrors, WebhooksCreateEndpointResponses, WebhooksDeleteEndpointData, WebhooksDeleteEndpointErrors, WebhooksDeleteEndpointResponses, WebhooksGetNotificationsData, WebhooksGetNotificationsErrors, WebhooksGetNotificationsResponses, WebhooksListDeliveriesData, WebhooksListDeliveriesErrors, WebhooksListDeliveriesResponses, WebhooksListEndpointsData, WebhooksListEndpointsErrors, WebhooksListEndpointsResponses, WebhooksRetryDeliveryData, WebhooksRetryDeliveryErrors, WebhooksRetryDeliveryResponses, WebhooksRotateSecretData, WebhooksRotateSecretErrors, WebhooksRotateSecretResponses, WebhooksSendTestData, WebhooksSendTestErrors, WebhooksSendTestResponses, WebhooksUpdateEndpointData, WebhooksUpdateEndpointErrors, WebhooksUpdateEndpointResponses, WebhooksUpdateNotificationsData, WebhooksUpdateNotificationsErrors, WebhooksUpdateNotificationsResponses } from './types.gen.js';
+import type { AdminCreateEndpointData, AdminCreateEndpointErrors, AdminCreateEndpointResponses, AdminCreateToolData, AdminCreateToolErrors, AdminCreateToolResponses, AdminDeleteEndpointData, AdminDeleteEndpointErrors, AdminDeleteEndpointResponses, AdminDeleteToolData, AdminDeleteToolErrors, AdminDeleteToolResponses, AdminGetOrgData, AdminGetOrgErrors, AdminGetOrgResponses, AdminGetToolData, AdminGetToolErrors, AdminGetToolResponses, AdminGetUserData, AdminGetUserErrors, AdminGetUserResponses, AdminGrantOrgSubscriptionData, AdminGrantOrgSubscriptionErrors, AdminGrantOrgSubscriptionResponses, AdminGrantSubscriptionData, AdminGrantSubscriptionErrors, AdminGrantSubscriptionResponses, AdminListAuditLogsData, AdminListAuditLogsErrors, AdminListAuditLogsResponses, AdminListDeliveriesData, AdminListDeliveriesErrors, AdminListDeliveriesResponses, AdminListEndpointsData, AdminListEndpointsErrors, AdminListEndpointsResponses, AdminListOrgsData, AdminListOrgsErrors, AdminListOrgsResponses, AdminListPlansData, AdminListPlansErrors, AdminListPlansResponses, AdminListToolsData, AdminListToolsErrors, AdminListToolsResponses, AdminListUsersData, AdminListUsersErrors, AdminListUsersResponses, AdminResetCircuitData, AdminResetCircuitErrors, AdminResetCircuitResponses, AdminRetryDeliveryData, AdminRetryDeliveryErrors, AdminRetryDeliveryResponses, AdminRotateSecretData, AdminRotateSecretErrors, AdminRotateSecretResponses, AdminSendTestData, AdminSendTestErrors, AdminSendTestResponses, AdminUpdateEndpointData, AdminUpdateEndpointErrors, AdminUpdateEndpointResponses, AdminUpdatePlanData, AdminUpdatePlanErrors, AdminUpdatePlanResponses, AdminUpdateToolData, AdminUpdateToolErrors, AdminUpdateToolResponses, AdminUpdateUserData, AdminUpdateUserErrors, AdminUpdateUserResponses, AdminUsageStatsData, AdminUsageStatsErrors, AdminUsageStatsResponses, AuthLoginData, AuthLoginErrors, AuthLoginResponses, AuthLogoutAllData, AuthLogoutAllErrors, AuthLogoutAllResponses, AuthLogoutData, AuthLogoutErrors, AuthLogoutResponses, AuthPasswordResetConfirmData, AuthPasswordResetConfirmErrors, AuthPasswordResetConfirmResponses, AuthPasswordResetData, AuthPasswordResetErrors, AuthPasswordResetResponses, AuthRefreshData, AuthRefreshErrors, AuthRefreshResponses, AuthRegisterData, AuthRegisterErrors, AuthRegisterResponses, AuthTokenData, AuthTokenErrors, AuthTokenResponses, OperationsHealthData, OperationsHealthResponses, OperationsReadyData, OperationsReadyErrors, OperationsReadyResponses, OrgsAcceptInvitationData, OrgsAcceptInvitationErrors, OrgsAcceptInvitationResponses, OrgsCancelSubscriptionData, OrgsCancelSubscriptionErrors, OrgsCancelSubscriptionResponses, OrgsCreateApiKeyData, OrgsCreateApiKeyErrors, OrgsCreateApiKeyResponses, OrgsCreateData, OrgsCreateEndpointData, OrgsCreateEndpointErrors, OrgsCreateEndpointResponses, OrgsCreateErrors, OrgsCreateInvitationData, OrgsCreateInvitationErrors, OrgsCreateInvitationResponses, OrgsCreateResponses, OrgsDeleteData, OrgsDeleteEndpointData, OrgsDeleteEndpointErrors, OrgsDeleteEndpointResponses, OrgsDeleteErrors, OrgsDeleteResponses, OrgsGetData, OrgsGetErrors, OrgsGetResponses, OrgsGetSubscriptionData, OrgsGetSubscriptionErrors, OrgsGetSubscriptionResponses, OrgsListApiKeysData, OrgsListApiKeysErrors, OrgsListApiKeysResponses, OrgsListData, OrgsListDeliveriesData, OrgsListDeliveriesErrors, OrgsListDeliveriesResponses, OrgsListEndpointsData, OrgsListEndpointsErrors, OrgsListEndpointsResponses, OrgsListErrors, OrgsListInvitationsData, OrgsListInvitationsErrors, OrgsListInvitationsResponses, OrgsListMembersData, OrgsListMembersErrors, OrgsListMembersResponses, OrgsListResponses, OrgsListUsageData, OrgsListUsageErrors, OrgsListUsageResponses, OrgsRemoveMemberData, OrgsRemoveMemberErrors, OrgsRemoveMemberResponses, OrgsResumeSubscriptionData, OrgsResumeSubscriptionErrors, OrgsResumeSubscriptionResponses, OrgsRetryDeliveryData, OrgsRetryDeliveryErrors, OrgsRetryDeliveryResponses, OrgsRevokeApiKeyData, OrgsRevokeApiKeyErrors, OrgsRevokeApiKeyResponses, OrgsRevokeInvitationData, OrgsRevokeInvitationErrors, OrgsRevokeInvitationResponses, OrgsRotateSecretData, OrgsRotateSecretErrors, OrgsRotateSecretResponses, OrgsSendTestData, OrgsSendTestErrors, OrgsSendTestResponses, OrgsSubscribeData, OrgsSubscribeErrors, OrgsSubscribeResponses, OrgsUpdateData, OrgsUpdateEndpointData, OrgsUpdateEndpointErrors, OrgsUpdateEndpointResponses, OrgsUpdateErrors, OrgsUpdateMemberData, OrgsUpdateMemberErrors, OrgsUpdateMemberResponses, OrgsUpdateResponses, OrgsUsageExportData, OrgsUsageExportErrors, OrgsUsageExportResponses, OrgsUsageSummaryData, OrgsUsageSummaryErrors, OrgsUsageSummaryResponses, OrgsUsageTimeseriesData, OrgsUsageTimeseriesErrors, OrgsUsageTimeseriesResponses, SubscriptionsCancelData, SubscriptionsCancelErrors, SubscriptionsCancelResponses, SubscriptionsCurrentData, SubscriptionsCurrentErrors, SubscriptionsCurrentResponses, SubscriptionsListPlansData, SubscriptionsListPlansErrors, SubscriptionsListPlansResponses, SubscriptionsResumeData, SubscriptionsResumeErrors, SubscriptionsResumeResponses, SubscriptionsSubscribeData, SubscriptionsSubscribeErrors, SubscriptionsSubscribeResponses, ToolsGetData, ToolsGetErrors, ToolsGetResponses, ToolsInvokeData, ToolsInvokeErrors, ToolsInvokeResponses, ToolsListData, ToolsListErrors, ToolsListResponses, UsageExportData, UsageExportErrors, UsageExportResponses, UsageListData, UsageListErrors, UsageListResponses, UsageSummaryData, UsageSummaryErrors, UsageSummaryResponses, UsageTimeseriesData, UsageTimeseriesErrors, UsageTimeseriesResponses, UsersChangePasswordData, UsersChangePasswordErrors, UsersChangePasswordResponses, UsersCreateApiKeyData, UsersCreateApiKeyErrors, UsersCreateApiKeyResponses, UsersGetMeData, UsersGetMeErrors, UsersGetMeResponses, UsersListApiKeysData, UsersListApiKeysErrors, UsersListApiKeysResponses, UsersRevokeApiKeyData, UsersRevokeApiKeyErrors, UsersRevokeApiKeyResponses, UsersUpdateMeData, UsersUpdateMeErrors, UsersUpdateMeResponses, WebhooksCreateEndpointData, WebhooksCreateEndpointErrors, WebhooksCreateEndpointResponses, WebhooksDeleteEndpointData, WebhooksDeleteEndpointErrors, WebhooksDeleteEndpointResponses, WebhooksGetNotificationsData, WebhooksGetNotificationsErrors, WebhooksGetNotificationsResponses, WebhooksListDeliveriesData, WebhooksListDeliveriesErrors, WebhooksListDeliveriesResponses, WebhooksListEndpointsData, WebhooksListEndpointsErrors, WebhooksListEndpointsResponses, WebhooksRetryDeliveryData, WebhooksRetryDeliveryErrors, WebhooksRetryDeliveryResponses, WebhooksRotateSecretData, WebhooksRotateSecretErrors, WebhooksRotateSecretResponses, WebhooksSendTestData, WebhooksSendTestErrors, WebhooksSendTestResponses, WebhooksUpdateEndpointData, WebhooksUpdateEndpointErrors, WebhooksUpdateEndpointResponses, WebhooksUpdateNotificationsData, WebhooksUpdateNotificationsErrors, WebhooksUpdateNotificationsResponses } from './types.gen.js';
 
 export type Options<TData extends TDataShape = TDataShape, ThrowOnError extends boolean = boolean, TResponse = unknown> = Options2<TData, ThrowOnError, TResponse> & {
     /**
@@ -821,6 +821,86 @@ export const orgsAcceptInvitation = <ThrowOnError extends boolean = false>(optio
         'Content-Type': 'application/json',
         ...options.headers
     }
+});
+
+/**
+ * Webhook endpoints
+ */
+export const orgsListEndpoints = <ThrowOnError extends boolean = false>(options: Options<OrgsListEndpointsData, ThrowOnError>) => (options.client ?? client).get<OrgsListEndpointsResponses, OrgsListEndpointsErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/webhooks',
+    ...options
+});
+
+/**
+ * Create an endpoint; its secret (whsec_…) is in this response only
+ */
+export const orgsCreateEndpoint = <ThrowOnError extends boolean = false>(options: Options<OrgsCreateEndpointData, ThrowOnError>) => (options.client ?? client).post<OrgsCreateEndpointResponses, OrgsCreateEndpointErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/webhooks',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * Delete an endpoint; its pending deliveries are never attempted
+ */
+export const orgsDeleteEndpoint = <ThrowOnError extends boolean = false>(options: Options<OrgsDeleteEndpointData, ThrowOnError>) => (options.client ?? client).delete<OrgsDeleteEndpointResponses, OrgsDeleteEndpointErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/webhooks/{endpoint_id}',
+    ...options
+});
+
+/**
+ * Change an endpoint (is_active: false stops it; true re-enables a disabled one)
+ */
+export const orgsUpdateEndpoint = <ThrowOnError extends boolean = false>(options: Options<OrgsUpdateEndpointData, ThrowOnError>) => (options.client ?? client).patch<OrgsUpdateEndpointResponses, OrgsUpdateEndpointErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/webhooks/{endpoint_id}',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * A new secret (shown once); the previous one also signs for 24 h
+ */
+export const orgsRotateSecret = <ThrowOnError extends boolean = false>(options: Options<OrgsRotateSecretData, ThrowOnError>) => (options.client ?? client).post<OrgsRotateSecretResponses, OrgsRotateSecretErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/webhooks/{endpoint_id}/rotate-secret',
+    ...options
+});
+
+/**
+ * Send a webhook.test event to the endpoint (the delivery is returned, pending)
+ */
+export const orgsSendTest = <ThrowOnError extends boolean = false>(options: Options<OrgsSendTestData, ThrowOnError>) => (options.client ?? client).post<OrgsSendTestResponses, OrgsSendTestErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/webhooks/{endpoint_id}/test',
+    ...options
+});
+
+/**
+ * The endpoint's deliveries, newest first (kept 30 days)
+ */
+export const orgsListDeliveries = <ThrowOnError extends boolean = false>(options: Options<OrgsListDeliveriesData, ThrowOnError>) => (options.client ?? client).get<OrgsListDeliveriesResponses, OrgsListDeliveriesErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/webhooks/{endpoint_id}/deliveries',
+    ...options
+});
+
+/**
+ * Attempt a delivery again now
+ */
+export const orgsRetryDelivery = <ThrowOnError extends boolean = false>(options: Options<OrgsRetryDeliveryData, ThrowOnError>) => (options.client ?? client).post<OrgsRetryDeliveryResponses, OrgsRetryDeliveryErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/orgs/{org_id}/webhooks/{endpoint_id}/deliveries/{delivery_id}/retry',
+    ...options
 });
 
 /**

@@ -6631,6 +6631,521 @@ export type OrgsAcceptInvitationResponses = {
 
 export type OrgsAcceptInvitationResponse = OrgsAcceptInvitationResponses[keyof OrgsAcceptInvitationResponses];
 
+export type OrgsListEndpointsData = {
+    body?: never;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/webhooks';
+};
+
+export type OrgsListEndpointsErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsListEndpointsError = OrgsListEndpointsErrors[keyof OrgsListEndpointsErrors];
+
+export type OrgsListEndpointsResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListEndpointOut;
+};
+
+export type OrgsListEndpointsResponse = OrgsListEndpointsResponses[keyof OrgsListEndpointsResponses];
+
+export type OrgsCreateEndpointData = {
+    body: EndpointCreateIn;
+    path: {
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/webhooks';
+};
+
+export type OrgsCreateEndpointErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * At most 10 endpoints
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsCreateEndpointError = OrgsCreateEndpointErrors[keyof OrgsCreateEndpointErrors];
+
+export type OrgsCreateEndpointResponses = {
+    /**
+     * Successful Response
+     */
+    201: EnvelopeEndpointWithSecretOut;
+};
+
+export type OrgsCreateEndpointResponse = OrgsCreateEndpointResponses[keyof OrgsCreateEndpointResponses];
+
+export type OrgsDeleteEndpointData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/webhooks/{endpoint_id}';
+};
+
+export type OrgsDeleteEndpointErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsDeleteEndpointError = OrgsDeleteEndpointErrors[keyof OrgsDeleteEndpointErrors];
+
+export type OrgsDeleteEndpointResponses = {
+    /**
+     * Successful Response
+     */
+    204: void;
+};
+
+export type OrgsDeleteEndpointResponse = OrgsDeleteEndpointResponses[keyof OrgsDeleteEndpointResponses];
+
+export type OrgsUpdateEndpointData = {
+    body: EndpointUpdateIn;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/webhooks/{endpoint_id}';
+};
+
+export type OrgsUpdateEndpointErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsUpdateEndpointError = OrgsUpdateEndpointErrors[keyof OrgsUpdateEndpointErrors];
+
+export type OrgsUpdateEndpointResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeEndpointOut;
+};
+
+export type OrgsUpdateEndpointResponse = OrgsUpdateEndpointResponses[keyof OrgsUpdateEndpointResponses];
+
+export type OrgsRotateSecretData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/webhooks/{endpoint_id}/rotate-secret';
+};
+
+export type OrgsRotateSecretErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsRotateSecretError = OrgsRotateSecretErrors[keyof OrgsRotateSecretErrors];
+
+export type OrgsRotateSecretResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeEndpointWithSecretOut;
+};
+
+export type OrgsRotateSecretResponse = OrgsRotateSecretResponses[keyof OrgsRotateSecretResponses];
+
+export type OrgsSendTestData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/webhooks/{endpoint_id}/test';
+};
+
+export type OrgsSendTestErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * The endpoint is disabled
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsSendTestError = OrgsSendTestErrors[keyof OrgsSendTestErrors];
+
+export type OrgsSendTestResponses = {
+    /**
+     * Successful Response
+     */
+    202: EnvelopeDeliveryOut;
+};
+
+export type OrgsSendTestResponse = OrgsSendTestResponses[keyof OrgsSendTestResponses];
+
+export type OrgsListDeliveriesData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: {
+        /**
+         * Status
+         *
+         * Only deliveries in this status
+         */
+        status?: 'pending' | 'succeeded' | 'failed' | null;
+        /**
+         * Offset
+         *
+         * Rows to skip
+         */
+        offset?: number;
+        /**
+         * Limit
+         *
+         * Rows to return (1-100)
+         */
+        limit?: number;
+    };
+    url: '/api/v1/orgs/{org_id}/webhooks/{endpoint_id}/deliveries';
+};
+
+export type OrgsListDeliveriesErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsListDeliveriesError = OrgsListDeliveriesErrors[keyof OrgsListDeliveriesErrors];
+
+export type OrgsListDeliveriesResponses = {
+    /**
+     * Successful Response
+     */
+    200: EnvelopeListDeliveryOut;
+};
+
+export type OrgsListDeliveriesResponse = OrgsListDeliveriesResponses[keyof OrgsListDeliveriesResponses];
+
+export type OrgsRetryDeliveryData = {
+    body?: never;
+    path: {
+        /**
+         * Endpoint Id
+         */
+        endpoint_id: string;
+        /**
+         * Delivery Id
+         */
+        delivery_id: string;
+        /**
+         * Org Id
+         */
+        org_id: string;
+    };
+    query?: never;
+    url: '/api/v1/orgs/{org_id}/webhooks/{endpoint_id}/deliveries/{delivery_id}/retry';
+};
+
+export type OrgsRetryDeliveryErrors = {
+    /**
+     * MALFORMED_JSON: the body is not valid JSON
+     */
+    400: EnvelopeNoneType;
+    /**
+     * Not authenticated
+     */
+    401: EnvelopeNoneType;
+    /**
+     * Not an administrator (admin routes)
+     */
+    403: EnvelopeNoneType;
+    /**
+     * No such endpoint or delivery (or not the caller's)
+     */
+    404: EnvelopeNoneType;
+    /**
+     * The endpoint is disabled
+     */
+    409: EnvelopeNoneType;
+    /**
+     * PAYLOAD_TOO_LARGE: the body is over 1 MiB
+     */
+    413: EnvelopeNoneType;
+    /**
+     * VALIDATION_ERROR, with one detail per field
+     */
+    422: EnvelopeNoneType;
+    /**
+     * INTERNAL_ERROR (logged with the request id)
+     */
+    500: EnvelopeNoneType;
+    /**
+     * SERVICE_UNAVAILABLE (Retry-After): the database is unreachable or its pool exhausted, or the password-hashing queue or the gateway's admission line is full
+     */
+    503: EnvelopeNoneType;
+};
+
+export type OrgsRetryDeliveryError = OrgsRetryDeliveryErrors[keyof OrgsRetryDeliveryErrors];
+
+export type OrgsRetryDeliveryResponses = {
+    /**
+     * Successful Response
+     */
+    202: EnvelopeDeliveryOut;
+};
+
+export type OrgsRetryDeliveryResponse = OrgsRetryDeliveryResponses[keyof OrgsRetryDeliveryResponses];
+
 export type AdminListOrgsData = {
     body?: never;
     path?: never;
