@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gateway_bench as gb  # noqa: E402
+import gateway_bench as gb
 
 MEMBERS = 32
 
