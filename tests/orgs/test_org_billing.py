@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.factories import make_account
@@ -156,3 +157,46 @@ async def test_personal_usage_unaffected_by_org_calls(
     assert (await client.get(f"{API}/usage/timeseries", headers=caller.headers)).status_code == 200
     other = await make_account(engine)
     assert (await invoke(client, other.headers, tool, org_id=org.id)).status_code == 404
+
+
+async def test_member_limits_restart_with_the_organizations_period(
+    client: Any, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    """A member's tokens_used counts the organization's current period: when the period rolls
+    over (lazily, at the next call), their limit has room again, and members read 0."""
+    org = await make_org(engine, admins=0, members=1, token_limit=10)
+    member = org.of("member")
+    tool = await make_tool(engine, upstream.url("/fast?tokens=10"))
+    assert (await invoke(client, member.headers, tool, org_id=org.id)).status_code == 200
+    refused = await invoke(client, member.headers, tool, org_id=org.id)
+    assert refused.status_code == 429 and refused.json()["error"]["details"][0]["scope"] == "member"
+    async with engine.begin() as conn:  # the period is over
+        await conn.execute(
+            text(
+                "UPDATE subscriptions SET current_period_start = now() - interval '30 days',"
+                " current_period_end = now() - interval '1 second' WHERE org_id = :o"
+            ),
+            {"o": org.id},
+        )
+    members = (await client.get(f"{API}/orgs/{org.id}/members", headers=member.headers)).json()["data"]
+    assert {m["user_id"]: m["tokens_used"] for m in members}[str(member.user_id)] == 0
+    again = await invoke(client, member.headers, tool, org_id=org.id)
+    assert again.status_code == 200, again.text
+    ledger = await org_ledger(engine, org.id)
+    assert ledger.tokens_used == 10 == ledger.member_used[member.user_id]
+
+
+async def test_an_org_key_bills_its_own_org_whatever_the_header_says(
+    client: Any, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    org = await make_org(engine, admins=1, members=0)
+    other = await make_org(engine, admins=0, members=0)
+    tool = await make_tool(engine, upstream.url("/fast?tokens=4"))
+    key = {"Authorization": f"Bearer {await org_key(client, org.id, org.of('admin'))}"}
+    assert (await invoke(client, key, tool, org_id=other.id)).status_code == 200
+    assert (await org_ledger(engine, org.id)).tokens_used == 4
+    assert (await org_ledger(engine, other.id)).tokens_used == 0
+    # an organization without a subscription: its members' calls need one
+    bare = await make_org(engine, admins=0, members=1, plan=None)
+    r = await invoke(client, bare.of("member").headers, tool, org_id=bare.id)
+    assert (r.status_code, r.json()["error"]["code"]) == (402, "SUBSCRIPTION_REQUIRED")

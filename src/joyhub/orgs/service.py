@@ -25,10 +25,12 @@ from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from joyhub.core import audit
+from joyhub.core.clock import utcnow
 from joyhub.core.errors import Conflict, Forbidden, NotFound
 from joyhub.core.pagination import Page
 from joyhub.models import ApiKey, Organization, OrganizationMember, Subscription, User
 from joyhub.orgs.schemas import AdminOrganizationOut, MemberOut, OrganizationOut
+from joyhub.subscriptions import rollover
 from joyhub.subscriptions import service as subscriptions
 from joyhub.subscriptions.schemas import SubscriptionOut
 
@@ -262,7 +264,9 @@ def _member_out(member: OrganizationMember, email: str, name: str, used: int) ->
 
 
 async def list_members(session: AsyncSession, m: Membership, page: Page) -> tuple[list[MemberOut], int]:
-    """Owners first, then admins, then members; each group by when they joined."""
+    """Owners first, then admins, then members; each group by when they joined. The
+    organization's subscription is rolled forward first, so `tokens_used` is this period's."""
+    await rollover.ensure_current(session, None, utcnow(), org_id=m.org_id)
     total = (
         await session.execute(
             select(func.count()).select_from(OrganizationMember).where(OrganizationMember.org_id == m.org_id)
