@@ -170,11 +170,17 @@ async def test_member_limits_restart_with_the_organizations_period(
     assert (await invoke(client, member.headers, tool, org_id=org.id)).status_code == 200
     refused = await invoke(client, member.headers, tool, org_id=org.id)
     assert refused.status_code == 429 and refused.json()["error"]["details"][0]["scope"] == "member"
-    async with engine.begin() as conn:  # the period is over
+    async with engine.begin() as conn:  # the period is over (the member counted in it)
         await conn.execute(
             text(
                 "UPDATE subscriptions SET current_period_start = now() - interval '30 days',"
                 " current_period_end = now() - interval '1 second' WHERE org_id = :o"
+            ),
+            {"o": org.id},
+        )
+        await conn.execute(
+            text(
+                "UPDATE organization_members SET period_end = now() - interval '1 second' WHERE org_id = :o"
             ),
             {"o": org.id},
         )
