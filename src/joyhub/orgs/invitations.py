@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from joyhub.core.config import Settings
@@ -37,7 +37,7 @@ def _out(inv: OrganizationInvitation) -> InvitationOut:
     )
 
 
-def _pending(org_id: uuid.UUID, now: datetime):  # type: ignore[no-untyped-def]
+def _pending(org_id: uuid.UUID, now: datetime) -> tuple[ColumnElement[bool], ...]:
     return (
         OrganizationInvitation.org_id == org_id,
         OrganizationInvitation.accepted_at.is_(None),

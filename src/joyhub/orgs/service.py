@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import ColumnElement, Select, and_, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from joyhub.core import audit
@@ -220,10 +220,10 @@ async def delete(session: AsyncSession, m: Membership, now: datetime) -> None:
     record_change(session, m.user, "delete", org.id, {"name": org.name, "api_keys_revoked": revoked})
 
 
-async def _revoke_keys(session: AsyncSession, where: object, now: datetime) -> int:
+async def _revoke_keys(session: AsyncSession, where: ColumnElement[bool], now: datetime) -> int:
     result = await session.execute(
         update(ApiKey)
-        .where(where, ApiKey.is_active.is_(True))  # type: ignore[arg-type]
+        .where(where, ApiKey.is_active.is_(True))
         .values(is_active=False, revoked_at=func.coalesce(ApiKey.revoked_at, now))
         .returning(ApiKey.id)
         .execution_options(synchronize_session=False)
@@ -234,17 +234,16 @@ async def _revoke_keys(session: AsyncSession, where: object, now: datetime) -> i
 # --- members --------------------------------------------------------------------------------
 
 
-def _effective_used() -> object:
-    """A member's `tokens_used` for the organization subscription's current period."""
-    return case(
-        (OrganizationMember.period_end == Subscription.current_period_end, OrganizationMember.tokens_used),
-        else_=0,
-    )
+# a member's `tokens_used` for the organization subscription's current period
+_EFFECTIVE_USED = case(
+    (OrganizationMember.period_end == Subscription.current_period_end, OrganizationMember.tokens_used),
+    else_=0,
+)
 
 
-def _member_query(org_id: uuid.UUID):  # type: ignore[no-untyped-def]
+def _member_query(org_id: uuid.UUID) -> Select[OrganizationMember, str, str, int]:
     return (
-        select(OrganizationMember, User.email, User.name, _effective_used())  # type: ignore[call-overload]
+        select(OrganizationMember, User.email, User.name, _EFFECTIVE_USED)
         .join(User, User.id == OrganizationMember.user_id)
         .outerjoin(Subscription, Subscription.org_id == OrganizationMember.org_id)
         .where(OrganizationMember.org_id == org_id)
@@ -281,14 +280,15 @@ async def list_members(session: AsyncSession, m: Membership, page: Page) -> tupl
             .limit(page.limit)
         )
     ).all()
-    return [_member_out(*row) for row in rows], int(total)
+    return [_member_out(m, email, name, used) for m, email, name, used in rows], int(total)
 
 
 async def get_member(session: AsyncSession, org_id: uuid.UUID, user_id: uuid.UUID) -> MemberOut:
     row = (await session.execute(_member_query(org_id).where(OrganizationMember.user_id == user_id))).first()
     if row is None:
         raise NotFound("No such member")
-    return _member_out(*row)
+    member, email, name, used = row
+    return _member_out(member, email, name, used)
 
 
 async def _locked_member(session: AsyncSession, org_id: uuid.UUID, user_id: uuid.UUID) -> OrganizationMember:
@@ -345,7 +345,7 @@ async def update_member(
         member.role = role
     if token_limit is not _UNSET and token_limit != member.token_limit:
         changes["token_limit"] = [member.token_limit, token_limit]
-        member.token_limit = token_limit  # type: ignore[assignment]
+        member.token_limit = token_limit if isinstance(token_limit, int) else None
     if len(changes) > 1:
         await session.flush()
         record_change(session, m.user, "member_update", m.org_id, changes)
