@@ -136,15 +136,9 @@ def upgrade() -> None:
         postgresql_where=sa.text("org_id IS NOT NULL"),
     )
     # usage logs: the organization a call billed
+    # no foreign key on purpose (models/usage.py): its check would lock the organization's row
+    # in every admission
     op.add_column("usage_logs", sa.Column("org_id", sa.Uuid(), nullable=True))
-    op.create_foreign_key(
-        op.f("fk_usage_logs_org_id_organizations"),
-        "usage_logs",
-        "organizations",
-        ["org_id"],
-        ["id"],
-        ondelete="CASCADE",
-    )
     op.create_index(
         "ix_usage_logs_org_ts",
         "usage_logs",
@@ -233,7 +227,6 @@ def downgrade() -> None:
     )
     # organization calls go with their organizations; personal ones stay
     op.execute("DELETE FROM usage_logs WHERE org_id IS NOT NULL")
-    op.drop_constraint(op.f("fk_usage_logs_org_id_organizations"), "usage_logs", type_="foreignkey")
     op.drop_column("usage_logs", "org_id")
     op.drop_index(
         "ix_api_keys_org_created", table_name="api_keys", postgresql_where=sa.text("org_id IS NOT NULL")

@@ -23,6 +23,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     UniqueConstraint,
+    Uuid,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
@@ -60,8 +61,12 @@ class UsageLog(UUIDPk, Base):
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     request_id: Mapped[str | None] = mapped_column(String(128))
     error_code: Mapped[str | None] = mapped_column(String(64))
-    # the organization the call billed (API.md §13); null for a personal call
-    org_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    # the organization the call billed (API.md §13); null for a personal call. No foreign key on
+    # purpose: its check would take a KEY SHARE lock on the organization's one row in every
+    # admission of every member (a multixact on the hottest row of a busy organization). The
+    # admission writes it from the membership it has just read, and organizations are never
+    # deleted for real (soft delete: their history stays).
+    org_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
 
 
 class UsageDaily(Base):

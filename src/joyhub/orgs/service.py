@@ -87,7 +87,7 @@ async def lock_org(session: AsyncSession, org_id: uuid.UUID) -> Organization:
         await session.execute(
             select(Organization)
             .where(Organization.id == org_id, Organization.deleted_at.is_(None))
-            .with_for_update()
+            .with_for_update(key_share=True)  # FOR NO KEY UPDATE: foreign-key checks pass by
             .execution_options(populate_existing=True)
         )
     ).scalar_one_or_none()
