@@ -49,12 +49,46 @@ def clean_request_id(raw: str | None) -> str:
     return str(uuid.uuid4())
 
 
+Templates = list[tuple[re.Pattern[str], str]]
+_TEMPLATES_BY_ROUTE_TABLE: dict[tuple[tuple[int, str], ...], Templates] = {}
+
+
+def _templates_of(app: Any) -> Templates:
+    """The app's path templates, most specific first as the schema lists them.
+
+    Generating the schema costs about half a second, and every app built from the same
+    routers (the workers of one process, the many apps of a test run) has the same templates:
+    they are computed once per route table, which is named by the identities of the app's
+    top-level routes and included routers (module-level objects shared by those apps).
+    """
+    if app is None:
+        return []
+    routes = list(getattr(app, "routes", []))
+    key = tuple(_route_key(r) for r in routes)
+    cached = _TEMPLATES_BY_ROUTE_TABLE.get(key)
+    if cached is None:
+        paths = list(app.openapi().get("paths", {}))
+        paths += [getattr(r, "path", "") for r in routes]
+        cached = [(compile_path(p)[0], p) for p in dict.fromkeys(paths) if p.startswith("/")]
+        _TEMPLATES_BY_ROUTE_TABLE[key] = cached
+    return cached
+
+
+def _route_key(route: Any) -> tuple[int, str]:
+    """A router included by the app is named by the router (a module-level object) and its
+    prefix; a route the app made itself (the docs) by its path."""
+    router = getattr(route, "original_router", None)
+    if router is not None:
+        return id(router), str(getattr(getattr(route, "include_context", None), "prefix", ""))
+    return 0, str(getattr(route, "path", ""))
+
+
 class RequestPipelineMiddleware:
     def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES, hsts: bool = False) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.hsts = hsts
-        self._templates: list[tuple[re.Pattern[str], str]] | None = None
+        self._templates: Templates | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -158,10 +192,7 @@ class RequestPipelineMiddleware:
         relative to their prefix, so `scope["route"]` alone cannot name the full template.
         """
         if self._templates is None:
-            app = scope.get("app")
-            paths = list(app.openapi().get("paths", {})) if app is not None else []
-            paths += [getattr(r, "path", "") for r in getattr(app, "routes", [])]
-            self._templates = [(compile_path(p)[0], p) for p in dict.fromkeys(paths) if p.startswith("/")]
+            self._templates = _templates_of(scope.get("app"))
         path = scope.get("path", "")
         for regex, template in self._templates:
             if regex.match(path):
