@@ -143,6 +143,12 @@ export type AdminToolOut = {
      */
     streaming: boolean;
     /**
+     * Protocol
+     *
+     * `openai`: an OpenAI-compatible model, reachable at /api/v1/openai (API.md §12); its `name` is the model id
+     */
+    protocol: 'json' | 'openai';
+    /**
      * Is Active
      */
     is_active: boolean;
@@ -178,6 +184,10 @@ export type AdminToolOut = {
      * Requests Per Minute
      */
     requests_per_minute: number | null;
+    /**
+     * Upstream Model
+     */
+    upstream_model: string | null;
     circuit: CircuitOut;
 };
 
@@ -1658,6 +1668,18 @@ export type ToolCreate = {
      */
     requests_per_minute?: number | null;
     /**
+     * Protocol
+     *
+     * `json`: the input is POSTed to api_endpoint (API.md §5); `openai`: api_endpoint is an OpenAI-compatible base URL with its version path (e.g. http://vllm:8000/v1) and the tool is a model of /api/v1/openai (API.md §12)
+     */
+    protocol?: 'json' | 'openai';
+    /**
+     * Upstream Model
+     *
+     * The model id sent upstream for an `openai` tool (default: the tool's name)
+     */
+    upstream_model?: string | null;
+    /**
      * Is Active
      */
     is_active?: boolean;
@@ -1699,6 +1721,12 @@ export type ToolOut = {
      * Streaming
      */
     streaming: boolean;
+    /**
+     * Protocol
+     *
+     * `openai`: an OpenAI-compatible model, reachable at /api/v1/openai (API.md §12); its `name` is the model id
+     */
+    protocol: 'json' | 'openai';
     /**
      * Is Active
      */
@@ -1772,6 +1800,16 @@ export type ToolUpdate = {
      */
     requests_per_minute?: number | null;
     /**
+     * Protocol
+     */
+    protocol?: 'json' | 'openai' | null;
+    /**
+     * Upstream Model
+     *
+     * The model id sent upstream for an `openai` tool (default: the tool's name)
+     */
+    upstream_model?: string | null;
+    /**
      * Is Active
      */
     is_active?: boolean | null;
@@ -1797,6 +1835,43 @@ export type ToolUsage = {
      * Tokens
      */
     tokens: number;
+};
+
+/**
+ * ToolUsageTokens
+ *
+ * A user's `by_tool` row (API.md §6): with the upstream's reported prompt and completion
+ * tokens summed (0 when none were reported, API.md §12).
+ */
+export type ToolUsageTokens = {
+    /**
+     * Tool Id
+     */
+    tool_id: string;
+    /**
+     * Tool Name
+     */
+    tool_name: string;
+    /**
+     * Invocations
+     */
+    invocations: number;
+    /**
+     * Tokens
+     */
+    tokens: number;
+    /**
+     * Input Tokens
+     *
+     * Sum of the reported prompt tokens (API.md §12)
+     */
+    input_tokens: number;
+    /**
+     * Output Tokens
+     *
+     * Sum of the reported completion tokens (API.md §12)
+     */
+    output_tokens: number;
 };
 
 /**
@@ -1850,6 +1925,18 @@ export type UsageRecord = {
      */
     token_source: 'reported' | 'estimated';
     /**
+     * Input Tokens
+     *
+     * Prompt tokens the upstream reported (OpenAI-compatible tools, API.md §12); null otherwise
+     */
+    input_tokens: number | null;
+    /**
+     * Output Tokens
+     *
+     * Completion tokens the upstream reported (API.md §12); null otherwise
+     */
+    output_tokens: number | null;
+    /**
      * Status
      */
     status: 'success' | 'error' | 'timeout' | 'cancelled';
@@ -1902,7 +1989,7 @@ export type UsageSummary = {
     /**
      * By Tool
      */
-    by_tool: Array<ToolUsage>;
+    by_tool: Array<ToolUsageTokens>;
     quota: Quota | null;
     /**
      * Rate Limited
