@@ -29,7 +29,8 @@ from joyhub.models.usage import PLATFORM_SHARDS
 
 # The rollup upserts as CTEs that count every row of a CTE named `settled` — columns user_id,
 # tool_id, plan_code ('' for none), shard, ts (timestamptz), success, error, timeout, cancelled
-# (0/1), tokens, and input_tokens / output_tokens (nullable: API.md §12); one row per settled call — in all five read models. Each upsert first adds up
+# (0/1), tokens, and input_tokens / output_tokens (nullable: API.md §12); one row per settled
+# call — in all five read models. Each upsert first adds up
 # the rows that fall on the same rollup row (a batch of calls settled together, `metering.py`), so
 # one statement never updates a row twice, and takes its rows in key order, so two batches
 # cannot deadlock on them. Put them in a WITH after `settled`: the settle statement derives

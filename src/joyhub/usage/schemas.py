@@ -26,7 +26,8 @@ class UsageRecord(BaseModel):
     tokens_used: int
     token_source: TokenSource
     input_tokens: int | None = Field(
-        description="Prompt tokens the upstream reported (OpenAI-compatible tools, API.md §12); null otherwise"
+        description="Prompt tokens the upstream reported (OpenAI-compatible tools, API.md §12); "
+        "null otherwise"
     )
     output_tokens: int | None = Field(
         description="Completion tokens the upstream reported (API.md §12); null otherwise"

@@ -486,7 +486,7 @@ class ToolTotals:
 async def _by_tool(session: AsyncSession, user_id: uuid.UUID, rng: TimeRange) -> list[ToolTotals]:
     rows = await session.execute(_BY_TOOL, day_reads(rng).params() | {"user_id": user_id})
     return [
-        ToolTotals(tool_id, name, int(inv), int(ok), int(failed), int(cancelled), int(tok), int(tin), int(tout))
+        ToolTotals(tool_id, name, *(int(n) for n in (inv, ok, failed, cancelled, tok, tin, tout)))
         for tool_id, name, inv, ok, failed, cancelled, tok, tin, tout in rows.all()
         if inv
     ]
