@@ -106,6 +106,7 @@ class ToolRead:
     min_rank: int | None  # the rank of the tool's minimum plan
     streaming: bool  # the upstream answers Server-Sent Events
     protocol: str = "json"  # how the upstream is spoken to: json (API.md §5) | openai (§12)
+    name: str = ""  # the tool's name: an openai tool's model id on the hub's side
     upstream_model: str | None = None  # an openai tool's model id upstream (None: its name)
 
 
@@ -282,7 +283,7 @@ _ADMIT = text(
     ), ctx AS (
         SELECT who.user_id, t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
                t.auth_header_name, t.auth_header_value, t.updated_at AS tool_updated_at, t.streaming,
-               t.protocol, t.upstream_model,
+               t.protocol, t.upstream_model, t.name AS tool_name,
                t.updated_at IS DISTINCT FROM :tool_version AS tool_changed,
                CASE WHEN t.updated_at IS DISTINCT FROM :tool_version THEN t.input_schema::text END
                    AS schema_text,
@@ -608,6 +609,7 @@ def _admission_read(row: Record, now: datetime) -> AdmissionRead:
             streaming=row["streaming"],
             protocol=row["protocol"],
             upstream_model=row["upstream_model"],
+            name=row["tool_name"],
         )
     account = None
     if row["sub_id"] is not None:
