@@ -23,15 +23,18 @@ _KNOWN: dict[str, tuple[str, str]] = {
 
 
 def error_document(status: int, code: str, message: str, details: list[dict[str, Any]]) -> dict[str, Any]:
-    """The body; `param` names the first offending request field (`body.messages` → `messages`)."""
+    """The body; for a validation error `param` names the first offending request field
+    (`body.messages` → `messages`); the first detail's words (the upstream's own, for a request
+    it rejected) end the message."""
     generic = ("server_error" if status >= 500 else "invalid_request_error", code.lower())
     kind, openai_code = _KNOWN.get(code, generic)
     param = None
-    if details and isinstance(field := details[0].get("field"), str):
+    first = details[0] if details else {}
+    if code == "VALIDATION_ERROR" and isinstance(field := first.get("field"), str):
         param = field.removeprefix("body.").removeprefix("query.") or None
-        detail = details[0].get("message")
-        if isinstance(detail, str) and detail and status < 500:
-            message = f"{message}: {param + ' ' if param else ''}{detail}"
+    detail = first.get("message")
+    if isinstance(detail, str) and detail and detail != message and status < 500:
+        message = f"{message}: {param + ' ' if param else ''}{detail}"
     return {"error": {"message": message, "type": kind, "param": param, "code": openai_code}}
 
 

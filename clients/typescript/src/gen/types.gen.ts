@@ -439,6 +439,34 @@ export type BodyAuthToken = {
 };
 
 /**
+ * ChatCompletionRequest
+ *
+ * `POST /openai/chat/completions`: OpenAI's chat completion request.
+ */
+export type ChatCompletionRequest = {
+    /**
+     * Model
+     *
+     * The model id: an `openai` tool's name
+     */
+    model: string;
+    /**
+     * Stream
+     *
+     * Relay the answer as Server-Sent Events as it arrives
+     */
+    stream?: boolean | null;
+    stream_options?: StreamOptions | null;
+    /**
+     * Messages
+     */
+    messages: Array<{
+        [key: string]: unknown;
+    }>;
+    [key: string]: unknown;
+};
+
+/**
  * CircuitOut
  */
 export type CircuitOut = {
@@ -454,6 +482,34 @@ export type CircuitOut = {
      * Opened Until
      */
     opened_until: string | null;
+};
+
+/**
+ * CompletionRequest
+ *
+ * `POST /openai/completions`: OpenAI's (legacy) text completion request.
+ */
+export type CompletionRequest = {
+    /**
+     * Model
+     *
+     * The model id: an `openai` tool's name
+     */
+    model: string;
+    /**
+     * Stream
+     *
+     * Relay the answer as Server-Sent Events as it arrives
+     */
+    stream?: boolean | null;
+    stream_options?: StreamOptions | null;
+    /**
+     * Prompt
+     *
+     * Text, or a list of texts or token arrays
+     */
+    prompt: string | Array<unknown>;
+    [key: string]: unknown;
 };
 
 /**
@@ -530,6 +586,27 @@ export type DeliveryOut = {
      * Created At
      */
     created_at: string;
+};
+
+/**
+ * EmbeddingRequest
+ *
+ * `POST /openai/embeddings`: OpenAI's embedding request.
+ */
+export type EmbeddingRequest = {
+    /**
+     * Model
+     *
+     * The model id: an `openai` tool's name
+     */
+    model: string;
+    /**
+     * Input
+     *
+     * Text, or a list of texts or token arrays
+     */
+    input: string | Array<unknown>;
+    [key: string]: unknown;
 };
 
 /**
@@ -1122,6 +1199,46 @@ export type Meta = {
 };
 
 /**
+ * Model
+ *
+ * One model of `GET /openai/models`, in OpenAI's shape.
+ */
+export type Model = {
+    /**
+     * Id
+     */
+    id: string;
+    /**
+     * Object
+     */
+    object?: 'model';
+    /**
+     * Created
+     *
+     * When the tool was created (Unix seconds)
+     */
+    created: number;
+    /**
+     * Owned By
+     */
+    owned_by: string;
+};
+
+/**
+ * ModelList
+ */
+export type ModelList = {
+    /**
+     * Object
+     */
+    object?: 'list';
+    /**
+     * Data
+     */
+    data: Array<Model>;
+};
+
+/**
  * NotificationsOut
  */
 export type NotificationsOut = {
@@ -1150,6 +1267,37 @@ export type NotificationsUpdateIn = {
      * Thresholds
      */
     thresholds?: Array<number> | null;
+};
+
+/**
+ * OpenAIError
+ *
+ * Every error on this surface (API.md §12), instead of the envelope.
+ */
+export type OpenAiError = {
+    error: OpenAiErrorDetail;
+};
+
+/**
+ * OpenAIErrorDetail
+ */
+export type OpenAiErrorDetail = {
+    /**
+     * Message
+     */
+    message: string;
+    /**
+     * Type
+     */
+    type: string;
+    /**
+     * Param
+     */
+    param: string | null;
+    /**
+     * Code
+     */
+    code: string | null;
 };
 
 /**
@@ -1465,6 +1613,19 @@ export type StatusCounts = {
      * Cancelled
      */
     cancelled: number;
+};
+
+/**
+ * StreamOptions
+ */
+export type StreamOptions = {
+    /**
+     * Include Usage
+     *
+     * Send the final usage-only chunk (the hub always asks the upstream for it)
+     */
+    include_usage?: boolean | null;
+    [key: string]: unknown;
 };
 
 /**
@@ -5435,3 +5596,253 @@ export type WebhooksUpdateNotificationsResponses = {
 };
 
 export type WebhooksUpdateNotificationsResponse = WebhooksUpdateNotificationsResponses[keyof WebhooksUpdateNotificationsResponses];
+
+export type OpenaiListModelsData = {
+    body?: never;
+    path?: never;
+    query?: never;
+    url: '/api/v1/openai/models';
+};
+
+export type OpenaiListModelsErrors = {
+    /**
+     * invalid_api_key
+     */
+    401: OpenAiError;
+};
+
+export type OpenaiListModelsError = OpenaiListModelsErrors[keyof OpenaiListModelsErrors];
+
+export type OpenaiListModelsResponses = {
+    /**
+     * Successful Response
+     */
+    200: ModelList;
+};
+
+export type OpenaiListModelsResponse = OpenaiListModelsResponses[keyof OpenaiListModelsResponses];
+
+export type OpenaiChatCompletionsData = {
+    body: ChatCompletionRequest;
+    headers?: {
+        /**
+         * Idempotency-Key
+         *
+         * Makes retries safe: the same key within 24 h replays the first response
+         */
+        'Idempotency-Key'?: string | null;
+    };
+    path?: never;
+    query?: never;
+    url: '/api/v1/openai/chat/completions';
+};
+
+export type OpenaiChatCompletionsErrors = {
+    /**
+     * invalid_request_error: the body is not valid JSON
+     */
+    400: OpenAiError;
+    /**
+     * invalid_api_key
+     */
+    401: OpenAiError;
+    /**
+     * subscription_required / plan_upgrade_required
+     */
+    402: OpenAiError;
+    /**
+     * model_not_found: no such model, or inactive
+     */
+    404: OpenAiError;
+    /**
+     * idempotency_conflict
+     */
+    409: OpenAiError;
+    /**
+     * the body is over 1 MiB
+     */
+    413: OpenAiError;
+    /**
+     * validation_error / tool_input_invalid (the upstream rejected the request)
+     */
+    422: OpenAiError;
+    /**
+     * insufficient_quota (x-should-retry: false); rate_limit_exceeded (Retry-After)
+     */
+    429: OpenAiError;
+    /**
+     * internal_error
+     */
+    500: OpenAiError;
+    /**
+     * tool_bad_response
+     */
+    502: OpenAiError;
+    /**
+     * tool_unavailable (Retry-After when the circuit is open); service_unavailable
+     */
+    503: OpenAiError;
+    /**
+     * tool_timeout
+     */
+    504: OpenAiError;
+};
+
+export type OpenaiChatCompletionsError = OpenaiChatCompletionsErrors[keyof OpenaiChatCompletionsErrors];
+
+export type OpenaiChatCompletionsResponses = {
+    /**
+     * OpenAI's answer; with `stream: true`, its chunks as Server-Sent Events (`data: {chunk}` … `data: [DONE]`). Carries X-Quota-* and X-RateLimit-* headers.
+     */
+    200: unknown;
+};
+
+export type OpenaiCompletionsData = {
+    body: CompletionRequest;
+    headers?: {
+        /**
+         * Idempotency-Key
+         *
+         * Makes retries safe: the same key within 24 h replays the first response
+         */
+        'Idempotency-Key'?: string | null;
+    };
+    path?: never;
+    query?: never;
+    url: '/api/v1/openai/completions';
+};
+
+export type OpenaiCompletionsErrors = {
+    /**
+     * invalid_request_error: the body is not valid JSON
+     */
+    400: OpenAiError;
+    /**
+     * invalid_api_key
+     */
+    401: OpenAiError;
+    /**
+     * subscription_required / plan_upgrade_required
+     */
+    402: OpenAiError;
+    /**
+     * model_not_found: no such model, or inactive
+     */
+    404: OpenAiError;
+    /**
+     * idempotency_conflict
+     */
+    409: OpenAiError;
+    /**
+     * the body is over 1 MiB
+     */
+    413: OpenAiError;
+    /**
+     * validation_error / tool_input_invalid (the upstream rejected the request)
+     */
+    422: OpenAiError;
+    /**
+     * insufficient_quota (x-should-retry: false); rate_limit_exceeded (Retry-After)
+     */
+    429: OpenAiError;
+    /**
+     * internal_error
+     */
+    500: OpenAiError;
+    /**
+     * tool_bad_response
+     */
+    502: OpenAiError;
+    /**
+     * tool_unavailable (Retry-After when the circuit is open); service_unavailable
+     */
+    503: OpenAiError;
+    /**
+     * tool_timeout
+     */
+    504: OpenAiError;
+};
+
+export type OpenaiCompletionsError = OpenaiCompletionsErrors[keyof OpenaiCompletionsErrors];
+
+export type OpenaiCompletionsResponses = {
+    /**
+     * OpenAI's answer; with `stream: true`, its chunks as Server-Sent Events (`data: {chunk}` … `data: [DONE]`). Carries X-Quota-* and X-RateLimit-* headers.
+     */
+    200: unknown;
+};
+
+export type OpenaiEmbeddingsData = {
+    body: EmbeddingRequest;
+    headers?: {
+        /**
+         * Idempotency-Key
+         *
+         * Makes retries safe: the same key within 24 h replays the first response
+         */
+        'Idempotency-Key'?: string | null;
+    };
+    path?: never;
+    query?: never;
+    url: '/api/v1/openai/embeddings';
+};
+
+export type OpenaiEmbeddingsErrors = {
+    /**
+     * invalid_request_error: the body is not valid JSON
+     */
+    400: OpenAiError;
+    /**
+     * invalid_api_key
+     */
+    401: OpenAiError;
+    /**
+     * subscription_required / plan_upgrade_required
+     */
+    402: OpenAiError;
+    /**
+     * model_not_found: no such model, or inactive
+     */
+    404: OpenAiError;
+    /**
+     * idempotency_conflict
+     */
+    409: OpenAiError;
+    /**
+     * the body is over 1 MiB
+     */
+    413: OpenAiError;
+    /**
+     * validation_error / tool_input_invalid (the upstream rejected the request)
+     */
+    422: OpenAiError;
+    /**
+     * insufficient_quota (x-should-retry: false); rate_limit_exceeded (Retry-After)
+     */
+    429: OpenAiError;
+    /**
+     * internal_error
+     */
+    500: OpenAiError;
+    /**
+     * tool_bad_response
+     */
+    502: OpenAiError;
+    /**
+     * tool_unavailable (Retry-After when the circuit is open); service_unavailable
+     */
+    503: OpenAiError;
+    /**
+     * tool_timeout
+     */
+    504: OpenAiError;
+};
+
+export type OpenaiEmbeddingsError = OpenaiEmbeddingsErrors[keyof OpenaiEmbeddingsErrors];
+
+export type OpenaiEmbeddingsResponses = {
+    /**
+     * OpenAI's embedding answer
+     */
+    200: unknown;
+};
