@@ -94,8 +94,10 @@ def process(
 
 
 @contextlib.contextmanager
-def litellm_proxy(binary: str, upstream_port: int) -> Iterator[int | None]:
-    """LiteLLM's proxy, 2 workers, no database, in front of the same upstream; None when absent."""
+def litellm_proxy(binary: str, upstream_port: int) -> Iterator[tuple[int, str] | None]:
+    """LiteLLM's proxy, 2 workers, no database, in front of the same upstream: its port and
+    master key (it refuses to start without one, and callers authenticate as on the hub); None
+    when it is not installed."""
     if not Path(binary).exists():
         print(
             f"LiteLLM not found at {binary}: install it with "
@@ -117,10 +119,16 @@ def litellm_proxy(binary: str, upstream_port: int) -> Iterator[int | None]:
         "  telemetry: false\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_"))}
-    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR", LITELLM_MODE="PRODUCTION")
+    master_key = f"sk-bench-{uuid.uuid4().hex}"
+    env.update(
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        LITELLM_LOG="ERROR",
+        LITELLM_MODE="PRODUCTION",
+        LITELLM_MASTER_KEY=master_key,
+    )
     args = [binary, "--config", str(config), "--port", str(port), "--num_workers", "2"]
     with process(args, port, env, work / "litellm.log"):
-        yield port
+        yield port, master_key
 
 
 def _post(
@@ -239,7 +247,7 @@ def main() -> int:
                 "hub": (hub.port, "/api/v1/openai/chat/completions", {"Authorization": bearer[0]}),
             }
             if lite is not None:
-                targets["litellm"] = (lite, "/v1/chat/completions", {})
+                targets["litellm"] = (lite[0], "/v1/chat/completions", {"Authorization": f"Bearer {lite[1]}"})
             print("a. non-streaming chat completion, c=1 …", flush=True)
             results["c1_chat"] = c1(targets, CHAT, args.requests, args.blocks)
             print(json.dumps(results["c1_chat"]), flush=True)
@@ -258,7 +266,7 @@ def main() -> int:
             print("hub", json.dumps(results["c32_hub"]), flush=True)
             if lite is not None:
                 results["c32_litellm"] = load(
-                    lite, "/v1/chat/completions", None, args.concurrency, args.seconds
+                    lite[0], "/v1/chat/completions", [f"Bearer {lite[1]}"], args.concurrency, args.seconds
                 )
                 print("litellm", json.dumps(results["c32_litellm"]), flush=True)
             results["c32_direct"] = load(

@@ -303,6 +303,11 @@ async def test_validation_errors_and_other_routes_keep_their_shapes(
         headers={**auth, "Content-Type": "application/json"},
     )
     assert r.status_code == 400 and set(r.json()) == {"error"}
+    big = b'{"model": "x", "messages": [], "pad": "' + b"x" * (1024 * 1024) + b'"}'
+    r = await s.hub.client.post(
+        "/api/v1/openai/chat/completions", content=big, headers={**auth, "Content-Type": "application/json"}
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     # the rest of the API keeps the envelope
     r = await s.hub.client.get("/api/v1/tools/" + str(uuid.uuid4()), headers=auth)
     assert r.status_code == 404 and set(r.json()) == {"data", "error", "meta"}

@@ -282,10 +282,24 @@ def _envelope(
     return error_response(status, code, message, details, headers)
 
 
-def install_error_handlers(app: FastAPI, dialects: Sequence[tuple[str, ErrorRenderer]] = ()) -> None:
+Dialects = Sequence[tuple[str, ErrorRenderer]]
+
+
+def renderer_at(path: str, dialects: Dialects) -> ErrorRenderer:
+    """The error shape of the surface `path` belongs to: a dialect's prefix, else the envelope."""
+    return next((r for prefix, r in dialects if path.startswith(prefix)), _envelope)
+
+
+def render_at(path: str, dialects: Dialects, error: AppError) -> Response:
+    return renderer_at(path, dialects)(error.status, error.code, error.message, error.details, error.headers)
+
+
+def install_error_handlers(app: FastAPI, dialects: Dialects = ()) -> None:
     """The handlers. Every error wears the envelope, but under a path prefix of `dialects`, whose
     surface speaks another protocol's error shape (the OpenAI surface, API.md §12): one set of
-    handlers decides status and code for both, only the body differs."""
+    handlers decides status and code for both, only the body differs. The request pipeline's own
+    answers (413, and failures outside the routes) use them too (`app.state.error_dialects`)."""
+    app.state.error_dialects = tuple(dialects)
 
     def respond(
         request: Request,
@@ -295,8 +309,7 @@ def install_error_handlers(app: FastAPI, dialects: Sequence[tuple[str, ErrorRend
         details: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
     ) -> Response:
-        path: str = request.scope.get("path", "")
-        render: ErrorRenderer = next((r for prefix, r in dialects if path.startswith(prefix)), _envelope)
+        render = renderer_at(request.scope.get("path", ""), dialects)
         return render(status, code, message, list(details or ()), dict(headers or {}))
 
     def rendered(request: Request, exc: AppError) -> Response:
