@@ -161,6 +161,7 @@ def c1(
     """Sequential requests to each target, interleaved in blocks; latencies in ms."""
     raw = json.dumps(body).encode()
     stream = bool(body.get("stream"))
+    bodies = {name: json.dumps({"input": body}).encode() if name == "hub-json" else raw for name in targets}
     conns = {
         name: http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         for name, (port, _, _) in targets.items()
@@ -168,14 +169,20 @@ def c1(
     lat: dict[str, list[float]] = {name: [] for name in targets}
     for name, (_, path, headers) in targets.items():  # warm-up: connections, caches
         for _ in range(20):
-            _post(conns[name], path, raw, {"Content-Type": "application/json", **headers}, stream)
+            _post(conns[name], path, bodies[name], {"Content-Type": "application/json", **headers}, stream)
     per_block = max(1, requests // blocks)
     for _ in range(blocks):
         for name, (_, path, headers) in targets.items():
             for _ in range(per_block):
                 lat[name].append(
                     1000
-                    * _post(conns[name], path, raw, {"Content-Type": "application/json", **headers}, stream)
+                    * _post(
+                        conns[name],
+                        path,
+                        bodies[name],
+                        {"Content-Type": "application/json", **headers},
+                        stream,
+                    )
                 )
     for conn in conns.values():
         conn.close()
@@ -204,7 +211,9 @@ def load(port: int, path: str, auth: list[str] | None, concurrency: int, seconds
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def add_tool(db_url: str, upstream_port: int) -> None:
+async def add_tools(db_url: str, upstream_port: int) -> str:
+    """The `openai` tool `bench-llm`, and a plain JSON tool at the same upstream's chat completion
+    URL (the JSON API's invoke, for the adapter's own cost); the JSON tool's id."""
     import asyncpg
 
     conn = await asyncpg.connect(asyncpg_dsn(db_url))
@@ -217,8 +226,17 @@ async def add_tool(db_url: str, upstream_port: int) -> None:
             MODEL,
             f"http://127.0.0.1:{upstream_port}/v1",
         )
+        json_tool = uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO tools (id, name, description, api_endpoint, timeout_seconds, max_attempts,"
+            " is_active, created_at, updated_at)"
+            " VALUES ($1, 'bench-json', 'json bench', $2, 30, 3, true, now(), now())",
+            json_tool,
+            f"http://127.0.0.1:{upstream_port}/v1/chat/completions",
+        )
     finally:
         await conn.close()
+    return str(json_tool)
 
 
 def main() -> int:
@@ -239,7 +257,7 @@ def main() -> int:
     upstream_args = [sys.executable, str(LOAD / "openai_upstream.py"), str(up_port)]
     with process(upstream_args, up_port), fresh_database(args.pg_url) as db_url:
         seeded = asyncio.run(seed(db_url, users=args.users, upstream_url=None))
-        asyncio.run(add_tool(db_url, up_port))
+        json_tool = asyncio.run(add_tools(db_url, up_port))
         bearer = [f"Bearer {t}" for t in seeded.tokens]
         with running_hub(db_url, workers=args.workers) as hub, litellm_proxy(args.litellm, up_port) as lite:
             targets: dict[str, tuple[int, str, dict[str, str]]] = {
@@ -249,7 +267,8 @@ def main() -> int:
             if lite is not None:
                 targets["litellm"] = (lite[0], "/v1/chat/completions", {"Authorization": f"Bearer {lite[1]}"})
             print("a. non-streaming chat completion, c=1 …", flush=True)
-            results["c1_chat"] = c1(targets, CHAT, args.requests, args.blocks)
+            json_target = (hub.port, f"/api/v1/tools/{json_tool}/invoke", {"Authorization": bearer[0]})
+            results["c1_chat"] = c1({**targets, "hub-json": json_target}, CHAT, args.requests, args.blocks)
             print(json.dumps(results["c1_chat"]), flush=True)
             print("b. time to first streamed chunk, c=1 …", flush=True)
             results["c1_ttfb"] = c1(targets, STREAM, args.requests, args.blocks)
@@ -278,6 +297,8 @@ def main() -> int:
         hub_ok = (
             results["c1_chat"]["hub"]["n"]
             + 20
+            + results["c1_chat"]["hub-json"]["n"]
+            + 20
             + results["c1_ttfb"]["hub"]["n"]
             + 20
             + results["c32_hub"]["statuses"].get("200", 0)
@@ -293,6 +314,7 @@ def main() -> int:
     c1r, tt = results["c1_chat"], results["c1_ttfb"]
     summary = {
         "chat_overhead_p50_ms": round(c1r["hub"]["p50_ms"] - c1r["direct"]["p50_ms"], 3),
+        "json_invoke_overhead_p50_ms": round(c1r["hub-json"]["p50_ms"] - c1r["direct"]["p50_ms"], 3),
         "ttfb_overhead_p50_ms": round(tt["hub"]["p50_ms"] - tt["direct"]["p50_ms"], 3),
         "hub_rps_c32": results["c32_hub"]["rps"],
     }

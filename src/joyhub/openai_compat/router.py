@@ -93,8 +93,9 @@ async def _invoke(
     if ref is None:
         await confirm(gateway.store.engine, caller)  # 401 comes first (API.md §5's order)
         raise NotFound(f"The model `{payload.model[:200]}` does not exist or you do not have access to it.")
-    stream = bool(getattr(payload, "stream", False))
-    include_usage = bool(getattr(payload, "include_usage", False))
+    stream = include_usage = False  # embeddings never stream
+    if isinstance(payload, ChatCompletionRequest | CompletionRequest):
+        stream, include_usage = bool(payload.stream), payload.include_usage
     outcome = await gateway.invoke(
         InvocationRequest(
             caller, ref.tool_id, payload.body(), idempotency_key, stream=stream, operation=operation
