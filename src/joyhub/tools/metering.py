@@ -22,7 +22,8 @@ one CTE, not of the ledger.
   time clamped into the period the tokens were charged to, so `tokens_used` always equals the sum
   of the current period's logs.
 - **the sweep** closes a call whose worker died (`ABANDONED`, 0 tokens) once it is older than
-  both STALE_INVOCATION_SECONDS and its tool's worst case, releasing what it held; and forgets
+  both STALE_INVOCATION_SECONDS and its tool's worst case (a stream's included: any tool that
+  streams, and every OpenAI-compatible one, API.md §12), releasing what it held; and forgets
   idempotency records older than 24 h.
 
 Statements take named parameters and run on the bare asyncpg connection under a pooled
@@ -561,7 +562,7 @@ _CLOSE_STALE = text(
             WHERE l.status = 'pending' AND l.started_at < :cutoff
               AND l.started_at < CAST(:now AS timestamptz) - make_interval(
                     secs => t.timeout_seconds * t.max_attempts + 5 * t.max_attempts + :slack
-                            + CASE WHEN t.streaming THEN :stream_max ELSE 0 END)
+                            + CASE WHEN t.streaming OR t.protocol = 'openai' THEN :stream_max ELSE 0 END)
             ORDER BY l.started_at LIMIT 1000
             FOR UPDATE OF l SKIP LOCKED)
         RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u.subscription_id, u.tokens_reserved
