@@ -131,11 +131,24 @@ def litellm_proxy(binary: str, upstream_port: int) -> Iterator[tuple[int, str] |
         yield port, master_key
 
 
+def _closed_by_peer(sock: Any) -> bool:
+    """Whether the server has closed this idle keep-alive connection (readable at EOF)."""
+    import select
+
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
 def _post(
     conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict[str, str], stream: bool
 ) -> float:
     """One request on a keep-alive connection: seconds to the whole answer, or to the first
-    streamed event (the rest is then read whole)."""
+    streamed event (the rest is then read whole). A connection the server closed while it sat
+    idle between blocks (uvicorn's keep-alive timeout is 5 s) is opened again first, untimed."""
+    if conn.sock is not None and _closed_by_peer(conn.sock):
+        conn.close()
+    if conn.sock is None:
+        conn.connect()
     started = time.perf_counter()
     conn.request("POST", path, body, headers)
     resp = conn.getresponse()
