@@ -400,3 +400,25 @@ async def test_models_lists_the_openai_tools_the_plan_may_use(
     assert all(m.startswith(("llm-", "big-", "demo-")) for m in ids)
     r = await httpx.AsyncClient().get(f"{s.base_url}/models")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+async def test_a_repeated_idempotency_key_replays_a_stream_as_it_was_sent(
+    engine: AsyncEngine, live_hub: LiveHubFactory, oai_upstream: OpenAIUpstream
+) -> None:
+    s = await _setup(engine, live_hub, oai_upstream)
+    headers = {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+    answers = []
+    async with s.async_client() as client:
+        for _ in range(2):
+            stream = await client.chat.completions.create(
+                model=s.model,
+                messages=HI,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers=headers,
+            )
+            answers.append([chunk.model_dump() async for chunk in stream])
+    assert answers[0] == answers[1] and answers[0][-1]["usage"] is not None
+    assert len(oai_upstream.bodies) == 1  # replayed, not called again
+    assert [log[0] for log in await _logs(engine, s.caller.user_id)] == ["success"]
+    await assert_settled(engine, s.caller)
