@@ -396,9 +396,13 @@ async def test_models_lists_the_openai_tools_the_plan_may_use(
     await make_tool(engine, "http://127.0.0.1:9/run")  # not a model
     async with s.async_client() as client:
         ids = [m.id async for m in client.models.list()]
-    assert s.model in ids and premium not in ids
+        assert s.model in ids and premium not in ids
+        assert (await client.models.retrieve(s.model)).id == s.model
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve(premium)  # not on this plan
     assert all(m.startswith(("llm-", "big-", "demo-")) for m in ids)
-    r = await httpx.AsyncClient().get(f"{s.base_url}/models")
+    async with httpx.AsyncClient() as anonymous:
+        r = await anonymous.get(f"{s.base_url}/models")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 

@@ -26,6 +26,7 @@ from joyhub.openai_compat.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    Model,
     ModelList,
     OpenAIError,
 )
@@ -118,6 +119,21 @@ async def _invoke(
 )
 async def list_models(session: DbSession, principal: CurrentUser) -> ModelList:
     return ModelList(data=await catalog.list_models(session, principal.user.id))
+
+
+@router.get(
+    "/models/{model}",
+    response_model=Model,
+    summary="One model the caller's plan may use (OpenAI's shape)",
+    responses={401: _ERRORS[401], 404: _ERRORS[404], 422: _ERRORS[422]},
+)
+async def retrieve_model(model: str, session: DbSession, principal: CurrentUser) -> Model:
+    found = [
+        m for m in await catalog.list_models(session, principal.user.id) if m.id.lower() == model.lower()
+    ]
+    if not found:
+        raise NotFound(f"The model `{model[:200]}` does not exist or you do not have access to it.")
+    return found[0]
 
 
 @router.post(

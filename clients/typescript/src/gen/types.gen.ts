@@ -5622,6 +5622,44 @@ export type OpenaiListModelsResponses = {
 
 export type OpenaiListModelsResponse = OpenaiListModelsResponses[keyof OpenaiListModelsResponses];
 
+export type OpenaiRetrieveModelData = {
+    body?: never;
+    path: {
+        /**
+         * Model
+         */
+        model: string;
+    };
+    query?: never;
+    url: '/api/v1/openai/models/{model}';
+};
+
+export type OpenaiRetrieveModelErrors = {
+    /**
+     * invalid_api_key
+     */
+    401: OpenAiError;
+    /**
+     * model_not_found: no such model, or inactive
+     */
+    404: OpenAiError;
+    /**
+     * validation_error / tool_input_invalid (the upstream rejected the request)
+     */
+    422: OpenAiError;
+};
+
+export type OpenaiRetrieveModelError = OpenaiRetrieveModelErrors[keyof OpenaiRetrieveModelErrors];
+
+export type OpenaiRetrieveModelResponses = {
+    /**
+     * Successful Response
+     */
+    200: Model;
+};
+
+export type OpenaiRetrieveModelResponse = OpenaiRetrieveModelResponses[keyof OpenaiRetrieveModelResponses];
+
 export type OpenaiChatCompletionsData = {
     body: ChatCompletionRequest;
     headers?: {
