@@ -28,6 +28,7 @@ from joyhub.core.security import set_bcrypt_max_pending
 
 log = logging.getLogger("joyhub")
 API_PREFIX = "/api/v1"
+OPENAI_PREFIX = f"{API_PREFIX}/openai"
 
 # answers any API route can give, documented once for all of them (API.md §1)
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -70,6 +71,9 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
 
     from joyhub.admin.router import router as admin_router
     from joyhub.auth.router import router as auth_router
+    from joyhub.openai_compat.catalog import ModelCatalog
+    from joyhub.openai_compat.errors import openai_error_response
+    from joyhub.openai_compat.router import router as openai_router
     from joyhub.ops.router import prometheus_metrics
     from joyhub.ops.router import router as ops_router
     from joyhub.subscriptions.router import router as subscriptions_router
@@ -94,12 +98,15 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
     app.include_router(
         webhooks_router, prefix=f"{API_PREFIX}/users", tags=["webhooks"], responses=COMMON_RESPONSES
     )
+    # the OpenAI-compatible surface (API.md §12): OpenAI's shapes, its own errors
+    app.state.openai_models = ModelCatalog()
+    app.include_router(openai_router, prefix=OPENAI_PREFIX, tags=["openai"])
     if os.environ.get("JOYHUB_DEMO") == "1":  # `joyhub serve --demo`: the built-in demo tools
         from joyhub.demo import router as demo_router
 
         app.include_router(demo_router, prefix="/demo", include_in_schema=False)
 
-    install_error_handlers(app)
+    install_error_handlers(app, dialects=[(OPENAI_PREFIX, openai_error_response)])
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origin_list,

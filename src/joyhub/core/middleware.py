@@ -22,8 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from joyhub.core import metrics
 from joyhub.core.context import request_id_var, user_id_var
-from joyhub.core.envelope import error_response
-from joyhub.core.errors import AppError, DatabaseUnavailable, PayloadTooLarge, is_db_unavailable
+from joyhub.core.errors import AppError, DatabaseUnavailable, PayloadTooLarge, is_db_unavailable, render_at
 
 MAX_BODY_BYTES = 1024 * 1024
 API_PREFIX = "/api/"
@@ -116,14 +115,14 @@ class RequestPipelineMiddleware:
             if status_holder["too_large"]:
                 # the app answered a body it could not finish reading (FastAPI says 400): say 413
                 if not status_holder["started"]:
-                    await self._reply(emit, PayloadTooLarge())
+                    await self._reply(emit, PayloadTooLarge(), scope)
                 return
             await emit(message)
 
         try:
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                await self._reply(emit, PayloadTooLarge())
+                await self._reply(emit, PayloadTooLarge(), scope)
                 return
             received = 0
 
@@ -141,16 +140,16 @@ class RequestPipelineMiddleware:
                 await self.app(scope, limited_receive, send_wrapper)
             except _BodyTooLarge:
                 if not status_holder["started"]:
-                    await self._reply(emit, PayloadTooLarge())
+                    await self._reply(emit, PayloadTooLarge(), scope)
             except Exception as exc:
                 if status_holder["started"]:
                     log.error("exception after the response started", exc_info=exc)
                 elif is_db_unavailable(exc):
                     log.error("database unavailable: %s", type(exc).__name__, exc_info=exc)
-                    await self._reply(emit, DatabaseUnavailable())
+                    await self._reply(emit, DatabaseUnavailable(), scope)
                 else:
                     log.error("unhandled exception", exc_info=exc)
-                    await self._reply(emit, AppError())
+                    await self._reply(emit, AppError(), scope)
         finally:
             elapsed = time.perf_counter() - started
             duration_ms = round(elapsed * 1000, 2)
@@ -200,7 +199,10 @@ class RequestPipelineMiddleware:
         return "unmatched"
 
     @staticmethod
-    async def _reply(send: Send, error: AppError) -> None:
-        response = error_response(error.status, error.code, error.message, headers=error.headers)
+    async def _reply(send: Send, error: AppError, scope: Scope) -> None:
+        """The error, in the shape of the surface the path belongs to (`errors.render_at`)."""
+        app = scope.get("app")
+        dialects = getattr(getattr(app, "state", None), "error_dialects", ())
+        response = render_at(scope.get("path", ""), dialects, error)
         await send({"type": "http.response.start", "status": error.status, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})

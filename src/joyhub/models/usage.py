@@ -59,6 +59,9 @@ class UsageLog(UUIDPk, Base):
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     request_id: Mapped[str | None] = mapped_column(String(128))
     error_code: Mapped[str | None] = mapped_column(String(64))
+    # the upstream's reported prompt / completion tokens (API.md §12); null when not reported
+    input_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    output_tokens: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class UsageDaily(Base):
@@ -81,6 +84,8 @@ class UsageDaily(Base):
     cancelled: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     rate_limited: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # refusals, §4.1
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # API.md §12
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class UsageHourly(Base):

@@ -34,7 +34,7 @@ from joyhub.core.errors import (
     field_error,
 )
 from joyhub.subscriptions.rollover import is_due
-from joyhub.tools import idempotency, token_count
+from joyhub.tools import idempotency, protocols, token_count
 from joyhub.tools.admission import AdmissionSlot
 from joyhub.tools.breaker import Permit
 from joyhub.tools.idempotency import StoredKey
@@ -307,7 +307,8 @@ class AdmissionRun:
                     read.tool.updated_at,
                     read.tool.timeout_seconds,
                     read.tool.schema_text,
-                    read.tool.streaming,
+                    # an OpenAI-compatible upstream streams whenever it is asked to (API.md §12)
+                    read.tool.streaming or read.tool.protocol == protocols.OPENAI,
                 )
                 continue
             deferred = not errors and (permit is None or permit.trial_due)

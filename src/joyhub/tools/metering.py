@@ -22,7 +22,8 @@ one CTE, not of the ledger.
   time clamped into the period the tokens were charged to, so `tokens_used` always equals the sum
   of the current period's logs.
 - **the sweep** closes a call whose worker died (`ABANDONED`, 0 tokens) once it is older than
-  both STALE_INVOCATION_SECONDS and its tool's worst case, releasing what it held; and forgets
+  both STALE_INVOCATION_SECONDS and its tool's worst case (a stream's included: any tool that
+  streams, and every OpenAI-compatible one, API.md §12), releasing what it held; and forgets
   idempotency records older than 24 h.
 
 Statements take named parameters and run on the bare asyncpg connection under a pooled
@@ -105,6 +106,9 @@ class ToolRead:
     schema_text: str | None  # the current version's input schema (JSON text), when `changed`
     min_rank: int | None  # the rank of the tool's minimum plan
     streaming: bool  # the upstream answers Server-Sent Events
+    protocol: str = "json"  # how the upstream is spoken to: json (API.md §5) | openai (§12)
+    name: str = ""  # the tool's name: an openai tool's model id on the hub's side
+    upstream_model: str | None = None  # an openai tool's model id upstream (None: its name)
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,8 @@ class SettleRequest:
     response_status: int
     response_body: bytes  # the exact answer, stored for an idempotent replay
     media_type: str = "application/json"
+    input_tokens: int | None = None  # the upstream's reported prompt tokens (API.md §12)
+    output_tokens: int | None = None  # and completion tokens
 
 
 @dataclass(frozen=True)
@@ -278,6 +284,7 @@ _ADMIT = text(
     ), ctx AS (
         SELECT who.user_id, t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
                t.auth_header_name, t.auth_header_value, t.updated_at AS tool_updated_at, t.streaming,
+               t.protocol, t.upstream_model, t.name AS tool_name,
                t.updated_at IS DISTINCT FROM :tool_version AS tool_changed,
                CASE WHEN t.updated_at IS DISTINCT FROM :tool_version THEN t.input_schema::text END
                    AS schema_text,
@@ -450,9 +457,10 @@ _SETTLE = text(
             CAST(:log_ids AS uuid[]), CAST(:statuses AS varchar[]), CAST(:tokens AS bigint[]),
             CAST(:durations AS integer[]), CAST(:error_codes AS varchar[]), CAST(:token_sources AS varchar[]),
             CAST(:idem_ids AS uuid[]), CAST(:response_statuses AS integer[]),
-            CAST(:response_bodies AS text[]))
+            CAST(:response_bodies AS text[]), CAST(:input_tokens AS bigint[]),
+            CAST(:output_tokens AS bigint[]))
         AS r(log_id, status, tokens, duration_ms, error_code, token_source, idem_id, response_status,
-             response_body)
+             response_body, input_tokens, output_tokens)
     ), l AS (
         SELECT u.id, u.subscription_id, u.tokens_reserved, req.*
         FROM usage_logs AS u JOIN req ON u.id = req.log_id
@@ -474,14 +482,15 @@ _SETTLE = text(
     ), log AS (
         UPDATE usage_logs AS u
         SET status = l.status, tokens_used = l.tokens, duration_ms = l.duration_ms, error_code = l.error_code,
-            token_source = l.token_source,
+            token_source = l.token_source, input_tokens = l.input_tokens, output_tokens = l.output_tokens,
             "timestamp" = COALESCE(
                 LEAST(GREATEST(CAST(:now AS timestamptz), sub.current_period_start),
                       sub.current_period_end - interval '1 microsecond'),
                 CAST(:now AS timestamptz))
         FROM l LEFT JOIN sub ON sub.id = l.subscription_id
         WHERE u.id = l.id
-        RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp", u.status, u.tokens_used
+        RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp", u.status, u.tokens_used,
+                  u.input_tokens, u.output_tokens
     ), idem AS (
         UPDATE idempotency_keys AS k
         SET state = 'done', response_status = l.response_status,
@@ -493,7 +502,7 @@ _SETTLE = text(
                CAST(status = 'success' AS integer) AS success, CAST(status = 'error' AS integer) AS error,
                CAST(status = 'timeout' AS integer) AS timeout,
                CAST(status = 'cancelled' AS integer) AS cancelled,
-               tokens_used AS tokens
+               tokens_used AS tokens, input_tokens, output_tokens
         FROM log
     ), """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + rollups.ROLLUP_CTES
@@ -553,7 +562,7 @@ _CLOSE_STALE = text(
             WHERE l.status = 'pending' AND l.started_at < :cutoff
               AND l.started_at < CAST(:now AS timestamptz) - make_interval(
                     secs => t.timeout_seconds * t.max_attempts + 5 * t.max_attempts + :slack
-                            + CASE WHEN t.streaming THEN :stream_max ELSE 0 END)
+                            + CASE WHEN t.streaming OR t.protocol = 'openai' THEN :stream_max ELSE 0 END)
             ORDER BY l.started_at LIMIT 1000
             FOR UPDATE OF l SKIP LOCKED)
         RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u.subscription_id, u.tokens_reserved
@@ -599,6 +608,9 @@ def _admission_read(row: Record, now: datetime) -> AdmissionRead:
             schema_text=row["schema_text"],
             min_rank=row["min_rank"],
             streaming=row["streaming"],
+            protocol=row["protocol"],
+            upstream_model=row["upstream_model"],
+            name=row["tool_name"],
         )
     account = None
     if row["sub_id"] is not None:
@@ -680,6 +692,8 @@ def _settle_params(reqs: list[SettleRequest]) -> dict[str, Any]:
             encode_response(r.response_body, r.media_type) if r.admission.idem_id is not None else None
             for r in reqs
         ],
+        "input_tokens": [r.input_tokens for r in reqs],
+        "output_tokens": [r.output_tokens for r in reqs],
     }
 
 

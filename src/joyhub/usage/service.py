@@ -81,7 +81,7 @@ from joyhub.usage.schemas import (
     DailyRefusals,
     Quota,
     TimeseriesPoint,
-    ToolUsage,
+    ToolUsageTokens,
     UsageRecord,
     UsageStatus,
     UsageSummary,
@@ -108,6 +108,8 @@ CSV_HEADER = (
     "request_id",
     "error_code",
     "token_source",  # appended last (issue 13): existing consumers' column positions stay
+    "input_tokens",  # appended (issue 17): empty when the upstream reported none
+    "output_tokens",
 )
 
 
@@ -235,17 +237,20 @@ _BY_TOOL = text(
     f"""
     SELECT x.tool_id, t.name, CAST(sum(x.inv) AS bigint), CAST(sum(x.ok) AS bigint),
            CAST(sum(x.failed) AS bigint), CAST(sum(x.cancelled) AS bigint),
-           CAST(coalesce(sum(x.tok), 0) AS bigint)
+           CAST(coalesce(sum(x.tok), 0) AS bigint), CAST(coalesce(sum(x.tin), 0) AS bigint),
+           CAST(coalesce(sum(x.tout), 0) AS bigint)
     FROM (
         SELECT tool_id, sum(invocations) AS inv, sum(successes) AS ok, sum(errors + timeouts) AS failed,
-               sum(cancelled) AS cancelled, sum(tokens) AS tok
+               sum(cancelled) AS cancelled, sum(tokens) AS tok, sum(input_tokens) AS tin,
+               sum(output_tokens) AS tout
         FROM usage_daily
         WHERE user_id = :user_id AND day >= :d0 AND day < :d1
         GROUP BY tool_id
         UNION ALL
         SELECT tool_id, count(*), count(*) FILTER (WHERE status = 'success'),
                count(*) FILTER (WHERE status IN ('error', 'timeout')),
-               count(*) FILTER (WHERE status = 'cancelled'), sum(tokens_used)
+               count(*) FILTER (WHERE status = 'cancelled'), sum(tokens_used), sum(input_tokens),
+               sum(output_tokens)
         FROM usage_logs
         WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
           AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
@@ -375,6 +380,8 @@ async def history(
             UsageLog.timestamp,
             UsageLog.tokens_used,
             UsageLog.token_source,
+            UsageLog.input_tokens,
+            UsageLog.output_tokens,
             UsageLog.status,
             UsageLog.duration_ms,
             UsageLog.request_id,
@@ -415,7 +422,14 @@ async def summary(
     by_tool = await _by_tool(session, user_id, rng)
     tools = sorted(
         (
-            ToolUsage(tool_id=t.tool_id, tool_name=t.tool_name, invocations=t.invocations, tokens=t.tokens)
+            ToolUsageTokens(
+                tool_id=t.tool_id,
+                tool_name=t.tool_name,
+                invocations=t.invocations,
+                tokens=t.tokens,
+                input_tokens=t.input_tokens,
+                output_tokens=t.output_tokens,
+            )
             for t in by_tool
         ),
         key=lambda t: (-t.invocations, t.tool_name.lower(), str(t.tool_id)),
@@ -465,13 +479,15 @@ class ToolTotals:
     failures: int
     cancelled: int
     tokens: int
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 async def _by_tool(session: AsyncSession, user_id: uuid.UUID, rng: TimeRange) -> list[ToolTotals]:
     rows = await session.execute(_BY_TOOL, day_reads(rng).params() | {"user_id": user_id})
     return [
-        ToolTotals(tool_id, name, int(inv), int(ok), int(failed), int(cancelled), int(tok))
-        for tool_id, name, inv, ok, failed, cancelled, tok in rows.all()
+        ToolTotals(tool_id, name, *(int(n) for n in (inv, ok, failed, cancelled, tok, tin, tout)))
+        for tool_id, name, inv, ok, failed, cancelled, tok, tin, tout in rows.all()
         if inv
     ]
 
@@ -586,6 +602,8 @@ _EXPORT_COLUMNS = (
     UsageLog.request_id,
     UsageLog.error_code,
     UsageLog.token_source,
+    UsageLog.input_tokens,
+    UsageLog.output_tokens,
 )
 
 
@@ -635,4 +653,6 @@ def _csv_row(r: Sequence[Any]) -> tuple[object, ...]:
         r[7] or "",
         r[8] or "",
         r[9],
+        "" if r[10] is None else r[10],
+        "" if r[11] is None else r[11],
     )

@@ -2,7 +2,7 @@
 
 import { client } from './client.gen.js';
 import { type Client, type Options as Options2, type TDataShape, urlSearchParamsBodySerializer } from './client/index.js';
-import type { AdminCreateEndpointData, AdminCreateEndpointErrors, AdminCreateEndpointResponses, AdminCreateToolData, AdminCreateToolErrors, AdminCreateToolResponses, AdminDeleteEndpointData, AdminDeleteEndpointErrors, AdminDeleteEndpointResponses, AdminDeleteToolData, AdminDeleteToolErrors, AdminDeleteToolResponses, AdminGetToolData, AdminGetToolErrors, AdminGetToolResponses, AdminGetUserData, AdminGetUserErrors, AdminGetUserResponses, AdminGrantSubscriptionData, AdminGrantSubscriptionErrors, AdminGrantSubscriptionResponses, AdminListAuditLogsData, AdminListAuditLogsErrors, AdminListAuditLogsResponses, AdminListDeliveriesData, AdminListDeliveriesErrors, AdminListDeliveriesResponses, AdminListEndpointsData, AdminListEndpointsErrors, AdminListEndpointsResponses, AdminListPlansData, AdminListPlansErrors, AdminListPlansResponses, AdminListToolsData, AdminListToolsErrors, AdminListToolsResponses, AdminListUsersData, AdminListUsersErrors, AdminListUsersResponses, AdminResetCircuitData, AdminResetCircuitErrors, AdminResetCircuitResponses, AdminRetryDeliveryData, AdminRetryDeliveryErrors, AdminRetryDeliveryResponses, AdminRotateSecretData, AdminRotateSecretErrors, AdminRotateSecretResponses, AdminSendTestData, AdminSendTestErrors, AdminSendTestResponses, AdminUpdateEndpointData, AdminUpdateEndpointErrors, AdminUpdateEndpointResponses, AdminUpdatePlanData, AdminUpdatePlanErrors, AdminUpdatePlanResponses, AdminUpdateToolData, AdminUpdateToolErrors, AdminUpdateToolResponses, AdminUpdateUserData, AdminUpdateUserErrors, AdminUpdateUserResponses, AdminUsageStatsData, AdminUsageStatsErrors, AdminUsageStatsResponses, AuthLoginData, AuthLoginErrors, AuthLoginResponses, AuthLogoutAllData, AuthLogoutAllErrors, AuthLogoutAllResponses, AuthLogoutData, AuthLogoutErrors, AuthLogoutResponses, AuthPasswordResetConfirmData, AuthPasswordResetConfirmErrors, AuthPasswordResetConfirmResponses, AuthPasswordResetData, AuthPasswordResetErrors, AuthPasswordResetResponses, AuthRefreshData, AuthRefreshErrors, AuthRefreshResponses, AuthRegisterData, AuthRegisterErrors, AuthRegisterResponses, AuthTokenData, AuthTokenErrors, AuthTokenResponses, OperationsHealthData, OperationsHealthResponses, OperationsReadyData, OperationsReadyErrors, OperationsReadyResponses, SubscriptionsCancelData, SubscriptionsCancelErrors, SubscriptionsCancelResponses, SubscriptionsCurrentData, SubscriptionsCurrentErrors, SubscriptionsCurrentResponses, SubscriptionsListPlansData, SubscriptionsListPlansErrors, SubscriptionsListPlansResponses, SubscriptionsResumeData, SubscriptionsResumeErrors, SubscriptionsResumeResponses, SubscriptionsSubscribeData, SubscriptionsSubscribeErrors, SubscriptionsSubscribeResponses, ToolsGetData, ToolsGetErrors, ToolsGetResponses, ToolsInvokeData, ToolsInvokeErrors, ToolsInvokeResponses, ToolsListData, ToolsListErrors, ToolsListResponses, UsageExportData, UsageExportErrors, UsageExportResponses, UsageListData, UsageListErrors, UsageListResponses, UsageSummaryData, UsageSummaryErrors, UsageSummaryResponses, UsageTimeseriesData, UsageTimeseriesErrors, UsageTimeseriesResponses, UsersChangePasswordData, UsersChangePasswordErrors, UsersChangePasswordResponses, UsersCreateApiKeyData, UsersCreateApiKeyErrors, UsersCreateApiKeyResponses, UsersGetMeData, UsersGetMeErrors, UsersGetMeResponses, UsersListApiKeysData, UsersListApiKeysErrors, UsersListApiKeysResponses, UsersRevokeApiKeyData, UsersRevokeApiKeyErrors, UsersRevokeApiKeyResponses, UsersUpdateMeData, UsersUpdateMeErrors, UsersUpdateMeResponses, WebhooksCreateEndpointData, WebhooksCreateEndpointErrors, WebhooksCreateEndpointResponses, WebhooksDeleteEndpointData, WebhooksDeleteEndpointErrors, WebhooksDeleteEndpointResponses, WebhooksGetNotificationsData, WebhooksGetNotificationsErrors, WebhooksGetNotificationsResponses, WebhooksListDeliveriesData, WebhooksListDeliveriesErrors, WebhooksListDeliveriesResponses, WebhooksListEndpointsData, WebhooksListEndpointsErrors, WebhooksListEndpointsResponses, WebhooksRetryDeliveryData, WebhooksRetryDeliveryErrors, WebhooksRetryDeliveryResponses, WebhooksRotateSecretData, WebhooksRotateSecretErrors, WebhooksRotateSecretResponses, WebhooksSendTestData, WebhooksSendTestErrors, WebhooksSendTestResponses, WebhooksUpdateEndpointData, WebhooksUpdateEndpointErrors, WebhooksUpdateEndpointResponses, WebhooksUpdateNotificationsData, WebhooksUpdateNotificationsErrors, WebhooksUpdateNotificationsResponses } from './types.gen.js';
+import type { AdminCreateEndpointData, AdminCreateEndpointErrors, AdminCreateEndpointResponses, AdminCreateToolData, AdminCreateToolErrors, AdminCreateToolResponses, AdminDeleteEndpointData, AdminDeleteEndpointErrors, AdminDeleteEndpointResponses, AdminDeleteToolData, AdminDeleteToolErrors, AdminDeleteToolResponses, AdminGetToolData, AdminGetToolErrors, AdminGetToolResponses, AdminGetUserData, AdminGetUserErrors, AdminGetUserResponses, AdminGrantSubscriptionData, AdminGrantSubscriptionErrors, AdminGrantSubscriptionResponses, AdminListAuditLogsData, AdminListAuditLogsErrors, AdminListAuditLogsResponses, AdminListDeliveriesData, AdminListDeliveriesErrors, AdminListDeliveriesResponses, AdminListEndpointsData, AdminListEndpointsErrors, AdminListEndpointsResponses, AdminListPlansData, AdminListPlansErrors, AdminListPlansResponses, AdminListToolsData, AdminListToolsErrors, AdminListToolsResponses, AdminListUsersData, AdminListUsersErrors, AdminListUsersResponses, AdminResetCircuitData, AdminResetCircuitErrors, AdminResetCircuitResponses, AdminRetryDeliveryData, AdminRetryDeliveryErrors, AdminRetryDeliveryResponses, AdminRotateSecretData, AdminRotateSecretErrors, AdminRotateSecretResponses, AdminSendTestData, AdminSendTestErrors, AdminSendTestResponses, AdminUpdateEndpointData, AdminUpdateEndpointErrors, AdminUpdateEndpointResponses, AdminUpdatePlanData, AdminUpdatePlanErrors, AdminUpdatePlanResponses, AdminUpdateToolData, AdminUpdateToolErrors, AdminUpdateToolResponses, AdminUpdateUserData, AdminUpdateUserErrors, AdminUpdateUserResponses, AdminUsageStatsData, AdminUsageStatsErrors, AdminUsageStatsResponses, AuthLoginData, AuthLoginErrors, AuthLoginResponses, AuthLogoutAllData, AuthLogoutAllErrors, AuthLogoutAllResponses, AuthLogoutData, AuthLogoutErrors, AuthLogoutResponses, AuthPasswordResetConfirmData, AuthPasswordResetConfirmErrors, AuthPasswordResetConfirmResponses, AuthPasswordResetData, AuthPasswordResetErrors, AuthPasswordResetResponses, AuthRefreshData, AuthRefreshErrors, AuthRefreshResponses, AuthRegisterData, AuthRegisterErrors, AuthRegisterResponses, AuthTokenData, AuthTokenErrors, AuthTokenResponses, OpenaiChatCompletionsData, OpenaiChatCompletionsErrors, OpenaiChatCompletionsResponses, OpenaiCompletionsData, OpenaiCompletionsErrors, OpenaiCompletionsResponses, OpenaiEmbeddingsData, OpenaiEmbeddingsErrors, OpenaiEmbeddingsResponses, OpenaiListModelsData, OpenaiListModelsErrors, OpenaiListModelsResponses, OpenaiRetrieveModelData, OpenaiRetrieveModelErrors, OpenaiRetrieveModelResponses, OperationsHealthData, OperationsHealthResponses, OperationsReadyData, OperationsReadyErrors, OperationsReadyResponses, SubscriptionsCancelData, SubscriptionsCancelErrors, SubscriptionsCancelResponses, SubscriptionsCurrentData, SubscriptionsCurrentErrors, SubscriptionsCurrentResponses, SubscriptionsListPlansData, SubscriptionsListPlansErrors, SubscriptionsListPlansResponses, SubscriptionsResumeData, SubscriptionsResumeErrors, SubscriptionsResumeResponses, SubscriptionsSubscribeData, SubscriptionsSubscribeErrors, SubscriptionsSubscribeResponses, ToolsGetData, ToolsGetErrors, ToolsGetResponses, ToolsInvokeData, ToolsInvokeErrors, ToolsInvokeResponses, ToolsListData, ToolsListErrors, ToolsListResponses, UsageExportData, UsageExportErrors, UsageExportResponses, UsageListData, UsageListErrors, UsageListResponses, UsageSummaryData, UsageSummaryErrors, UsageSummaryResponses, UsageTimeseriesData, UsageTimeseriesErrors, UsageTimeseriesResponses, UsersChangePasswordData, UsersChangePasswordErrors, UsersChangePasswordResponses, UsersCreateApiKeyData, UsersCreateApiKeyErrors, UsersCreateApiKeyResponses, UsersGetMeData, UsersGetMeErrors, UsersGetMeResponses, UsersListApiKeysData, UsersListApiKeysErrors, UsersListApiKeysResponses, UsersRevokeApiKeyData, UsersRevokeApiKeyErrors, UsersRevokeApiKeyResponses, UsersUpdateMeData, UsersUpdateMeErrors, UsersUpdateMeResponses, WebhooksCreateEndpointData, WebhooksCreateEndpointErrors, WebhooksCreateEndpointResponses, WebhooksDeleteEndpointData, WebhooksDeleteEndpointErrors, WebhooksDeleteEndpointResponses, WebhooksGetNotificationsData, WebhooksGetNotificationsErrors, WebhooksGetNotificationsResponses, WebhooksListDeliveriesData, WebhooksListDeliveriesErrors, WebhooksListDeliveriesResponses, WebhooksListEndpointsData, WebhooksListEndpointsErrors, WebhooksListEndpointsResponses, WebhooksRetryDeliveryData, WebhooksRetryDeliveryErrors, WebhooksRetryDeliveryResponses, WebhooksRotateSecretData, WebhooksRotateSecretErrors, WebhooksRotateSecretResponses, WebhooksSendTestData, WebhooksSendTestErrors, WebhooksSendTestResponses, WebhooksUpdateEndpointData, WebhooksUpdateEndpointErrors, WebhooksUpdateEndpointResponses, WebhooksUpdateNotificationsData, WebhooksUpdateNotificationsErrors, WebhooksUpdateNotificationsResponses } from './types.gen.js';
 
 export type Options<TData extends TDataShape = TDataShape, ThrowOnError extends boolean = boolean, TResponse = unknown> = Options2<TData, ThrowOnError, TResponse> & {
     /**
@@ -637,6 +637,65 @@ export const webhooksGetNotifications = <ThrowOnError extends boolean = false>(o
 export const webhooksUpdateNotifications = <ThrowOnError extends boolean = false>(options: Options<WebhooksUpdateNotificationsData, ThrowOnError>) => (options.client ?? client).patch<WebhooksUpdateNotificationsResponses, WebhooksUpdateNotificationsErrors, ThrowOnError>({
     security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
     url: '/api/v1/users/me/notifications',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * The models the caller's plan may use (OpenAI's list shape)
+ */
+export const openaiListModels = <ThrowOnError extends boolean = false>(options?: Options<OpenaiListModelsData, ThrowOnError>) => (options?.client ?? client).get<OpenaiListModelsResponses, OpenaiListModelsErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/openai/models',
+    ...options
+});
+
+/**
+ * One model the caller's plan may use (OpenAI's shape)
+ */
+export const openaiRetrieveModel = <ThrowOnError extends boolean = false>(options: Options<OpenaiRetrieveModelData, ThrowOnError>) => (options.client ?? client).get<OpenaiRetrieveModelResponses, OpenaiRetrieveModelErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/openai/models/{model}',
+    ...options
+});
+
+/**
+ * Chat completion through the hub (OpenAI-compatible, metered)
+ *
+ * OpenAI's chat completion request, passed to the model's upstream with `model` replaced by its upstream model id; §5's checks, limits and Idempotency-Key apply.
+ */
+export const openaiChatCompletions = <ThrowOnError extends boolean = false>(options: Options<OpenaiChatCompletionsData, ThrowOnError>) => (options.client ?? client).post<OpenaiChatCompletionsResponses, OpenaiChatCompletionsErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/openai/chat/completions',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * Text completion through the hub (OpenAI-compatible, metered)
+ */
+export const openaiCompletions = <ThrowOnError extends boolean = false>(options: Options<OpenaiCompletionsData, ThrowOnError>) => (options.client ?? client).post<OpenaiCompletionsResponses, OpenaiCompletionsErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/openai/completions',
+    ...options,
+    headers: {
+        'Content-Type': 'application/json',
+        ...options.headers
+    }
+});
+
+/**
+ * Embeddings through the hub (OpenAI-compatible, billed by the reported usage)
+ */
+export const openaiEmbeddings = <ThrowOnError extends boolean = false>(options: Options<OpenaiEmbeddingsData, ThrowOnError>) => (options.client ?? client).post<OpenaiEmbeddingsResponses, OpenaiEmbeddingsErrors, ThrowOnError>({
+    security: [{ scheme: 'bearer', type: 'http' }, { name: 'X-API-Key', type: 'apiKey' }],
+    url: '/api/v1/openai/embeddings',
     ...options,
     headers: {
         'Content-Type': 'application/json',
