@@ -29,12 +29,14 @@ def jobs() -> list[tuple[str, SweepJob]]:
     from joyhub.auth.sessions import sweep_expired
     from joyhub.subscriptions.rollover import sweep_due
     from joyhub.tools import sweeps as tools_sweeps
+    from joyhub.usage import sweeps as usage_sweeps
     from joyhub.webhooks import sweeps as webhooks_sweeps
 
     return [
         ("subscription_rollover", sweep_due),
         ("identity_cleanup", sweep_expired),
         *tools_sweeps.jobs(),
+        *usage_sweeps.jobs(),
         *webhooks_sweeps.jobs(),
     ]
 

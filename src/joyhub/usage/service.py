@@ -77,6 +77,7 @@ from joyhub.usage.dates import (
     resolve,
     split,
 )
+from joyhub.usage.partitions import SETTLE_WINDOW, started_bounds
 from joyhub.usage.schemas import (
     DailyRefusals,
     Quota,
@@ -131,11 +132,14 @@ _IS_SETTLED = UsageLog.status.in_(SETTLED)
 def _raw_window(
     user_id: uuid.UUID, start: datetime | None, end: datetime | None
 ) -> list[ColumnElement[bool]]:
+    """The caller's settled logs in `[start, end)` of settle time, with the admission-time bounds
+    that let PostgreSQL open only the monthly partitions that can hold them (`partitions.py`)."""
     conds: list[ColumnElement[bool]] = [UsageLog.user_id == user_id, _IS_SETTLED]
-    if start is not None:
-        conds.append(UsageLog.timestamp >= start)
-    if end is not None:
-        conds.append(UsageLog.timestamp < end)
+    started_lo, started_hi = started_bounds(start, end)
+    if start is not None and started_lo is not None:
+        conds += [UsageLog.timestamp >= start, UsageLog.started_at >= started_lo]
+    if end is not None and started_hi is not None:
+        conds += [UsageLog.timestamp < end, UsageLog.started_at < started_hi]
     return conds
 
 
@@ -169,7 +173,13 @@ class Reads:
     raw: tuple[Span, Span] = ((NOTHING, NOTHING), (NOTHING, NOTHING))
 
     def params(self) -> dict[str, Any]:
+        pieces = [p for p in self.raw if p[0] < p[1]]
+        # the admission-time range of the raw pieces' logs: the partitions to open (none if none)
+        s_lo = min(p[0] for p in pieces) - SETTLE_WINDOW if pieces else NOTHING
+        s_hi = max(p[1] for p in pieces) if pieces else NOTHING
         return {
+            "s_lo": s_lo,
+            "s_hi": s_hi,
             "d0": self.days[0],
             "d1": self.days[1],
             "h1a": self.hours[0][0],
@@ -248,6 +258,7 @@ _BY_TOOL = text(
                count(*) FILTER (WHERE status = 'cancelled'), sum(tokens_used)
         FROM usage_logs
         WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
+          AND started_at >= :s_lo AND started_at < :s_hi
           AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
                OR ("timestamp" >= :r2a AND "timestamp" < :r2b))
         GROUP BY tool_id
@@ -271,6 +282,7 @@ _COUNT = text(
         + (
             SELECT count(*) FROM usage_logs
             WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
+              AND started_at >= :s_lo AND started_at < :s_hi
               AND (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
               AND (CAST(:tool_id AS uuid) IS NULL OR tool_id = CAST(:tool_id AS uuid))
               AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
@@ -292,12 +304,12 @@ _SERIES = text(
     SELECT CAST(:r1a AS timestamptz), count(*), coalesce(sum(tokens_used), 0)
     FROM usage_logs
     WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
-      AND "timestamp" >= :r1a AND "timestamp" < :r1b
+      AND started_at >= :s_lo AND started_at < :s_hi AND "timestamp" >= :r1a AND "timestamp" < :r1b
     UNION ALL
     SELECT CAST(:r2a AS timestamptz), count(*), coalesce(sum(tokens_used), 0)
     FROM usage_logs
     WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
-      AND "timestamp" >= :r2a AND "timestamp" < :r2b
+      AND started_at >= :s_lo AND started_at < :s_hi AND "timestamp" >= :r2a AND "timestamp" < :r2b
     """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
 )
 
@@ -612,7 +624,12 @@ async def export_csv(
     yield _csv_lines([CSV_HEADER])
     after: tuple[datetime, uuid.UUID] | None = None
     while True:
-        stmt = query if after is None else query.where(tuple_(UsageLog.timestamp, UsageLog.id) < after)
+        stmt = (
+            query
+            if after is None
+            # a log settled before `after` was admitted before it too: older partitions only
+            else query.where(tuple_(UsageLog.timestamp, UsageLog.id) < after, UsageLog.started_at <= after[0])
+        )
         async with factory() as session:
             rows = (await session.execute(stmt)).all()
         if not rows:
