@@ -45,6 +45,14 @@ CIRCUIT_STATE = Gauge(
     ["tool"],
     multiprocess_mode="max",
 )
+CLEANUP_ROWS = Counter(
+    "joyhub_cleanup_rows_total",
+    "Rows removed (or, for usage_retention, retired with their month) by each sweep job",
+    ["job"],
+)
+USAGE_MONTHS_RETIRED = Counter(
+    "joyhub_usage_months_retired_total", "Monthly partitions of usage_logs retired (dropped)"
+)
 QUOTA_DENIALS = Counter("joyhub_quota_denials_total", "Invocations refused for quota", ["plan"])
 GROUP_COMMIT_BATCH = Histogram(
     "joyhub_group_commit_batch_size",

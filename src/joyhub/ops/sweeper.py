@@ -16,6 +16,7 @@ from datetime import datetime
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from joyhub.core import metrics
 from joyhub.core.clock import utcnow
 from joyhub.core.config import Settings
 
@@ -48,6 +49,8 @@ async def sweep_once(factory: async_sessionmaker[AsyncSession], settings: Settin
         try:
             async with factory() as session, session.begin():
                 results[name] = await job(session, settings, now)
+            if results[name] > 0:
+                metrics.CLEANUP_ROWS.labels(job=name).inc(results[name])
         except Exception:
             log.exception("sweep job failed", extra={"job": name})
             results[name] = -1

@@ -19,7 +19,7 @@ from joyhub.core.db import DbSession
 from joyhub.core.envelope import Envelope, ok, page
 from joyhub.core.leases import Lease, Leases, kept, leases_for
 from joyhub.core.pagination import PageParams
-from joyhub.usage import service
+from joyhub.usage import retention, service
 from joyhub.usage.dates import RangeParams
 from joyhub.usage.schemas import Granularity, TimeseriesPoint, UsageRecord, UsageStatus, UsageSummary
 
@@ -77,7 +77,8 @@ async def list_usage(
     items, total = await service.history(
         session, principal.id, start, end, service.LogFilter(tool_id, status), paging
     )
-    return page(items, offset=paging.offset, limit=paging.limit, total=total)
+    notice = await retention.notice_for(session, service.export_range(start, end).start)
+    return page(items, offset=paging.offset, limit=paging.limit, total=total, notice=notice)
 
 
 @router.get(
@@ -143,6 +144,8 @@ async def usage_export(
     now = utcnow()
     filename = service.export_filename(rng, now)
     leases = leases_for(request.app.state)
+    async with request.app.state.sessionmaker() as session:
+        notice = await retention.notice_for(session, rng.start)
     lease = await service.start_export(leases, principal.id, now)
     body = service.export_csv(
         request.app.state.sessionmaker, principal.id, rng, service.LogFilter(tool_id, status)
@@ -156,5 +159,7 @@ async def usage_export(
             "Content-Disposition": f'attachment; filename="{filename}"',
             "Cache-Control": "no-store",
             "X-Content-Type-Options": "nosniff",
+            # the range reaches into months whose raw records were retired (issue 18)
+            **({"Joyhub-Notice": notice} if notice else {}),
         },
     )

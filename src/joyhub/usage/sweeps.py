@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from joyhub.core.config import Settings
-from joyhub.usage import partitions
+from joyhub.usage import partitions, retention
 
 Job = Callable[[AsyncSession, Settings, datetime], Awaitable[int]]
 
@@ -24,4 +24,7 @@ async def ensure_partitions(session: AsyncSession, settings: Settings, now: date
 
 
 def jobs() -> list[tuple[str, Job]]:
-    return [("usage_partitions", ensure_partitions)]
+    return [
+        ("usage_partitions", ensure_partitions),
+        ("usage_retention", retention.retire_expired),
+    ]
