@@ -71,13 +71,16 @@ async def test_rows_caught_by_the_default_move_into_their_new_month(engine: Asyn
     acc = await make_account(engine)
     tool = await make_tool(engine)
     log_id = await record_invocation(engine, acc.user_id, tool, tokens=7, ts=utc(2043, 5, 3))
-    async with engine.connect() as conn:
-        where = await conn.execute(text("SELECT tableoid::regclass::text FROM usage_logs WHERE id = :i"), {"i": log_id})
-        assert where.scalar_one() == "usage_logs_default"
+    assert await _home(engine, log_id) == "usage_logs_default"
     assert await _ensure(engine, utc(2043, 5, 1), ahead=0) == 1
+    assert await _home(engine, log_id) == "usage_logs_p204305"
+
+
+async def _home(engine: AsyncEngine, log_id: uuid.UUID) -> str:
+    """The partition a log lives in."""
     async with engine.connect() as conn:
-        where = await conn.execute(text("SELECT tableoid::regclass::text FROM usage_logs WHERE id = :i"), {"i": log_id})
-        assert where.scalar_one() == "usage_logs_p204305"
+        sql = text("SELECT tableoid::regclass::text FROM usage_logs WHERE id = :i")
+        return str((await conn.execute(sql, {"i": log_id})).scalar_one())
 
 
 async def _plan(engine: AsyncEngine, sql: str) -> str:
@@ -88,9 +91,7 @@ async def _plan(engine: AsyncEngine, sql: str) -> str:
 
 def _scanned(plan: str) -> set[str]:
     return {
-        word
-        for word in plan.replace("(", " ").replace(")", " ").split()
-        if partitions.is_partition(word)
+        word for word in plan.replace("(", " ").replace(")", " ").split() if partitions.is_partition(word)
     }
 
 
