@@ -76,10 +76,10 @@ def expired(parts: list[Partition], now: datetime, retention_days: int) -> list[
     return [p for p in parts if p.end <= cutoff]
 
 
-async def retire_month(
-    session: AsyncSession, part: Partition, settings: Settings, now: datetime
-) -> Retired | None:
-    """Archive (when configured) and drop one month; None when it still has pending logs."""
+async def _prepare(session: AsyncSession, part: Partition, settings: Settings) -> Retired | None:
+    """Check, count and archive (when configured) one month, before any DDL: the archive reads
+    on a connection of its own, which our transaction must not yet block with the parent's
+    lock. None when the month still has pending calls."""
     name = part.name
     if (await session.execute(text(_PENDING.format(name=name)))).scalar_one():
         log.info("month still has pending calls; retired later", extra={"partition": name})
@@ -92,31 +92,40 @@ async def retire_month(
         async with engine.connect() as conn:
             archived = await archive_month(conn, part.month, settings.usage_archive_dir, progress=False)
         archive_path = str(archived.path)
-    await session.execute(text(f"SET LOCAL lock_timeout = '{partitions.LOCK_TIMEOUT}'"))
-    await session.execute(text(f"ALTER TABLE {PARENT} DETACH PARTITION {name}"))
-    await session.execute(text(f"DROP TABLE {name}"))
-    if await partitions.has_default(session):
-        strays = await session.execute(_STRAYS, {"lo": part.start, "hi": part.end, "batch": STRAY_BATCH})
-        rows += int(getattr(strays, "rowcount", 0) or 0)
-    await session.execute(
-        _RECORD, {"month": part.month, "rows": rows, "archive_path": archive_path, "now": now}
-    )
-    metrics.USAGE_MONTHS_RETIRED.inc()
-    log.info("usage month retired", extra={"partition": name, "rows": rows, "archive": archive_path})
     return Retired(part.month, rows, archive_path)
 
 
+async def _drop(session: AsyncSession, part: Partition, ready: Retired, now: datetime) -> int:
+    """Detach and drop the month's partition, delete its strays in the default, record it."""
+    await session.execute(text(f"SET LOCAL lock_timeout = '{partitions.LOCK_TIMEOUT}'"))
+    await session.execute(text(f"ALTER TABLE {PARENT} DETACH PARTITION {part.name}"))
+    await session.execute(text(f"DROP TABLE {part.name}"))
+    rows = ready.rows
+    if await partitions.has_default(session):
+        strays = await session.execute(_STRAYS, {"lo": part.start, "hi": part.end, "batch": STRAY_BATCH})
+        rows += int(getattr(strays, "rowcount", 0) or 0)
+    params = {"month": part.month, "rows": rows, "archive_path": ready.archive_path, "now": now}
+    await session.execute(_RECORD, params)
+    metrics.USAGE_MONTHS_RETIRED.inc()
+    log.info(
+        "usage month retired", extra={"partition": part.name, "rows": rows, "archive": ready.archive_path}
+    )
+    return rows
+
+
 async def retire_expired(session: AsyncSession, settings: Settings, now: datetime) -> int:
-    """Sweep job: retire the expired months (a few per pass); returns the rows retired."""
+    """Sweep job: retire the expired months (a few per pass, oldest first; a month with pending
+    calls stops the pass, so the retired months stay one contiguous run); returns the rows
+    retired. Every month is checked and archived first, then all are dropped."""
     await session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": partitions.MAINTENANCE_LOCK})
     parts = expired(await partitions.monthly_partitions(session), now, settings.usage_retention_days)
-    total = 0
+    ready: list[tuple[Partition, Retired]] = []
     for part in parts[:MAX_MONTHS_PER_PASS]:
-        done = await retire_month(session, part, settings, now)
+        done = await _prepare(session, part, settings)
         if done is None:
-            break  # months retire in order: the horizon stays one contiguous line
-        total += done.rows
-    return total
+            break
+        ready.append((part, done))
+    return sum([await _drop(session, part, done, now) for part, done in ready])
 
 
 async def retired_before(session: AsyncSession) -> datetime | None:
