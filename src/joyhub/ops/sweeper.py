@@ -28,6 +28,7 @@ SweepJob = Callable[[AsyncSession, Settings, datetime], Awaitable[int]]
 def jobs() -> list[tuple[str, SweepJob]]:
     """The sweep's jobs, in order; each returns how many rows it touched."""
     from joyhub.auth.sessions import sweep_expired
+    from joyhub.core.audit_retention import purge_audit_logs
     from joyhub.subscriptions.rollover import sweep_due
     from joyhub.tools import sweeps as tools_sweeps
     from joyhub.usage import sweeps as usage_sweeps
@@ -39,6 +40,7 @@ def jobs() -> list[tuple[str, SweepJob]]:
         *tools_sweeps.jobs(),
         *usage_sweeps.jobs(),
         *webhooks_sweeps.jobs(),
+        ("audit_retention", purge_audit_logs),
     ]
 
 
