@@ -427,9 +427,17 @@ async def count_settled(session: AsyncSession, user_id: uuid.UUID, rng: TimeRang
 
 
 async def summary(
-    session: AsyncSession, user_id: uuid.UUID, start: Bound | None, end: Bound | None, now: datetime
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    start: Bound | None,
+    end: Bound | None,
+    now: datetime,
+    reads: AsyncSession | None = None,
 ) -> UsageSummary:
+    """`session` (the primary) finds the period, rolling it over if due; `reads` (the read
+    replica when `usage/reads.py` chose it, else the primary) answers the rollup queries."""
     period = await _current_period(session, user_id, now)
+    session = reads or session
     rng = resolve(start, end, period.range)
     assert rng.start is not None and rng.end is not None
     by_tool = await _by_tool(session, user_id, rng)
@@ -513,8 +521,10 @@ async def timeseries(
     end: Bound | None,
     granularity: str,
     now: datetime,
+    reads: AsyncSession | None = None,
 ) -> tuple[TimeRange, list[TimeseriesPoint]]:
-    """Buckets over the range (empty ones included); a partial bucket counts its part in range."""
+    """Buckets over the range (empty ones included); a partial bucket counts its part in range.
+    The period on `session` (the primary), the buckets from `reads` (as in `summary`)."""
     unit, limit = UNITS[granularity], MAX_SPAN[granularity]
     if start is None or end is None:
         default = (await _current_period(session, user_id, now)).range
@@ -528,7 +538,7 @@ async def timeseries(
         # the default period is longer than this granularity allows: its most recent part
         hi = max(min(rng.end, ceil_to(now, unit)), rng.start)
         rng = TimeRange(max(rng.start, hi - limit), hi)
-    counts = await _bucket_counts(session, user_id, rng, unit)
+    counts = await _bucket_counts(reads or session, user_id, rng, unit)
     empty = (0, 0)
     points = [
         TimeseriesPoint(bucket_start=b, invocations=c[0], tokens=c[1])

@@ -1109,6 +1109,10 @@ export type Meta = {
      */
     request_id: string;
     pagination?: Pagination | null;
+    /**
+     * Notice
+     */
+    notice?: string | null;
 };
 
 /**
