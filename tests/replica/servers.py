@@ -113,7 +113,7 @@ def start_replica(pair: Replicated) -> None:
         r.as_user,
         str(BIN / "pg_basebackup"),
         "-h", "127.0.0.1", "-p", str(p.port), "-U", "postgres", "-D", str(r.data), "-R", "-X", "stream",
-        "--no-sync",
+        "--no-sync", "--checkpoint=fast",
     )  # fmt: skip
     _append(r.as_user, r.data / "postgresql.auto.conf", f"port = {r.port}\n")
     r.ctl("start")
