@@ -125,10 +125,14 @@ def upgrade() -> None:
         "CREATE TABLE usage_logs (LIKE usage_logs_legacy INCLUDING DEFAULTS INCLUDING CONSTRAINTS) "
         "PARTITION BY RANGE (started_at)"
     )
-    oldest = conn.execute(sa.text("SELECT min(started_at) FROM usage_logs_legacy")).scalar_one()
-    now = datetime.now(UTC)
-    first = (oldest or now).astimezone(UTC).date().replace(day=1)
-    last = _add_months(now.date().replace(day=1), AHEAD_MONTHS)
+    oldest, newest = conn.execute(
+        sa.text("SELECT min(started_at), max(started_at) FROM usage_logs_legacy")
+    ).one()
+    this_month = datetime.now(UTC).date().replace(day=1)
+    first = min(oldest.astimezone(UTC).date().replace(day=1), this_month) if oldest else this_month
+    last = _add_months(this_month, AHEAD_MONTHS)
+    if newest is not None:
+        last = max(last, newest.astimezone(UTC).date().replace(day=1))
     month, made = first, 0
     while month <= last:
         op.execute(
