@@ -3,24 +3,26 @@
 `joyhub usage archive --month YYYY-MM [--out DIR]` writes `usage_logs-YYYY-MM.csv.gz`; retention
 writes the same file into USAGE_ARCHIVE_DIR before it drops a month (`retention.py`).
 
-The file: RFC 4180 CSV (CRLF line ends, UTF-8), gzip-compressed, one header line, then one line
-per log of the month (by admission time, `started_at`), oldest first. Columns, in order
-(ARCHIVE_COLUMNS):
+The file: CSV as PostgreSQL's COPY writes it (LF line ends, UTF-8, fields quoted when needed),
+gzip-compressed, one header line, then one line per log of the month (by admission time,
+`started_at`), oldest first. Columns, in order (ARCHIVE_COLUMNS):
 
     id, started_at, timestamp, user_id, tool_id, tool_name, subscription_id, plan_code, status,
     tokens_used, tokens_reserved, token_source, duration_ms, request_id, error_code
 
-Timestamps are ISO 8601 in UTC; empty cells are NULLs; `tool_name` is the catalog name at the
-time of archiving (it survives a tool's deletion). Raw values, no spreadsheet-formula escaping:
-it is a data file for reloading (`COPY usage_logs FROM PROGRAM 'zcat …' CSV HEADER` after
-dropping `tool_name`), not a download for a spreadsheet.
+Timestamps are PostgreSQL's ISO 8601 form in UTC (`2026-12-01 00:01:00+00`: the session's time
+zone is UTC); empty cells are NULLs; `tool_name` is the catalog name at the time of archiving
+(it survives a tool's deletion). Raw values, no spreadsheet-formula escaping: it is a data file
+for reloading (`COPY … FROM PROGRAM 'zcat …' CSV HEADER` into a table of these columns), not a
+download for a spreadsheet.
 
-How: the rows are read through a server-side cursor (`yield_per`) in one REPEATABLE READ
-transaction, so the count taken first and the rows streamed after see the same snapshot, and
-memory stays at one batch. Compression runs in a worker thread, a batch at a time, so a sweep
-archiving inside `serve` does not stall the event loop. The file is written as `….partial`,
-read back and its data lines counted; only when that count equals the database's is it renamed
-into place (an interrupted archive never leaves a file that looks complete).
+How: `COPY (SELECT …) TO STDOUT (FORMAT csv)` streamed from the server (PostgreSQL renders the
+CSV; nothing is held but a ~1 MiB buffer) in one REPEATABLE READ transaction, so the count taken
+first and the rows streamed after see the same snapshot. Compression runs in a worker thread, a
+buffer at a time, so a sweep archiving inside `serve` does not stall the event loop.
+The file is written as `….partial`, read back and its CSV records counted; only when that count
+equals the database's is it renamed into place (an interrupted archive never leaves a file that
+looks complete).
 """
 
 from __future__ import annotations
@@ -28,10 +30,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import gzip
-import io
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -40,7 +40,6 @@ from typing import IO
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from joyhub.core.clock import iso_utc
 from joyhub.usage.partitions import add_months, month_start
 
 ARCHIVE_COLUMNS = (
@@ -68,16 +67,16 @@ _COUNT = text(
     WHERE started_at >= :lo AND started_at < :hi
     """
 )
-_ROWS = text(
-    """
-    SELECT u.id, u.started_at, u."timestamp", u.user_id, u.tool_id, t.name, u.subscription_id,
-           u.plan_code, u.status, u.tokens_used, u.tokens_reserved, u.token_source, u.duration_ms,
-           u.request_id, u.error_code
+# COPY's query: asyncpg binds $1/$2; the column names are the header (ARCHIVE_COLUMNS)
+_COPY = """
+    SELECT u.id, u.started_at, u."timestamp", u.user_id, u.tool_id, t.name AS tool_name,
+           u.subscription_id, u.plan_code, u.status, u.tokens_used, u.tokens_reserved,
+           u.token_source, u.duration_ms, u.request_id, u.error_code
     FROM usage_logs AS u LEFT JOIN tools AS t ON t.id = u.tool_id
-    WHERE u.started_at >= :lo AND u.started_at < :hi
+    WHERE u.started_at >= $1 AND u.started_at < $2
     ORDER BY u.started_at, u.id
-    """
-)
+"""
+FLUSH_BYTES = 1 << 20
 
 
 class ArchiveError(Exception):
@@ -137,21 +136,6 @@ class Progress:
             self.out.flush()
 
 
-def _cell(value: object) -> object:
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return iso_utc(value)
-    return value
-
-
-def _encode(rows: Sequence[Sequence[object]]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\r\n")
-    writer.writerows([_cell(v) for v in row] for row in rows)
-    return buf.getvalue().encode("utf-8")
-
-
 def count_lines(path: Path) -> int:
     """Data lines of an archive (CSV records, so a quoted newline inside a cell is not counted)."""
     with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
@@ -160,12 +144,37 @@ def count_lines(path: Path) -> int:
         return sum(1 for _ in reader)
 
 
+class _GzipSink:
+    """COPY's output chunks, buffered to ~1 MiB and compressed in a worker thread."""
+
+    def __init__(self, fh: gzip.GzipFile, bar: Progress) -> None:
+        self.fh, self.bar = fh, bar
+        self.buffer: list[bytes] = []
+        self.buffered = 0
+        self.lines = 0  # newlines seen: the progress (a quoted newline in a cell would count too)
+
+    async def __call__(self, chunk: bytes) -> None:
+        self.buffer.append(chunk)
+        self.buffered += len(chunk)
+        self.lines += chunk.count(b"\n")
+        if self.buffered >= FLUSH_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.buffer:
+            data, self.buffer, self.buffered = b"".join(self.buffer), [], 0
+            await asyncio.to_thread(self.fh.write, data)
+            self.bar.update(max(self.lines - 1, 0))
+
+
 async def archive_month(
     conn: AsyncConnection, month: date, out_dir: Path, *, progress: bool = True
 ) -> ArchiveResult:
     """Write `month`'s logs to `out_dir/usage_logs-YYYY-MM.csv.gz` and verify its row count.
 
-    `conn` must not be in a transaction: this opens its own REPEATABLE READ one."""
+    `conn` must not be in a transaction: this opens its own REPEATABLE READ one. PostgreSQL
+    renders the CSV itself (`COPY (SELECT …) TO STDOUT`, streamed): several times faster than
+    encoding rows in Python."""
     began = time.monotonic()
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     final = out_dir / archive_name(month)
@@ -177,13 +186,13 @@ async def archive_month(
         bar = Progress(int(expected), f"usage {month:%Y-%m}", enabled=progress)
         fh = await asyncio.to_thread(gzip.open, partial, "wb", 6)
         try:
-            await asyncio.to_thread(fh.write, _encode([ARCHIVE_COLUMNS]))
-            written = 0
-            result = await conn.stream(_ROWS.execution_options(yield_per=BATCH), window)
-            async for batch in result.partitions(BATCH):
-                await asyncio.to_thread(fh.write, _encode(batch))
-                written += len(batch)
-                bar.update(written)
+            sink = _GzipSink(fh, bar)
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            await driver.copy_from_query(
+                _COPY, window["lo"], window["hi"], output=sink, format="csv", header=True
+            )
+            await sink.flush()
         except BaseException:
             await asyncio.to_thread(fh.close)
             partial.unlink(missing_ok=True)
@@ -192,11 +201,11 @@ async def archive_month(
             bar.close()
         await asyncio.to_thread(fh.close)
     read_back = await asyncio.to_thread(count_lines, partial)
-    if not written == read_back == int(expected):
+    if read_back != int(expected):
         partial.unlink(missing_ok=True)
         raise ArchiveError(
-            f"archive of {month:%Y-%m} did not verify: {expected} rows in the database, "
-            f"{written} written, {read_back} read back"
+            f"archive of {month:%Y-%m} did not verify: "
+            f"{expected} rows in the database, {read_back} in the file"
         )
     partial.replace(final)
     return ArchiveResult(final, int(expected), int(tokens), time.monotonic() - began)
