@@ -109,6 +109,11 @@ async def retire_and_archive(admin_url: str, rows: int) -> dict[str, float]:
                 text("DELETE FROM usage_logs WHERE started_at >= '2030-02-01' AND started_at < '2030-03-01'")
             )
         delete = time.perf_counter() - began
+        began = time.perf_counter()
+        async with eng.connect() as conn:  # what the DELETE left for later: the dead rows
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text("VACUUM usage_logs_p203002"))
+        vacuum = time.perf_counter() - began
         await eng.dispose()
         return {
             "rows_per_month": rows,
@@ -117,6 +122,7 @@ async def retire_and_archive(admin_url: str, rows: int) -> dict[str, float]:
             "delete_seconds": round(delete, 2),
             "deleted_rows": deleted.rowcount,
             "delete_over_drop": round(delete / drop, 1),
+            "vacuum_after_delete_seconds": round(vacuum, 2),
             "archive_seconds": round(archived.seconds, 2),
             "archive_rows_per_second": round(archived.rows_per_second),
             "archive_bytes": size,
@@ -145,12 +151,23 @@ async def migration(admin_url: str, rows: int) -> dict[str, float]:
         began = time.perf_counter()
         await migrate_async(url, "0011")
         down = time.perf_counter() - began
+        # back on the unpartitioned table: what retiring one month of it by DELETE costs
+        eng = create_async_engine(url)
+        began = time.perf_counter()
+        async with eng.begin() as conn:
+            await conn.execute(
+                text("DELETE FROM usage_logs WHERE started_at >= '2029-01-01' AND started_at < '2029-02-01'")
+            )
+        unpartitioned_delete = time.perf_counter() - began
+        await eng.dispose()
         return {
             "rows": per_month * 10,
             "table_bytes": int(size),
             "upgrade_seconds": round(up, 1),
             "upgrade_rows_per_second": round(per_month * 10 / up),
             "downgrade_seconds": round(down, 1),
+            "unpartitioned_delete_one_month_seconds": round(unpartitioned_delete, 2),
+            "unpartitioned_delete_rows": per_month,
         }
     finally:
         await _drop(admin_url, url)
