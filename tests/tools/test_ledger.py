@@ -53,6 +53,7 @@ async def test_invoke_rolls_an_ended_period_forward_first(
 
 async def _pending(engine: AsyncEngine, caller: Any, tool: uuid.UUID, reserve: int = 4) -> Admission:
     log_id = uuid.uuid4()
+    now = utcnow()  # the admission time: with the id, it names the log (its partition key)
     async with make_sessionmaker(engine)() as db, db.begin():
         await db.execute(
             text(
@@ -69,13 +70,12 @@ async def _pending(engine: AsyncEngine, caller: Any, tool: uuid.UUID, reserve: i
                 subscription_id=caller.subscription_id,
                 plan_code="pro",
                 status="pending",
-                started_at=utcnow(),
-                timestamp=utcnow(),
+                started_at=now,
+                timestamp=now,
                 tokens_used=0,
                 tokens_reserved=reserve,
             )
         )
-    now = utcnow()
     read = ToolRead(tool, "http://unused", 5, 1, None, now, False, None, None, False)
     return Admission(log_id, caller.user_id, caller.subscription_id, "pro", read, None, now, 1000)
 

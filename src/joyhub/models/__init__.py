@@ -15,6 +15,7 @@ from joyhub.models.usage import (
     UsageHourly,
     UsageLog,
     UsagePlatformDaily,
+    UsageRetirement,
     UsageUserDaily,
     UsageUserWeekly,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "UsageHourly",
     "UsageLog",
     "UsagePlatformDaily",
+    "UsageRetirement",
     "UsageUserDaily",
     "UsageUserWeekly",
     "User",

@@ -3,6 +3,12 @@
 A log row is written `pending` at admission and settled (success/error/timeout) in the same
 transaction that charges the subscription and bumps the rollup. `timestamp` is the settle time,
 so a subscription's `tokens_used` always equals the sum of its current period's logs.
+
+`usage_logs` is partitioned by month on `started_at` (migration 0013, `usage/partitions.py`):
+the admission time, the one timestamp a row never changes, so a row never moves between
+partitions. Its primary key is therefore `(id, started_at)`, and every statement that names a
+log by id also names its `started_at`, so PostgreSQL only opens the partition it lives in.
+Nothing may reference a log by foreign key (a partition is dropped whole when it retires).
 """
 
 from __future__ import annotations
@@ -34,14 +40,19 @@ USAGE_STATUSES = ("pending", "success", "error", "timeout", "cancelled")
 TOKEN_SOURCES = ("reported", "estimated")
 
 
-class UsageLog(UUIDPk, Base):
+class UsageLog(Base):
     __tablename__ = "usage_logs"
     __table_args__ = (
         CheckConstraint("status IN ('pending', 'success', 'error', 'timeout', 'cancelled')", name="status"),
         CheckConstraint("token_source IN ('reported', 'estimated')", name="token_source"),
         Index("ix_usage_logs_user_ts", "user_id", "timestamp"),
         Index("ix_usage_logs_pending", "started_at", postgresql_where="status = 'pending'"),
+        {"postgresql_partition_by": "RANGE (started_at)"},
     )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    # the admission time: the partition key, part of the primary key, never updated
+    started_at: Mapped[datetime] = mapped_column(primary_key=True, default=utcnow)
 
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     tool_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tools.id"))
@@ -50,7 +61,6 @@ class UsageLog(UUIDPk, Base):
     )
     plan_code: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default="pending")
-    started_at: Mapped[datetime] = mapped_column(default=utcnow)
     timestamp: Mapped[datetime] = mapped_column(default=utcnow)
     tokens_used: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -160,6 +170,18 @@ class UsagePlatformDaily(Base):
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class UsageRetirement(Base):
+    """A month of raw usage logs that retention dropped (`usage/retention.py`): what history and
+    export tell a caller asking for it, and the operator's record of what went where."""
+
+    __tablename__ = "usage_retirements"
+
+    month: Mapped[date] = mapped_column(Date, primary_key=True)
+    rows: Mapped[int] = mapped_column(BigInteger)
+    archive_path: Mapped[str | None] = mapped_column(String(1024))
+    retired_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class IdempotencyRecord(UUIDPk, Base):
     __tablename__ = "idempotency_keys"
     __table_args__ = (
@@ -171,7 +193,9 @@ class IdempotencyRecord(UUIDPk, Base):
     key: Mapped[str] = mapped_column(String(255))
     request_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     tool_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tools.id"))
-    usage_log_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("usage_logs.id", ondelete="SET NULL"))
+    # the settled call's log; no foreign key: logs live in monthly partitions that retire whole,
+    # and a key (kept for a day) never outlives the log it names in practice
+    usage_log_id: Mapped[uuid.UUID | None]
     state: Mapped[str] = mapped_column(String(16), default="in_flight")
     response_status: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONB)

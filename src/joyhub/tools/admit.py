@@ -150,7 +150,7 @@ class AdmissionRun:
         except BaseException:
             if self.fence is not None:  # refused or failed after a lost statement: take it back
                 with contextlib.suppress(Exception):  # best effort; else the sweep closes it
-                    await self.gateway.store.undo_admissions([self.fence])
+                    await self.gateway.store.undo_admissions([self.fence], self.now)
             raise
         finally:
             # the admission is durable (or refused), and the connection back in the pool: the
@@ -182,7 +182,7 @@ class AdmissionRun:
             metrics.ADMISSION_RECOVERIES.inc()
             return True
         if self.fence is not None and not self.fence_freed and log_id_taken(exc):
-            await self.gateway.store.undo_admissions([self.fence])
+            await self.gateway.store.undo_admissions([self.fence], self.now)
             self.fence_freed = True
             return True
         return False

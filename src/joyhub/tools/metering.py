@@ -59,6 +59,7 @@ from joyhub.tools.group_commit import GroupCommit
 from joyhub.tools.idempotency import KEY_TTL, StoredKey, encode_response
 from joyhub.tools.rate_limits import NO_LIMITS, Bucket, Concurrency, Limits, Scope
 from joyhub.usage import rollups
+from joyhub.usage.partitions import SETTLE_WINDOW
 from joyhub.webhooks import quota_alerts
 
 log = logging.getLogger("joyhub.tools.metering")
@@ -252,10 +253,11 @@ class Settlement:
 _ADMIT = text(
     """
     WITH req AS (
-        SELECT r.n, r.log_id, r.reserve, r.request_id, r.go
+        SELECT r.n, r.log_id, r.reserve, r.request_id, r.go, r.started_at
         FROM unnest(CAST(:log_ids AS uuid[]), CAST(:reserves AS bigint[]),
-                    CAST(:request_ids AS varchar[]), CAST(:gos AS boolean[]))
-             WITH ORDINALITY AS r(log_id, reserve, request_id, go, n)
+                    CAST(:request_ids AS varchar[]), CAST(:gos AS boolean[]),
+                    CAST(:started_ats AS timestamptz[]))
+             WITH ORDINALITY AS r(log_id, reserve, request_id, go, started_at, n)
     ), who AS ("""  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + CREDENTIAL_USERS
     + """
@@ -325,7 +327,7 @@ _ADMIT = text(
                ctx.token_limit - ctx.tokens_used - ctx.tokens_reserved AS token_room
         FROM ctx
     ), ranked AS (
-        SELECT req.n, req.log_id, req.reserve, req.request_id,
+        SELECT req.n, req.log_id, req.reserve, req.request_id, req.started_at,
                room.gate_ok AND room.version_ok AND req.go AS eligible,
                COALESCE(count(*) FILTER (WHERE room.gate_ok AND room.version_ok AND req.go) OVER w, 0)
                    AS ahead,
@@ -403,7 +405,7 @@ _ADMIT = text(
         INSERT INTO usage_logs (id, user_id, tool_id, subscription_id, plan_code, status,
                                 started_at, "timestamp", tokens_used, tokens_reserved, request_id)
         SELECT a.log_id, room.user_id, CAST(:tool_id AS uuid), adm.id, adm.plan_code,
-               'pending', :now, :now, 0, a.reserve, a.request_id
+               'pending', a.started_at, :now, 0, a.reserve, a.request_id
         FROM admitted AS a CROSS JOIN room CROSS JOIN adm
         RETURNING id
     )
@@ -458,13 +460,13 @@ _SETTLE = text(
             CAST(:durations AS integer[]), CAST(:error_codes AS varchar[]), CAST(:token_sources AS varchar[]),
             CAST(:idem_ids AS uuid[]), CAST(:response_statuses AS integer[]),
             CAST(:response_bodies AS text[]), CAST(:input_tokens AS bigint[]),
-            CAST(:output_tokens AS bigint[]))
+            CAST(:output_tokens AS bigint[]), CAST(:started_ats AS timestamptz[]))
         AS r(log_id, status, tokens, duration_ms, error_code, token_source, idem_id, response_status,
-             response_body, input_tokens, output_tokens)
+             response_body, input_tokens, output_tokens, started_at)
     ), l AS (
         SELECT u.id, u.subscription_id, u.tokens_reserved, req.*
-        FROM usage_logs AS u JOIN req ON u.id = req.log_id
-        WHERE u.status = 'pending'
+        FROM usage_logs AS u JOIN req ON u.id = req.log_id AND u.started_at = req.started_at
+        WHERE u.status = 'pending' AND u.started_at >= :started_lo AND u.started_at <= :started_hi
         ORDER BY u.id
         FOR UPDATE OF u
     ), charge AS (
@@ -488,7 +490,8 @@ _SETTLE = text(
                       sub.current_period_end - interval '1 microsecond'),
                 CAST(:now AS timestamptz))
         FROM l LEFT JOIN sub ON sub.id = l.subscription_id
-        WHERE u.id = l.id
+        WHERE u.id = l.id AND u.started_at = l.started_at
+          AND u.started_at >= :started_lo AND u.started_at <= :started_hi
         RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp", u.status, u.tokens_used,
                   u.input_tokens, u.output_tokens
     ), idem AS (
@@ -520,7 +523,7 @@ _OUTCOME = text(
     SELECT u.status, u.error_code, s.tokens_used, s.current_period_end,
            (SELECT p.token_limit FROM plans AS p WHERE p.code = s.plan_code) AS token_limit
     FROM usage_logs AS u LEFT JOIN subscriptions AS s ON s.id = u.subscription_id
-    WHERE u.id = :log_id
+    WHERE u.id = :log_id AND u.started_at = :started_at
     """
 )
 
@@ -544,7 +547,8 @@ def _release_reservations(logs: str) -> str:
 _UNDO_ADMISSIONS = text(
     """
     WITH l AS (
-        DELETE FROM usage_logs WHERE id = ANY(CAST(:log_ids AS uuid[])) AND status = 'pending'
+        DELETE FROM usage_logs
+        WHERE id = ANY(CAST(:log_ids AS uuid[])) AND started_at = :started_at AND status = 'pending'
         RETURNING subscription_id, tokens_reserved
     )"""  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + _release_reservations("l")
@@ -554,11 +558,12 @@ _CLOSE_STALE = text(
     """
     WITH stale AS (
         UPDATE usage_logs AS u
-        SET status = 'error', error_code = :abandoned, tokens_used = 0, "timestamp" = :now,
+        SET status = 'error', error_code = :abandoned, tokens_used = 0,
+            "timestamp" = LEAST(CAST(:now AS timestamptz), u.started_at + CAST(:settle_window AS interval)),
             duration_ms = LEAST(EXTRACT(EPOCH FROM (CAST(:now AS timestamptz) - u.started_at)) * 1000,
                                 2147483647)::int
-        WHERE u.id IN (
-            SELECT l.id FROM usage_logs AS l JOIN tools AS t ON t.id = l.tool_id
+        WHERE (u.id, u.started_at) IN (
+            SELECT l.id, l.started_at FROM usage_logs AS l JOIN tools AS t ON t.id = l.tool_id
             WHERE l.status = 'pending' AND l.started_at < :cutoff
               AND l.started_at < CAST(:now AS timestamptz) - make_interval(
                     secs => t.timeout_seconds * t.max_attempts + 5 * t.max_attempts + :slack
@@ -669,7 +674,7 @@ def _admit_result(row: Record, req: AdmitRequest, now: datetime) -> AdmitResult:
         plan_code=read.account.plan_code,
         tool=read.tool,
         quota=read.account.quota,
-        started_at=now,
+        started_at=req.now,  # the call's own admission time: its retry reuses it (`admit._recover`)
         tokens_left=read.account.token_limit - read.account.tokens_used - read.account.tokens_reserved,
         limits=read.limits,
     )
@@ -681,6 +686,10 @@ def _settle_params(reqs: list[SettleRequest]) -> dict[str, Any]:
     return {
         "now": max(r.now for r in reqs),
         "log_ids": [r.admission.log_id for r in reqs],
+        "started_ats": [r.admission.started_at for r in reqs],
+        # the bounds let PostgreSQL open only the partitions the batch's logs live in
+        "started_lo": min(r.admission.started_at for r in reqs),
+        "started_hi": max(r.admission.started_at for r in reqs),
         "statuses": [r.status for r in reqs],
         "tokens": [r.tokens for r in reqs],
         "durations": [r.duration_ms for r in reqs],
@@ -716,7 +725,11 @@ def connection_lost(exc: BaseException) -> bool:
 
 def log_id_taken(exc: BaseException) -> bool:
     """The admission failed on the usage log's primary key: its id was already taken."""
-    return isinstance(exc, asyncpg.exceptions.UniqueViolationError) and exc.constraint_name == "pk_usage_logs"
+    if not isinstance(exc, asyncpg.exceptions.UniqueViolationError):
+        return False
+    # the key of the monthly partition the row went to (`usage_logs_p202612_pkey`), or the parent's
+    name = exc.constraint_name or ""
+    return name == "pk_usage_logs" or (name.startswith("usage_logs_") and name.endswith("_pkey"))
 
 
 def transient(exc: BaseException) -> bool:
@@ -761,6 +774,7 @@ class MeteringConnection:
             "reserves": [r.reserve for r in reqs],
             "request_ids": [r.request_id for r in reqs],
             "gos": [r.go for r in reqs],
+            "started_ats": [r.now for r in reqs],
         }
         rows = await self._session.fetch(_ADMIT, params)
         return [_admit_result(row, req, now) for row, req in zip(rows, reqs, strict=True)]
@@ -823,11 +837,12 @@ class MeteringStore:
         async with self.connection(ping=False) as conn:
             return await conn.admit_many(reqs)
 
-    async def undo_admissions(self, log_ids: list[uuid.UUID]) -> None:
-        """Take back admissions made without an Idempotency-Key whose outcome is unknown."""
+    async def undo_admissions(self, log_ids: list[uuid.UUID], started_at: datetime) -> None:
+        """Take back admissions made without an Idempotency-Key whose outcome is unknown (all
+        admitted at `started_at`: the request's own admission time, the partition key)."""
         if log_ids:
             async with self.engine.begin() as conn:
-                await conn.execute(_UNDO_ADMISSIONS, {"log_ids": log_ids})
+                await conn.execute(_UNDO_ADMISSIONS, {"log_ids": log_ids, "started_at": started_at})
 
     async def settle(self, req: SettleRequest) -> Settlement:
         """Settle a call: group-committed with the calls of the same subscription and tool that
@@ -883,7 +898,8 @@ class MeteringStore:
         context = {"invocation_id": str(log_id), "outcome": req.status}
         try:
             async with self.engine.connect() as conn:
-                row = (await conn.execute(_OUTCOME, {"log_id": log_id})).mappings().first()
+                params = {"log_id": log_id, "started_at": req.admission.started_at}
+                row = (await conn.execute(_OUTCOME, params)).mappings().first()
         except Exception as exc:  # only to say which it was: the call's outcome is settled either way
             log.warning(
                 "could not tell how a settled call was settled",
@@ -914,6 +930,7 @@ class MeteringStore:
                     "slack": STALE_SLACK_SECONDS,
                     "stream_max": settings.tool_stream_max_seconds,
                     "abandoned": ABANDONED,
+                    "settle_window": SETTLE_WINDOW,
                 },
             )
         ).all()

@@ -54,6 +54,7 @@ from typing import Any, get_args
 
 from sqlalchemy import (
     ColumnElement,
+    Select,
     select,
     text,
     tuple_,
@@ -77,6 +78,7 @@ from joyhub.usage.dates import (
     resolve,
     split,
 )
+from joyhub.usage.partitions import SETTLE_WINDOW, started_bounds
 from joyhub.usage.schemas import (
     DailyRefusals,
     Quota,
@@ -133,11 +135,14 @@ _IS_SETTLED = UsageLog.status.in_(SETTLED)
 def _raw_window(
     user_id: uuid.UUID, start: datetime | None, end: datetime | None
 ) -> list[ColumnElement[bool]]:
+    """The caller's settled logs in `[start, end)` of settle time, with the admission-time bounds
+    that let PostgreSQL open only the monthly partitions that can hold them (`partitions.py`)."""
     conds: list[ColumnElement[bool]] = [UsageLog.user_id == user_id, _IS_SETTLED]
-    if start is not None:
-        conds.append(UsageLog.timestamp >= start)
-    if end is not None:
-        conds.append(UsageLog.timestamp < end)
+    started_lo, started_hi = started_bounds(start, end)
+    if start is not None and started_lo is not None:
+        conds += [UsageLog.timestamp >= start, UsageLog.started_at >= started_lo]
+    if end is not None and started_hi is not None:
+        conds += [UsageLog.timestamp < end, UsageLog.started_at < started_hi]
     return conds
 
 
@@ -171,7 +176,13 @@ class Reads:
     raw: tuple[Span, Span] = ((NOTHING, NOTHING), (NOTHING, NOTHING))
 
     def params(self) -> dict[str, Any]:
+        pieces = [p for p in self.raw if p[0] < p[1]]
+        # the admission-time range of the raw pieces' logs: the partitions to open (none if none)
+        s_lo = min(p[0] for p in pieces) - SETTLE_WINDOW if pieces else NOTHING
+        s_hi = max(p[1] for p in pieces) if pieces else NOTHING
         return {
+            "s_lo": s_lo,
+            "s_hi": s_hi,
             "d0": self.days[0],
             "d1": self.days[1],
             "h1a": self.hours[0][0],
@@ -253,6 +264,7 @@ _BY_TOOL = text(
                sum(output_tokens)
         FROM usage_logs
         WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
+          AND started_at >= :s_lo AND started_at < :s_hi
           AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
                OR ("timestamp" >= :r2a AND "timestamp" < :r2b))
         GROUP BY tool_id
@@ -276,6 +288,7 @@ _COUNT = text(
         + (
             SELECT count(*) FROM usage_logs
             WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
+              AND started_at >= :s_lo AND started_at < :s_hi
               AND (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
               AND (CAST(:tool_id AS uuid) IS NULL OR tool_id = CAST(:tool_id AS uuid))
               AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
@@ -297,12 +310,12 @@ _SERIES = text(
     SELECT CAST(:r1a AS timestamptz), count(*), coalesce(sum(tokens_used), 0)
     FROM usage_logs
     WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
-      AND "timestamp" >= :r1a AND "timestamp" < :r1b
+      AND started_at >= :s_lo AND started_at < :s_hi AND "timestamp" >= :r1a AND "timestamp" < :r1b
     UNION ALL
     SELECT CAST(:r2a AS timestamptz), count(*), coalesce(sum(tokens_used), 0)
     FROM usage_logs
     WHERE user_id = :user_id AND status IN ({_SETTLED_SQL})
-      AND "timestamp" >= :r2a AND "timestamp" < :r2b
+      AND started_at >= :s_lo AND started_at < :s_hi AND "timestamp" >= :r2a AND "timestamp" < :r2b
     """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
 )
 
@@ -372,7 +385,19 @@ async def history(
 ) -> tuple[list[UsageRecord], int]:
     """One page of the caller's settled logs, newest first, and the total matching."""
     rng = resolve(start, end, TimeRange(None, None))
-    stmt = (
+    rows = (await session.execute(history_query(user_id, rng, filt, page))).mappings().all()
+    items = [UsageRecord.model_validate(dict(r)) for r in rows]
+    if len(items) < page.limit and (items or page.offset == 0):
+        return items, page.offset + len(items)  # the last page tells its own total
+    return items, await count_settled(session, user_id, rng, filt)
+
+
+HistoryQuery = Select[*tuple[Any, ...]]
+
+
+def history_query(user_id: uuid.UUID, rng: TimeRange, filt: LogFilter, page: Page) -> HistoryQuery:
+    """The page's statement (pruned to the partitions `rng` can reach: tests EXPLAIN it)."""
+    return (
         select(
             UsageLog.id,
             UsageLog.tool_id,
@@ -393,11 +418,6 @@ async def history(
         .offset(page.offset)
         .limit(page.limit)
     )
-    rows = (await session.execute(stmt)).mappings().all()
-    items = [UsageRecord.model_validate(dict(r)) for r in rows]
-    if len(items) < page.limit and (items or page.offset == 0):
-        return items, page.offset + len(items)  # the last page tells its own total
-    return items, await count_settled(session, user_id, rng, filt)
 
 
 async def count_settled(session: AsyncSession, user_id: uuid.UUID, rng: TimeRange, filt: LogFilter) -> int:
@@ -414,9 +434,17 @@ async def count_settled(session: AsyncSession, user_id: uuid.UUID, rng: TimeRang
 
 
 async def summary(
-    session: AsyncSession, user_id: uuid.UUID, start: Bound | None, end: Bound | None, now: datetime
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    start: Bound | None,
+    end: Bound | None,
+    now: datetime,
+    reads: AsyncSession | None = None,
 ) -> UsageSummary:
+    """`session` (the primary) finds the period, rolling it over if due; `reads` (the read
+    replica when `usage/reads.py` chose it, else the primary) answers the rollup queries."""
     period = await _current_period(session, user_id, now)
+    session = reads or session
     rng = resolve(start, end, period.range)
     assert rng.start is not None and rng.end is not None
     by_tool = await _by_tool(session, user_id, rng)
@@ -509,8 +537,10 @@ async def timeseries(
     end: Bound | None,
     granularity: str,
     now: datetime,
+    reads: AsyncSession | None = None,
 ) -> tuple[TimeRange, list[TimeseriesPoint]]:
-    """Buckets over the range (empty ones included); a partial bucket counts its part in range."""
+    """Buckets over the range (empty ones included); a partial bucket counts its part in range.
+    The period on `session` (the primary), the buckets from `reads` (as in `summary`)."""
     unit, limit = UNITS[granularity], MAX_SPAN[granularity]
     if start is None or end is None:
         default = (await _current_period(session, user_id, now)).range
@@ -524,7 +554,7 @@ async def timeseries(
         # the default period is longer than this granularity allows: its most recent part
         hi = max(min(rng.end, ceil_to(now, unit)), rng.start)
         rng = TimeRange(max(rng.start, hi - limit), hi)
-    counts = await _bucket_counts(session, user_id, rng, unit)
+    counts = await _bucket_counts(reads or session, user_id, rng, unit)
     empty = (0, 0)
     points = [
         TimeseriesPoint(bucket_start=b, invocations=c[0], tokens=c[1])
@@ -630,7 +660,12 @@ async def export_csv(
     yield _csv_lines([CSV_HEADER])
     after: tuple[datetime, uuid.UUID] | None = None
     while True:
-        stmt = query if after is None else query.where(tuple_(UsageLog.timestamp, UsageLog.id) < after)
+        stmt = (
+            query
+            if after is None
+            # a log settled before `after` was admitted before it too: older partitions only
+            else query.where(tuple_(UsageLog.timestamp, UsageLog.id) < after, UsageLog.started_at <= after[0])
+        )
         async with factory() as session:
             rows = (await session.execute(stmt)).all()
         if not rows:

@@ -1196,6 +1196,10 @@ export type Meta = {
      */
     request_id: string;
     pagination?: Pagination | null;
+    /**
+     * Notice
+     */
+    notice?: string | null;
 };
 
 /**
