@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from joyhub.models import Base
+from joyhub.usage.partitions import is_partition
 
 config = context.config
 target_metadata = Base.metadata
@@ -30,12 +31,19 @@ def _url() -> str:
     return settings.database_url or start_embedded(settings.data_dir)
 
 
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """Autogenerate compares the models with the database, minus the monthly partitions of
+    `usage_logs` (made by the sweep, not by the models: `joyhub.usage.partitions`)."""
+    return not (type_ == "table" and name is not None and is_partition(name))
+
+
 def _configure(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
         compare_server_default=False,
+        include_name=include_name,
         transaction_per_migration=True,
     )
 

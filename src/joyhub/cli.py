@@ -229,6 +229,43 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     return asyncio.run(run_standalone(url, settings, once=args.once))
 
 
+def cmd_usage_archive(args: argparse.Namespace) -> int:
+    """`joyhub usage archive --month YYYY-MM [--out DIR]`: a month of raw usage logs to gzip CSV."""
+    from pathlib import Path
+
+    from joyhub.usage.archive import parse_month
+
+    try:
+        month = parse_month(args.month)
+    except ValueError as exc:
+        print(f"joyhub: {exc}", file=sys.stderr)
+        return 2
+    settings = _settings()
+    out = Path(args.out) if args.out else (settings.usage_archive_dir or Path("."))
+    url = _resolve_database(settings)
+    return asyncio.run(_archive(url, settings, month, out))
+
+
+async def _archive(url: str, settings: Settings, month: Any, out: Any) -> int:
+    from joyhub.core.db import make_engine
+    from joyhub.usage.archive import ArchiveError, archive_month
+
+    engine = make_engine(url, settings, pool_size=1, max_overflow=0)
+    try:
+        async with engine.connect() as conn:
+            result = await archive_month(conn, month, out)
+    except (ArchiveError, OSError) as exc:
+        print(f"joyhub: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await engine.dispose()
+    print(
+        f"{result.path}: {result.rows:,} rows, {result.tokens:,} tokens, verified; "
+        f"{result.seconds:.1f}s ({result.rows_per_second:,.0f} rows/s)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="joyhub", description="Joyfull UI Hub")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -277,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("deliver", help="the webhook dispatcher on its own (serve runs it too)")
     dl.add_argument("--once", action="store_true", help="deliver what is due now, then exit")
     dl.set_defaults(func=cmd_deliver)
+
+    usage = sub.add_parser("usage", help="raw usage data: archives")
+    usage_sub = usage.add_subparsers(dest="usage_command", required=True)
+    arc = usage_sub.add_parser("archive", help="a month of raw usage logs to a gzip CSV, verified")
+    arc.add_argument("--month", required=True, help="YYYY-MM (UTC, by admission time)")
+    arc.add_argument("--out", default=None, help="directory (default: USAGE_ARCHIVE_DIR, else .)")
+    arc.set_defaults(func=cmd_usage_archive)
     return parser
 
 

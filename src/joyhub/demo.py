@@ -5,6 +5,9 @@ JSON in and out, each reporting `usage.total_tokens`; `story` streams its answer
 Events, a word at a time) and registered in the catalog pointing at
 JOYHUB_DEMO_BASE_URL, so a new user can register, subscribe to `free` and invoke one at once.
 They go through the real gateway like any other tool — quota, usage log, breaker and all.
+Two OpenAI-compatible models are served the same way under `/demo/openai/v1` (`demo_models.py`:
+`demo-chat`, streaming or not, and `demo-embed`), registered with `protocol: "openai"`, so the
+OpenAI SDK pointed at `<hub>/api/v1/openai` with a hub API key works at once (API.md §12).
 
 The endpoints want a secret header derived from the hub's signing key (HMAC), registered as the
 tools' `auth_header_value`: calling them directly, around the quota, does not work, and every
@@ -30,13 +33,14 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Header, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, text
 
+from joyhub import demo_models
 from joyhub.core.clock import utcnow
 from joyhub.core.config import Settings
-from joyhub.core.errors import Forbidden
+from joyhub.core.errors import Forbidden, ValidationFailed
 from joyhub.core.security import constant_time_equal, hash_password
 from joyhub.models import Tool, User
 
@@ -192,6 +196,59 @@ async def story_endpoint(
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+# -- the OpenAI-compatible demo models (API.md §12; `demo_models.py` makes their answers) -------
+
+OPENAI_DELAY_SECONDS = 0.02  # between streamed words: visibly a stream, still quick
+
+
+@router.post("/openai/v1/chat/completions")
+async def openai_chat_endpoint(
+    request: Request, key: Annotated[str | None, Header(alias=DEMO_HEADER)] = None
+) -> Response:
+    _check_key(request, key)
+    return await _openai_answer(await _openai_body(request), chat=True)
+
+
+@router.post("/openai/v1/completions")
+async def openai_completions_endpoint(
+    request: Request, key: Annotated[str | None, Header(alias=DEMO_HEADER)] = None
+) -> Response:
+    _check_key(request, key)
+    return await _openai_answer(await _openai_body(request), chat=False)
+
+
+@router.post("/openai/v1/embeddings")
+async def openai_embeddings_endpoint(
+    request: Request, key: Annotated[str | None, Header(alias=DEMO_HEADER)] = None
+) -> Response:
+    _check_key(request, key)
+    return JSONResponse(demo_models.embeddings(await _openai_body(request)))
+
+
+async def _openai_body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise ValidationFailed("The body must be a JSON object")
+    return body
+
+
+async def _openai_answer(body: dict[str, Any], *, chat: bool) -> Response:
+    """A whole completion, or its chunks as Server-Sent Events one word at a time, `[DONE]` last."""
+    if not body.get("stream"):
+        return JSONResponse(demo_models.completion(body, chat=chat))
+
+    async def events() -> AsyncIterator[bytes]:
+        for chunk in demo_models.chunks(body, chat=chat):
+            await asyncio.sleep(OPENAI_DELAY_SECONDS)
+            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 def _text_schema(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     props: dict[str, Any] = {"text": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT}}
     props.update(extra or {})
@@ -229,6 +286,24 @@ DEMO_TOOLS: list[dict[str, Any]] = [
         "input_schema": _text_schema({"words": {"type": "integer", "minimum": 1, "maximum": 200}}),
         "streaming": True,
     },
+    {  # OpenAI-compatible models (API.md §12): /api/v1/openai with `model="demo-chat"`
+        "name": demo_models.CHAT_MODEL,
+        "path": "openai/v1",
+        "category": "llm",
+        "description": "A deterministic chat model behind the OpenAI-compatible API (demo tool; "
+        "use the OpenAI SDK with base_url=<hub>/api/v1/openai and model='demo-chat').",
+        "input_schema": None,
+        "protocol": "openai",
+    },
+    {
+        "name": demo_models.EMBED_MODEL,
+        "path": "openai/v1",
+        "category": "llm",
+        "description": "A deterministic embedding model behind the OpenAI-compatible API (demo tool; "
+        "client.embeddings.create(model='demo-embed', input=...)).",
+        "input_schema": None,
+        "protocol": "openai",
+    },
 ]
 
 
@@ -257,12 +332,16 @@ async def register_tools(app: FastAPI, base: str) -> list[uuid.UUID]:
                 "description": spec["description"],
                 "category": spec["category"],
                 "input_schema": spec["input_schema"],
-                "api_endpoint": f"{base}/demo/tools/{spec['path']}",
+                # an OpenAI-compatible model's endpoint is its server's base URL (API.md §12)
+                "api_endpoint": f"{base}/demo/{spec['path']}"
+                if spec.get("protocol") == "openai"
+                else f"{base}/demo/tools/{spec['path']}",
                 "timeout_seconds": 10,
                 "max_attempts": 2,
                 "auth_header_name": DEMO_HEADER,
                 "auth_header_value": secret,
                 "streaming": spec.get("streaming", False),
+                "protocol": spec.get("protocol", "json"),
             }
             tool = (
                 await session.execute(

@@ -28,6 +28,7 @@ from joyhub.core.security import set_bcrypt_max_pending
 
 log = logging.getLogger("joyhub")
 API_PREFIX = "/api/v1"
+OPENAI_PREFIX = f"{API_PREFIX}/openai"
 
 # answers any API route can give, documented once for all of them (API.md §1)
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -70,11 +71,15 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
 
     from joyhub.admin.router import router as admin_router
     from joyhub.auth.router import router as auth_router
+    from joyhub.openai_compat.catalog import ModelCatalog
+    from joyhub.openai_compat.errors import openai_error_response
+    from joyhub.openai_compat.router import router as openai_router
     from joyhub.ops.router import prometheus_metrics
     from joyhub.ops.router import router as ops_router
     from joyhub.orgs.admin_router import router as admin_orgs_router
     from joyhub.orgs.router import invitations_router
     from joyhub.orgs.router import router as orgs_router
+    from joyhub.orgs.webhooks_router import RESPONSES as ORG_WEBHOOK_RESPONSES
     from joyhub.orgs.webhooks_router import router as org_webhooks_router
     from joyhub.subscriptions.router import router as subscriptions_router
     from joyhub.tools.router import router as tools_router
@@ -103,7 +108,7 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
         org_webhooks_router,
         prefix=f"{API_PREFIX}/orgs/{{org_id}}/webhooks",
         tags=["orgs"],
-        responses=COMMON_RESPONSES,
+        responses={**COMMON_RESPONSES, **ORG_WEBHOOK_RESPONSES},
     )
     app.include_router(
         admin_orgs_router, prefix=f"{API_PREFIX}/admin/orgs", tags=["admin"], responses=COMMON_RESPONSES
@@ -112,12 +117,15 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
     app.include_router(
         webhooks_router, prefix=f"{API_PREFIX}/users", tags=["webhooks"], responses=COMMON_RESPONSES
     )
+    # the OpenAI-compatible surface (API.md §12): OpenAI's shapes, its own errors
+    app.state.openai_models = ModelCatalog()
+    app.include_router(openai_router, prefix=OPENAI_PREFIX, tags=["openai"])
     if os.environ.get("JOYHUB_DEMO") == "1":  # `joyhub serve --demo`: the built-in demo tools
         from joyhub.demo import router as demo_router
 
         app.include_router(demo_router, prefix="/demo", include_in_schema=False)
 
-    install_error_handlers(app)
+    install_error_handlers(app, dialects=[(OPENAI_PREFIX, openai_error_response)])
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origin_list,

@@ -137,7 +137,7 @@ def test_every_request_body_has_an_example_that_fits_its_schema(schema: dict[str
 def test_every_json_answer_is_documented_as_the_envelope(schema: dict[str, Any]) -> None:
     problems = []
     for _method, path, op in operations(schema):
-        if not path.startswith("/api/v1/"):
+        if not path.startswith("/api/v1/") or path.startswith(OPENAI_PATHS):
             continue
         for status, response in op["responses"].items():
             where = f"{op['operationId']} {status}"
@@ -155,6 +155,25 @@ def test_every_json_answer_is_documented_as_the_envelope(schema: dict[str, Any])
             elif int(status) >= 400 and envelope["properties"]["data"].get("type") != "null":
                 problems.append(f"{where}: an error's data is null")
     assert problems == []
+
+
+OPENAI_PATHS = "/api/v1/openai/"  # OpenAI's own shapes, not the envelope (API.md §12)
+
+
+def test_the_openai_surface_documents_openais_error_shape(schema: dict[str, Any]) -> None:
+    seen = 0
+    for _method, path, op in operations(schema):
+        if not path.startswith(OPENAI_PATHS):
+            continue
+        for status, response in op["responses"].items():
+            if int(status) < 400:
+                continue
+            seen += 1
+            body = resolve(schema, response["content"]["application/json"]["schema"])
+            assert set(body["properties"]) == {"error"}, f"{op['operationId']} {status}"
+            detail = resolve(schema, body["properties"]["error"])
+            assert set(detail["properties"]) == {"message", "type", "param", "code"}
+    assert seen >= 4
 
 
 def test_committed_document_is_the_apps(schema: dict[str, Any]) -> None:

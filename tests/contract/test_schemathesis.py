@@ -48,6 +48,18 @@ UPSTREAM_DOWN_IS_NOT_A_DEFECT = """
 [[operations]]
 include-name = "POST /api/v1/tools/{tool_id}/invoke"
 checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503", "504"]
+
+[[operations]]
+include-name = "POST /api/v1/openai/chat/completions"
+checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503", "504"]
+
+[[operations]]
+include-name = "POST /api/v1/openai/completions"
+checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503", "504"]
+
+[[operations]]
+include-name = "POST /api/v1/openai/embeddings"
+checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503", "504"]
 """
 
 

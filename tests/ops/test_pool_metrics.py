@@ -9,9 +9,11 @@ the change from a baseline, taken once the engines of earlier tests are collecte
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import re
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -199,6 +201,16 @@ async def test_two_workers_each_report_their_pool_without_being_scraped(
     with hub_process(served_database.url, tmp_path, workers=2) as hub:
         await wait_ready(hub)
         async with httpx.AsyncClient(base_url=hub.base_url, timeout=5) as c:
-            exposition = (await c.get("/metrics")).text
+            # `/ready` answered by one worker says nothing of the other, which may still be
+            # starting (a busy machine) and whose start-up and background work (the sweep's
+            # first pass, the webhook dispatcher's poll) hold a connection for a moment: wait
+            # for both to be up and idle, then the sum is exact
+            deadline = time.monotonic() + 30
+            while True:
+                exposition = (await c.get("/metrics")).text
+                both_idle = scraped(exposition, SIZE) == 2 * configured and scraped(exposition, IN_USE) == 0
+                if both_idle or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
         assert scraped(exposition, SIZE) == 2 * configured, exposition
-        assert scraped(exposition, IN_USE) == 0
+        assert scraped(exposition, IN_USE) == 0, exposition

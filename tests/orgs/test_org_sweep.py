@@ -60,7 +60,7 @@ async def test_sweep_and_undo_release_the_member_and_the_org(engine: AsyncEngine
     held = await org_ledger(engine, org.id)
     assert (held.tokens_reserved, held.inflight, held.member_reserved) == (16, 2, 16)
 
-    await store.undo_admissions([second.log_id])
+    await store.undo_admissions([second.log_id], second.started_at)
     held = await org_ledger(engine, org.id)
     assert (held.tokens_reserved, held.inflight, held.member_reserved) == (8, 1, 8)
 

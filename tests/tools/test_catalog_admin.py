@@ -27,6 +27,7 @@ USER_FIELDS = {
     "input_schema",
     "min_plan",
     "streaming",  # API.md §5.1
+    "protocol",  # API.md §12
     "is_active",
     "created_at",
     "updated_at",

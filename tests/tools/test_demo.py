@@ -143,7 +143,14 @@ async def test_demo_tools_end_to_end(
             await db.execute(select(Tool.name, Tool.api_endpoint).where(Tool.deleted_at.is_(None)))
         ).all()
         admins = (await db.execute(select(func.count()).where(User.role == "admin"))).scalar_one()
-    assert sorted(n for n, _ in names) == ["Sentiment", "Story Stream", "Summarise", "Word Count"]
+    assert sorted(n for n, _ in names) == [
+        "Sentiment",
+        "Story Stream",
+        "Summarise",
+        "Word Count",
+        "demo-chat",
+        "demo-embed",
+    ]
     assert all(url.startswith(hub2.base) for _, url in names)
     assert admins == 1
     # the password was printed and stored nowhere else (only as a bcrypt hash)
@@ -164,7 +171,7 @@ async def test_demo_setup_is_safe_when_workers_start_together(
     assert sum(p is not None for p in passwords) == 1
     async with make_sessionmaker(engine)() as db:
         count = (await db.execute(select(func.count()).select_from(Tool))).scalar_one()
-    assert count == len(demo.DEMO_TOOLS) == 4
+    assert count == len(demo.DEMO_TOOLS) == 6
 
 
 def test_demo_tools_are_deterministic() -> None:
@@ -178,3 +185,44 @@ def test_demo_tools_are_deterministic() -> None:
     assert demo.base_url("http://0.0.0.0:8000/") == "http://127.0.0.1:8000"
     assert demo.base_url("http://[::]:8000") == "http://127.0.0.1:8000"
     assert demo.base_url("http://[::1]:8000") == "http://[::1]:8000"
+
+
+async def test_the_readme_openai_snippet_works_against_the_demo(
+    engine: AsyncEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's lines, as written, after `make run` (API.md §12): the demo's `demo-chat` and
+    `demo-embed` through /api/v1/openai with a hub API key, metered."""
+    from openai import AsyncOpenAI, OpenAI
+
+    from tests.usage.factories import make_api_key
+
+    monkeypatch.setenv("JOYHUB_DEMO", "1")
+    hub = _Hub(engine, tmp_path)
+    monkeypatch.setenv("JOYHUB_DEMO_BASE_URL", f"http://0.0.0.0:{hub.port}")
+    async with hub:
+        user = await make_account(engine)
+        await make_subscription(engine, user.user_id, "free")
+        key = await make_api_key(engine, user.user_id)
+
+        def readme() -> Any:
+            client = OpenAI(base_url=f"http://127.0.0.1:{hub.port}/api/v1/openai", api_key=key)
+            return client.chat.completions.create(
+                model="demo-chat", messages=[{"role": "user", "content": "hi"}]
+            )
+
+        answer = await asyncio.to_thread(readme)
+        assert answer.model == "demo-chat"
+        assert answer.choices[0].message.content.startswith("Hello! You said: hi.")
+        async with AsyncOpenAI(base_url=f"{hub.base}/api/v1/openai", api_key=key, max_retries=0) as client:
+            models = [m.id async for m in client.models.list()]
+            assert {"demo-chat", "demo-embed"} <= set(models)
+            stream = await client.chat.completions.create(
+                model="demo-chat", messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=4
+            )
+            words = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            assert words == "Hello! You said: hi."
+            emb = await client.embeddings.create(model="demo-embed", input="a b c")
+            assert emb.usage.total_tokens == 3 and len(emb.data[0].embedding) == 8
+        logs = await usage_logs(engine, user.user_id)
+        assert [log.status for log in logs] == ["success"] * 3
+        assert logs[2].tokens_used == 3

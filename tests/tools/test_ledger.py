@@ -53,6 +53,7 @@ async def test_invoke_rolls_an_ended_period_forward_first(
 
 async def _pending(engine: AsyncEngine, caller: Any, tool: uuid.UUID, reserve: int = 4) -> Admission:
     log_id = uuid.uuid4()
+    now = utcnow()  # the admission time: with the id, it names the log (its partition key)
     async with make_sessionmaker(engine)() as db, db.begin():
         await db.execute(
             text(
@@ -69,13 +70,12 @@ async def _pending(engine: AsyncEngine, caller: Any, tool: uuid.UUID, reserve: i
                 subscription_id=caller.subscription_id,
                 plan_code="pro",
                 status="pending",
-                started_at=utcnow(),
-                timestamp=utcnow(),
+                started_at=now,
+                timestamp=now,
                 tokens_used=0,
                 tokens_reserved=reserve,
             )
         )
-    now = utcnow()
     read = ToolRead(tool, "http://unused", 5, 1, None, now, False, None, None, False)
     return Admission(log_id, caller.user_id, caller.subscription_id, "pro", read, None, now, 1000)
 
@@ -284,3 +284,21 @@ def _terminate_unseen(database_url: str, pid: int) -> None:
     thread.start()
     thread.join(30)
     assert done == [None], done
+
+
+async def test_the_sweep_gives_an_openai_tools_call_a_streams_time(
+    engine: AsyncEngine, upstream: Upstream
+) -> None:
+    """An OpenAI-compatible tool streams whenever its caller asks (API.md §12): its calls get
+    TOOL_STREAM_MAX_SECONDS before the sweep takes them for abandoned, like a streaming tool's."""
+    from tests.conftest import test_settings as hub_settings
+
+    caller = await make_caller(engine, "pro")
+    tool = await make_tool(engine, upstream.url("/v1"), protocol="openai", timeout_seconds=5, max_attempts=1)
+    await _pending(engine, caller, tool)
+    settings = hub_settings(stale_invocation_seconds=10, tool_stream_max_seconds=600)
+    async with make_sessionmaker(engine)() as db, db.begin():  # past the tool's worst case, within a stream's
+        assert await MeteringStore.close_stale(db, settings, utcnow() + timedelta(seconds=300)) == 0
+    async with make_sessionmaker(engine)() as db, db.begin():  # past a stream's too
+        assert await MeteringStore.close_stale(db, settings, utcnow() + timedelta(seconds=700)) == 1
+    await assert_settled(engine, caller)

@@ -113,7 +113,8 @@ def test_the_settled_statuses_are_the_models_statuses_but_pending() -> None:
     assert set(SETTLED) == set(USAGE_STATUSES) - {"pending"}
     assert "cancelled" in SETTLED
     assert set(get_args(TokenSource)) == set(TOKEN_SOURCES)
-    assert CSV_HEADER[-1] == "token_source" and CSV_HEADER.index("error_code") == 8
+    assert CSV_HEADER[-3:] == ("token_source", "input_tokens", "output_tokens")
+    assert CSV_HEADER.index("error_code") == 8
 
 
 @pytest.mark.integration

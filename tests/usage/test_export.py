@@ -31,6 +31,8 @@ HEADER = [
     "request_id",
     "error_code",
     "token_source",
+    "input_tokens",
+    "output_tokens",
 ]
 
 
@@ -68,6 +70,8 @@ async def test_csv_content_and_headers(client: httpx.AsyncClient, engine: AsyncE
         rows[2 - 1][7],
         "TOOL_UNAVAILABLE",
         "estimated",
+        "",
+        "",
     ]
     assert rows[2] == [
         str(ok_id),
@@ -80,6 +84,8 @@ async def test_csv_content_and_headers(client: httpx.AsyncClient, engine: AsyncE
         "abc",
         "",
         "estimated",
+        "",
+        "",
     ]
     assert len(rows) == 3  # the pending call is not exported
     assert r.text.endswith("\r\n")

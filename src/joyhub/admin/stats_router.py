@@ -10,9 +10,9 @@ from joyhub.admin import service
 from joyhub.admin.schemas import PlatformStats
 from joyhub.auth.dependencies import AdminUser
 from joyhub.core.clock import utcnow
-from joyhub.core.db import DbSession
 from joyhub.core.envelope import Envelope, ok
 from joyhub.usage.dates import RangeParams
+from joyhub.usage.reads import PlatformAnalytics
 
 router = APIRouter()
 
@@ -33,6 +33,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     ),
     responses=_ERRORS,
 )
-async def usage_stats(session: DbSession, admin: AdminUser, dates: RangeParams) -> Envelope[PlatformStats]:
+async def usage_stats(
+    admin: AdminUser, reads: PlatformAnalytics, dates: RangeParams
+) -> Envelope[PlatformStats]:
     start, end = dates
-    return ok(await service.platform_stats(session, start, end, utcnow()))
+    return ok(await service.platform_stats(reads.session, start, end, utcnow()))

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, or_, select, update
+from sqlalchemy import ColumnElement, Delete, delete, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from joyhub.auth import throttle
@@ -297,6 +297,20 @@ async def logout(db: AsyncSession, raw_token: str, *, now: datetime) -> None:
         await revoke_session(db, session_id, reason="logout", now=now)
 
 
+# rows each identity cleanup deletes per pass at most (issue 18): a pass stays short after a long
+# outage too, and the next pass takes the rest
+CLEANUP_BATCH = 10_000
+
+_Swept = type[RefreshToken] | type[AuthSession] | type[PasswordResetToken]
+
+
+def _bounded(model: _Swept, condition: ColumnElement[bool]) -> Delete:
+    """DELETE of at most CLEANUP_BATCH rows matching `condition` (rows another sweeper holds are
+    skipped, not waited for)."""
+    batch = select(model.id).where(condition).limit(CLEANUP_BATCH).with_for_update(skip_locked=True)
+    return delete(model).where(model.id.in_(batch.scalar_subquery()))
+
+
 async def sweep_expired(db: AsyncSession, settings: Settings, now: datetime) -> int:
     """Sweep job: delete identity rows nobody can use any more; returns rows deleted.
 
@@ -319,22 +333,24 @@ async def sweep_expired(db: AsyncSession, settings: Settings, now: datetime) -> 
     def _count(result: object) -> int:
         return int(getattr(result, "rowcount", 0) or 0)
 
-    total += _count(await db.execute(delete(RefreshToken).where(RefreshToken.expires_at < cutoff)))
+    total += _count(await db.execute(_bounded(RefreshToken, RefreshToken.expires_at < cutoff)))
     total += _count(
         await db.execute(
-            delete(AuthSession).where(
+            _bounded(
+                AuthSession,
                 or_(
                     AuthSession.revoked_at < cutoff,
                     (AuthSession.created_at < cutoff)
                     & ~exists().where(RefreshToken.session_id == AuthSession.id),
-                )
+                ),
             )
         )
     )
     total += _count(
         await db.execute(
-            delete(PasswordResetToken).where(
-                or_(PasswordResetToken.used_at < cutoff, PasswordResetToken.expires_at < cutoff)
+            _bounded(
+                PasswordResetToken,
+                or_(PasswordResetToken.used_at < cutoff, PasswordResetToken.expires_at < cutoff),
             )
         )
     )

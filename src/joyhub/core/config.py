@@ -93,13 +93,23 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = ""
     # when set, /metrics answers only `Authorization: Bearer <METRICS_TOKEN>`
     metrics_token: str | None = Field(None, repr=False)
+    # the lifecycle of growing tables (issue 18): raw usage logs are retired by whole months
+    # once older than this (rollups are kept forever), archived first when the dir is set;
+    # audit entries are kept forever unless AUDIT_RETENTION_DAYS is set
+    usage_retention_days: int = Field(400, ge=31, le=36_500)
+    usage_archive_dir: Path | None = None
+    audit_retention_days: int | None = Field(None, ge=1, le=36_500)
+    # analytics reads (usage history, summaries, timeseries, export, admin stats) go to this
+    # streaming replica when set and not lagging past REPLICA_MAX_LAG_SECONDS (`core/replica.py`)
+    database_replica_url: str | None = Field(None, repr=False)
+    replica_max_lag_seconds: float = Field(5, gt=0, le=3600)
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("database_url")
+    @field_validator("database_url", "database_replica_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
         if value in (None, ""):

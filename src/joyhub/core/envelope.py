@@ -29,6 +29,9 @@ class Meta(BaseModel):
     request_id: str
     # present only on list endpoints (API.md §1)
     pagination: Pagination | None = Field(default=None, exclude_if=lambda v: v is None)
+    # something the caller should know about the answer (e.g. usage history reaching into months
+    # whose raw records were retired, issue 18); absent otherwise
+    notice: str | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ErrorDetail(BaseModel):
@@ -61,17 +64,19 @@ class Envelope(BaseModel, Generic[T]):
     meta: Meta
 
 
-def meta(pagination: Pagination | None = None) -> Meta:
-    return Meta(request_id=current_request_id() or "-", pagination=pagination)
+def meta(pagination: Pagination | None = None, notice: str | None = None) -> Meta:
+    return Meta(request_id=current_request_id() or "-", pagination=pagination, notice=notice)
 
 
-def ok(data: T, *, pagination: Pagination | None = None) -> Envelope[T]:
+def ok(data: T, *, pagination: Pagination | None = None, notice: str | None = None) -> Envelope[T]:
     """Wrap a success payload; the route's `response_model` serialises it."""
-    return Envelope[T](data=data, error=None, meta=meta(pagination))
+    return Envelope[T](data=data, error=None, meta=meta(pagination, notice))
 
 
-def page(items: list[T], *, offset: int, limit: int, total: int) -> Envelope[list[T]]:
-    return ok(items, pagination=Pagination(offset=offset, limit=limit, total=total))
+def page(
+    items: list[T], *, offset: int, limit: int, total: int, notice: str | None = None
+) -> Envelope[list[T]]:
+    return ok(items, pagination=Pagination(offset=offset, limit=limit, total=total), notice=notice)
 
 
 def encode_envelope(data: Any = None, error: dict[str, Any] | None = None) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -268,23 +268,69 @@ def render_error(exc: AppError) -> Response:
     return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+class ErrorRenderer(Protocol):
+    """Renders an error in a surface's own shape: status, code, message, details, headers."""
+
+    def __call__(
+        self, status: int, code: str, message: str, details: list[dict[str, Any]], headers: dict[str, str]
+    ) -> Response: ...
+
+
+def _envelope(
+    status: int, code: str, message: str, details: list[dict[str, Any]], headers: dict[str, str]
+) -> Response:
+    return error_response(status, code, message, details, headers)
+
+
+Dialects = Sequence[tuple[str, ErrorRenderer]]
+
+
+def renderer_at(path: str, dialects: Dialects) -> ErrorRenderer:
+    """The error shape of the surface `path` belongs to: a dialect's prefix, else the envelope."""
+    return next((r for prefix, r in dialects if path.startswith(prefix)), _envelope)
+
+
+def render_at(path: str, dialects: Dialects, error: AppError) -> Response:
+    return renderer_at(path, dialects)(error.status, error.code, error.message, error.details, error.headers)
+
+
+def install_error_handlers(app: FastAPI, dialects: Dialects = ()) -> None:
+    """The handlers. Every error wears the envelope, but under a path prefix of `dialects`, whose
+    surface speaks another protocol's error shape (the OpenAI surface, API.md §12): one set of
+    handlers decides status and code for both, only the body differs. The request pipeline's own
+    answers (413, and failures outside the routes) use them too (`app.state.error_dialects`)."""
+    app.state.error_dialects = tuple(dialects)
+
+    def respond(
+        request: Request,
+        status: int,
+        code: str,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        render = renderer_at(request.scope.get("path", ""), dialects)
+        return render(status, code, message, list(details or ()), dict(headers or {}))
+
+    def rendered(request: Request, exc: AppError) -> Response:
+        return respond(request, exc.status, exc.code, exc.message, exc.details, exc.headers)
+
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError) -> Response:
-        return render_error(exc)
+        return rendered(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return render_error(MalformedJson())
+            return rendered(request, MalformedJson())
         confirm = getattr(request.state, "confirm_credential", None)
         if confirm is not None:  # a credential not yet checked in the database: 401 comes first
             try:
                 await confirm()
             except AppError as refused:
                 return await _app_error(request, refused)
-        return error_response(422, "VALIDATION_ERROR", "Validation failed", _validation_details(exc))
+        return respond(request, 422, "VALIDATION_ERROR", "Validation failed", _validation_details(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -292,16 +338,17 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's answer to a body it cannot decode (e.g. invalid UTF-8): not JSON
-            return render_error(MalformedJson())
+            return rendered(request, MalformedJson())
         if exc.status_code == 405:
-            return render_error(MethodNotAllowed(headers={**headers, "Allow": _allowed_methods(request)}))
+            allowed = MethodNotAllowed(headers={**headers, "Allow": _allowed_methods(request)})
+            return rendered(request, allowed)
         message = "Not found" if exc.status_code == 404 else str(exc.detail)
-        return error_response(exc.status_code, code, message, headers=headers)
+        return respond(request, exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         if is_db_unavailable(exc):
             log.error("database unavailable: %s", type(exc).__name__, exc_info=exc)
-            return render_error(DatabaseUnavailable())
+            return rendered(request, DatabaseUnavailable())
         log.error("unhandled exception", exc_info=exc)
-        return render_error(AppError())
+        return rendered(request, AppError())

@@ -45,6 +45,19 @@ CIRCUIT_STATE = Gauge(
     ["tool"],
     multiprocess_mode="max",
 )
+CLEANUP_ROWS = Counter(
+    "joyhub_cleanup_rows_total",
+    "Rows removed (or, for usage_retention, retired with their month) by each sweep job",
+    ["job"],
+)
+USAGE_MONTHS_RETIRED = Counter(
+    "joyhub_usage_months_retired_total", "Monthly partitions of usage_logs retired (dropped)"
+)
+ANALYTICS_READS = Counter(
+    "joyhub_analytics_reads_total",
+    "Analytics requests by where they read (replica or primary) and why (core/replica.py)",
+    ["target", "reason"],
+)
 QUOTA_DENIALS = Counter("joyhub_quota_denials_total", "Invocations refused for quota", ["plan"])
 GROUP_COMMIT_BATCH = Histogram(
     "joyhub_group_commit_batch_size",

@@ -22,8 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from joyhub.core import metrics
 from joyhub.core.context import request_id_var, user_id_var
-from joyhub.core.envelope import error_response
-from joyhub.core.errors import AppError, DatabaseUnavailable, PayloadTooLarge, is_db_unavailable
+from joyhub.core.errors import AppError, DatabaseUnavailable, PayloadTooLarge, is_db_unavailable, render_at
 
 MAX_BODY_BYTES = 1024 * 1024
 API_PREFIX = "/api/"
@@ -49,12 +48,46 @@ def clean_request_id(raw: str | None) -> str:
     return str(uuid.uuid4())
 
 
+Templates = list[tuple[re.Pattern[str], str]]
+_TEMPLATES_BY_ROUTE_TABLE: dict[tuple[tuple[int, str], ...], Templates] = {}
+
+
+def _templates_of(app: Any) -> Templates:
+    """The app's path templates, most specific first as the schema lists them.
+
+    Generating the schema costs about half a second, and every app built from the same
+    routers (the workers of one process, the many apps of a test run) has the same templates:
+    they are computed once per route table, which is named by the identities of the app's
+    top-level routes and included routers (module-level objects shared by those apps).
+    """
+    if app is None:
+        return []
+    routes = list(getattr(app, "routes", []))
+    key = tuple(_route_key(r) for r in routes)
+    cached = _TEMPLATES_BY_ROUTE_TABLE.get(key)
+    if cached is None:
+        paths = list(app.openapi().get("paths", {}))
+        paths += [getattr(r, "path", "") for r in routes]
+        cached = [(compile_path(p)[0], p) for p in dict.fromkeys(paths) if p.startswith("/")]
+        _TEMPLATES_BY_ROUTE_TABLE[key] = cached
+    return cached
+
+
+def _route_key(route: Any) -> tuple[int, str]:
+    """A router included by the app is named by the router (a module-level object) and its
+    prefix; a route the app made itself (the docs) by its path."""
+    router = getattr(route, "original_router", None)
+    if router is not None:
+        return id(router), str(getattr(getattr(route, "include_context", None), "prefix", ""))
+    return 0, str(getattr(route, "path", ""))
+
+
 class RequestPipelineMiddleware:
     def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES, hsts: bool = False) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.hsts = hsts
-        self._templates: list[tuple[re.Pattern[str], str]] | None = None
+        self._templates: Templates | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,14 +115,14 @@ class RequestPipelineMiddleware:
             if status_holder["too_large"]:
                 # the app answered a body it could not finish reading (FastAPI says 400): say 413
                 if not status_holder["started"]:
-                    await self._reply(emit, PayloadTooLarge())
+                    await self._reply(emit, PayloadTooLarge(), scope)
                 return
             await emit(message)
 
         try:
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                await self._reply(emit, PayloadTooLarge())
+                await self._reply(emit, PayloadTooLarge(), scope)
                 return
             received = 0
 
@@ -107,16 +140,16 @@ class RequestPipelineMiddleware:
                 await self.app(scope, limited_receive, send_wrapper)
             except _BodyTooLarge:
                 if not status_holder["started"]:
-                    await self._reply(emit, PayloadTooLarge())
+                    await self._reply(emit, PayloadTooLarge(), scope)
             except Exception as exc:
                 if status_holder["started"]:
                     log.error("exception after the response started", exc_info=exc)
                 elif is_db_unavailable(exc):
                     log.error("database unavailable: %s", type(exc).__name__, exc_info=exc)
-                    await self._reply(emit, DatabaseUnavailable())
+                    await self._reply(emit, DatabaseUnavailable(), scope)
                 else:
                     log.error("unhandled exception", exc_info=exc)
-                    await self._reply(emit, AppError())
+                    await self._reply(emit, AppError(), scope)
         finally:
             elapsed = time.perf_counter() - started
             duration_ms = round(elapsed * 1000, 2)
@@ -158,10 +191,7 @@ class RequestPipelineMiddleware:
         relative to their prefix, so `scope["route"]` alone cannot name the full template.
         """
         if self._templates is None:
-            app = scope.get("app")
-            paths = list(app.openapi().get("paths", {})) if app is not None else []
-            paths += [getattr(r, "path", "") for r in getattr(app, "routes", [])]
-            self._templates = [(compile_path(p)[0], p) for p in dict.fromkeys(paths) if p.startswith("/")]
+            self._templates = _templates_of(scope.get("app"))
         path = scope.get("path", "")
         for regex, template in self._templates:
             if regex.match(path):
@@ -169,7 +199,10 @@ class RequestPipelineMiddleware:
         return "unmatched"
 
     @staticmethod
-    async def _reply(send: Send, error: AppError) -> None:
-        response = error_response(error.status, error.code, error.message, headers=error.headers)
+    async def _reply(send: Send, error: AppError, scope: Scope) -> None:
+        """The error, in the shape of the surface the path belongs to (`errors.render_at`)."""
+        app = scope.get("app")
+        dialects = getattr(getattr(app, "state", None), "error_dialects", ())
+        response = render_at(scope.get("path", ""), dialects, error)
         await send({"type": "http.response.start", "status": error.status, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})

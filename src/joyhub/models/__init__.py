@@ -17,6 +17,7 @@ from joyhub.models.usage import (
     UsageLog,
     UsageOrgDaily,
     UsagePlatformDaily,
+    UsageRetirement,
     UsageUserDaily,
     UsageUserWeekly,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "UsageLog",
     "UsageOrgDaily",
     "UsagePlatformDaily",
+    "UsageRetirement",
     "UsageUserDaily",
     "UsageUserWeekly",
     "User",

@@ -24,6 +24,7 @@ class Tool(UUIDPk, Timestamps, Base):
         CheckConstraint(
             "requests_per_minute IS NULL OR requests_per_minute >= 1", name="requests_per_minute_positive"
         ),
+        CheckConstraint("protocol IN ('json', 'openai')", name="protocol_known"),
     )
 
     name: Mapped[str] = mapped_column(String(100))
@@ -38,6 +39,10 @@ class Tool(UUIDPk, Timestamps, Base):
     auth_header_value: Mapped[str | None] = mapped_column(String(4096))
     # the upstream answers Server-Sent Events (API.md §5.1)
     streaming: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # how the upstream is spoken to: `json` (API.md §5) or `openai` (an OpenAI-compatible base
+    # URL, §12), and the model id sent to it (the tool's name when null)
+    protocol: Mapped[str] = mapped_column(String(16), default="json", server_default="json")
+    upstream_model: Mapped[str | None] = mapped_column(String(200))
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     # all callers together, to protect the upstream (API.md §4.1), and its GCRA state
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)

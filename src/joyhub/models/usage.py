@@ -3,6 +3,12 @@
 A log row is written `pending` at admission and settled (success/error/timeout) in the same
 transaction that charges the subscription and bumps the rollup. `timestamp` is the settle time,
 so a subscription's `tokens_used` always equals the sum of its current period's logs.
+
+`usage_logs` is partitioned by month on `started_at` (migration 0013, `usage/partitions.py`):
+the admission time, the one timestamp a row never changes, so a row never moves between
+partitions. Its primary key is therefore `(id, started_at)`, and every statement that names a
+log by id also names its `started_at`, so PostgreSQL only opens the partition it lives in.
+Nothing may reference a log by foreign key (a partition is dropped whole when it retires).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ USAGE_STATUSES = ("pending", "success", "error", "timeout", "cancelled")
 TOKEN_SOURCES = ("reported", "estimated")
 
 
-class UsageLog(UUIDPk, Base):
+class UsageLog(Base):
     __tablename__ = "usage_logs"
     __table_args__ = (
         CheckConstraint("status IN ('pending', 'success', 'error', 'timeout', 'cancelled')", name="status"),
@@ -43,7 +49,12 @@ class UsageLog(UUIDPk, Base):
         Index("ix_usage_logs_user_ts", "user_id", "timestamp"),
         Index("ix_usage_logs_pending", "started_at", postgresql_where="status = 'pending'"),
         Index("ix_usage_logs_org_ts", "org_id", "timestamp", postgresql_where="org_id IS NOT NULL"),
+        {"postgresql_partition_by": "RANGE (started_at)"},
     )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    # the admission time: the partition key, part of the primary key, never updated
+    started_at: Mapped[datetime] = mapped_column(primary_key=True, default=utcnow)
 
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     tool_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tools.id"))
@@ -52,7 +63,6 @@ class UsageLog(UUIDPk, Base):
     )
     plan_code: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default="pending")
-    started_at: Mapped[datetime] = mapped_column(default=utcnow)
     timestamp: Mapped[datetime] = mapped_column(default=utcnow)
     tokens_used: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -61,6 +71,9 @@ class UsageLog(UUIDPk, Base):
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     request_id: Mapped[str | None] = mapped_column(String(128))
     error_code: Mapped[str | None] = mapped_column(String(64))
+    # the upstream's reported prompt / completion tokens (API.md §12); null when not reported
+    input_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    output_tokens: Mapped[int | None] = mapped_column(BigInteger)
     # the organization the call billed (API.md §13); null for a personal call. No foreign key on
     # purpose: its check would take a KEY SHARE lock on the organization's one row in every
     # admission of every member (a multixact on the hottest row of a busy organization). The
@@ -89,6 +102,8 @@ class UsageDaily(Base):
     cancelled: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     rate_limited: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # refusals, §4.1
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # API.md §12
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class UsageHourly(Base):
@@ -183,6 +198,18 @@ class UsageOrgDaily(Base):
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class UsageRetirement(Base):
+    """A month of raw usage logs that retention dropped (`usage/retention.py`): what history and
+    export tell a caller asking for it, and the operator's record of what went where."""
+
+    __tablename__ = "usage_retirements"
+
+    month: Mapped[date] = mapped_column(Date, primary_key=True)
+    rows: Mapped[int] = mapped_column(BigInteger)
+    archive_path: Mapped[str | None] = mapped_column(String(1024))
+    retired_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class IdempotencyRecord(UUIDPk, Base):
     __tablename__ = "idempotency_keys"
     __table_args__ = (
@@ -194,7 +221,9 @@ class IdempotencyRecord(UUIDPk, Base):
     key: Mapped[str] = mapped_column(String(255))
     request_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     tool_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tools.id"))
-    usage_log_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("usage_logs.id", ondelete="SET NULL"))
+    # the settled call's log; no foreign key: logs live in monthly partitions that retire whole,
+    # and a key (kept for a day) never outlives the log it names in practice
+    usage_log_id: Mapped[uuid.UUID | None]
     state: Mapped[str] = mapped_column(String(16), default="in_flight")
     response_status: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONB)

@@ -44,6 +44,13 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
         if getattr(app.state, "sessionmaker", None) is None:
             app.state.sessionmaker = make_sessionmaker(app.state.engine)
 
+        if getattr(app.state, "replica", None) is None:
+            from joyhub.core.replica import ReadReplica
+
+            app.state.replica = ReadReplica.from_settings(settings)
+            if app.state.replica is not None:
+                stack.push_async_callback(app.state.replica.engine.dispose)
+
         if getattr(app.state, "redis", None) is None:
             app.state.redis = None
             if settings.redis_url:

@@ -16,6 +16,7 @@ from datetime import datetime
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from joyhub.core import metrics
 from joyhub.core.clock import utcnow
 from joyhub.core.config import Settings
 
@@ -27,15 +28,19 @@ SweepJob = Callable[[AsyncSession, Settings, datetime], Awaitable[int]]
 def jobs() -> list[tuple[str, SweepJob]]:
     """The sweep's jobs, in order; each returns how many rows it touched."""
     from joyhub.auth.sessions import sweep_expired
+    from joyhub.core.audit_retention import purge_audit_logs
     from joyhub.subscriptions.rollover import sweep_due
     from joyhub.tools import sweeps as tools_sweeps
+    from joyhub.usage import sweeps as usage_sweeps
     from joyhub.webhooks import sweeps as webhooks_sweeps
 
     return [
         ("subscription_rollover", sweep_due),
         ("identity_cleanup", sweep_expired),
         *tools_sweeps.jobs(),
+        *usage_sweeps.jobs(),
         *webhooks_sweeps.jobs(),
+        ("audit_retention", purge_audit_logs),
     ]
 
 
@@ -46,6 +51,8 @@ async def sweep_once(factory: async_sessionmaker[AsyncSession], settings: Settin
         try:
             async with factory() as session, session.begin():
                 results[name] = await job(session, settings, now)
+            if results[name] > 0:
+                metrics.CLEANUP_ROWS.labels(job=name).inc(results[name])
         except Exception:
             log.exception("sweep job failed", extra={"job": name})
             results[name] = -1

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from joyhub.subscriptions.schemas import SubscriptionOut
 from joyhub.usage.dates import UtcDateTime
-from joyhub.usage.schemas import UsageSummary
+from joyhub.usage.schemas import ToolUsage, UsageSummary
 from joyhub.users.schemas import Email, Name, Secret
 
 OrgRole = Literal["owner", "admin", "member"]
@@ -94,6 +94,9 @@ class MemberUsage(BaseModel):
 class OrgUsageSummary(UsageSummary):
     """`UsageSummary` (API.md §6) of the organization's calls; `by_member` for admins and owners."""
 
+    # per tool without the prompt/completion split of §12: the organization's rollup does not
+    # keep it yet
+    by_tool: list[ToolUsage]  # type: ignore[assignment]
     by_member: list[MemberUsage] | None = None
 
 

@@ -4,6 +4,9 @@ owner (an outsider 404, a member 403)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from joyhub.core.envelope import Envelope
 from joyhub.orgs.access import OrgAdmin
 from joyhub.webhooks.router import endpoint_routes
 from joyhub.webhooks.service import Owner
@@ -14,3 +17,9 @@ async def org_webhook_owner(m: OrgAdmin) -> Owner:
 
 
 router = endpoint_routes(org_webhook_owner)
+
+# what the organization adds to every route's answers
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    403: {"model": Envelope[None], "description": "The caller's role may not (a member)"},
+    404: {"model": Envelope[None], "description": "No such organization, or the caller is not a member"},
+}

@@ -34,7 +34,7 @@ from joyhub.core.errors import (
     field_error,
 )
 from joyhub.subscriptions.rollover import is_due
-from joyhub.tools import idempotency, token_count
+from joyhub.tools import idempotency, protocols, token_count
 from joyhub.tools.admission import AdmissionSlot
 from joyhub.tools.breaker import Permit
 from joyhub.tools.idempotency import StoredKey
@@ -150,7 +150,7 @@ class AdmissionRun:
         except BaseException:
             if self.fence is not None:  # refused or failed after a lost statement: take it back
                 with contextlib.suppress(Exception):  # best effort; else the sweep closes it
-                    await self.gateway.store.undo_admissions([self.fence])
+                    await self.gateway.store.undo_admissions([self.fence], self.now)
             raise
         finally:
             # the admission is durable (or refused), and the connection back in the pool: the
@@ -182,7 +182,7 @@ class AdmissionRun:
             metrics.ADMISSION_RECOVERIES.inc()
             return True
         if self.fence is not None and not self.fence_freed and log_id_taken(exc):
-            await self.gateway.store.undo_admissions([self.fence])
+            await self.gateway.store.undo_admissions([self.fence], self.now)
             self.fence_freed = True
             return True
         return False
@@ -307,7 +307,8 @@ class AdmissionRun:
                     read.tool.updated_at,
                     read.tool.timeout_seconds,
                     read.tool.schema_text,
-                    read.tool.streaming,
+                    # an OpenAI-compatible upstream streams whenever it is asked to (API.md §12)
+                    read.tool.streaming or read.tool.protocol == protocols.OPENAI,
                 )
                 continue
             deferred = not errors and (permit is None or permit.trial_due)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from joyhub.core import metrics
 from joyhub.core.clock import utcnow
 from joyhub.core.errors import AppError, ToolBadResponse, ToolInputInvalid, ToolTimeout, ToolUnavailable
-from joyhub.tools import token_count, upstream
+from joyhub.tools import protocols, token_count, upstream
 from joyhub.tools.breaker import Breakers, Permit
 from joyhub.tools.metering import Admission, Quota, SettleRequest, ToolRead
 from joyhub.tools.outcomes import CallResult, Completed, Presenter, Stream, account_headers
@@ -98,11 +98,13 @@ async def collect(
     )
 
 
-def target_for(tool: ToolRead, permit: Permit) -> upstream.Target:
+def target_for(
+    tool: ToolRead, permit: Permit, operation: protocols.Operation | None = None
+) -> upstream.Target:
     """The call an admission made: the target as the statement read the tool (a half-open
-    circuit's trial gets one attempt)."""
+    circuit's trial gets one attempt), at the operation's URL for an openai tool."""
     return upstream.Target(
-        url=tool.api_endpoint,
+        url=protocols.upstream_url(tool, operation),
         timeout_seconds=tool.timeout_seconds,
         max_attempts=1 if permit.trial else tool.max_attempts,
         label=str(tool.id),
@@ -140,6 +142,7 @@ class Call:
     body: bytes
     presenter: Presenter
     request_id: str
+    operation: protocols.Operation | None = None  # an openai tool's endpoint (API.md §12)
 
     @property
     def tool_key(self) -> str:
@@ -152,9 +155,9 @@ class Call:
         breakers = self.gateway.breakers
         hooks = _Hooks(breakers, self.tool_key, self.permit.trial)
         internal = False
-        target = target_for(self.admission.tool, self.permit)
+        target = target_for(self.admission.tool, self.permit, self.operation)
         try:
-            if self.admission.tool.streaming:
+            if self.admission.tool.streaming and self.admission.tool.protocol != protocols.OPENAI:
                 opened = await self.gateway.upstream.open_stream(target, self.body, self.request_id, hooks)
                 result = await collect(opened, self.admission.tool, len(self.body), self.gateway, started)
                 if opened.stream is not None and result.outcome != "success":
@@ -186,7 +189,7 @@ class Call:
         there. A failure before the first event is settled and raised like any failed call."""
         started = time.perf_counter()
         hooks = _Hooks(self.gateway.breakers, self.tool_key, self.permit.trial)
-        target = target_for(self.admission.tool, self.permit)
+        target = target_for(self.admission.tool, self.permit, self.operation)
         try:
             result = await self.gateway.upstream.open_stream(target, self.body, self.request_id, hooks)
         except Exception:
@@ -210,6 +213,7 @@ class Call:
             started=time.monotonic() - (time.perf_counter() - started),
             max_seconds=self.gateway.stream_max_seconds,
             ping_seconds=self.gateway.stream_ping_seconds,
+            format=self.presenter.stream_format,
         )
         return Stream(relay, self.admission.quota, self.admission.limits)
 
@@ -273,6 +277,8 @@ class Call:
                 duration_ms=duration_ms,
                 error_code=error.code if error is not None else None,
                 now=utcnow(),
+                input_tokens=charge.input_tokens,
+                output_tokens=charge.output_tokens,
                 response_status=http_status,
                 response_body=body,
             )

@@ -60,7 +60,7 @@ from joyhub.core.clock import utcnow
 from joyhub.core.context import current_request_id, user_id_var
 from joyhub.core.errors import ValidationFailed, field_error
 from joyhub.subscriptions.rollover import apply_locked
-from joyhub.tools import idempotency
+from joyhub.tools import idempotency, protocols
 from joyhub.tools.admission import AdmissionGate, AdmissionSlot
 from joyhub.tools.admit import AdmissionRun, Admitted
 from joyhub.tools.breaker import Breakers
@@ -188,13 +188,18 @@ class Gateway:
         admitted = await run.run()
         if not isinstance(admitted, Admitted):  # an idempotent replay
             return admitted
+        tool = admitted.admission.tool
+        body = run.body
+        if tool.protocol == protocols.OPENAI:  # the tool's model id upstream, usage asked for
+            body = encode_input(protocols.openai_body(tool, run.request.input, stream=run.request.stream))
         call = Call(
             gateway=self,
             admission=admitted.admission,
             permit=admitted.permit,
-            body=run.body,
+            body=body,
             presenter=presenter,
             request_id=current_request_id() or "-",
+            operation=run.request.operation,
         )
         if run.request.stream:
             return await call.stream(keep_events=admitted.admission.idem_id is not None)

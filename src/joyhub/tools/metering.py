@@ -22,7 +22,8 @@ one CTE, not of the ledger.
   time clamped into the period the tokens were charged to, so `tokens_used` always equals the sum
   of the current period's logs.
 - **the sweep** closes a call whose worker died (`ABANDONED`, 0 tokens) once it is older than
-  both STALE_INVOCATION_SECONDS and its tool's worst case, releasing what it held; and forgets
+  both STALE_INVOCATION_SECONDS and its tool's worst case (a stream's included: any tool that
+  streams, and every OpenAI-compatible one, API.md §12), releasing what it held; and forgets
   idempotency records older than 24 h.
 
 Statements take named parameters and run on the bare asyncpg connection under a pooled
@@ -58,6 +59,7 @@ from joyhub.tools.group_commit import GroupCommit
 from joyhub.tools.idempotency import KEY_TTL, StoredKey, encode_response
 from joyhub.tools.rate_limits import NO_LIMITS, Bucket, Concurrency, Limits, Scope
 from joyhub.usage import rollups
+from joyhub.usage.partitions import SETTLE_WINDOW
 from joyhub.webhooks import quota_alerts
 
 log = logging.getLogger("joyhub.tools.metering")
@@ -105,6 +107,9 @@ class ToolRead:
     schema_text: str | None  # the current version's input schema (JSON text), when `changed`
     min_rank: int | None  # the rank of the tool's minimum plan
     streaming: bool  # the upstream answers Server-Sent Events
+    protocol: str = "json"  # how the upstream is spoken to: json (API.md §5) | openai (§12)
+    name: str = ""  # the tool's name: an openai tool's model id on the hub's side
+    upstream_model: str | None = None  # an openai tool's model id upstream (None: its name)
 
 
 @dataclass(frozen=True)
@@ -218,6 +223,8 @@ class SettleRequest:
     response_status: int
     response_body: bytes  # the exact answer, stored for an idempotent replay
     media_type: str = "application/json"
+    input_tokens: int | None = None  # the upstream's reported prompt tokens (API.md §12)
+    output_tokens: int | None = None  # and completion tokens
 
 
 @dataclass(frozen=True)
@@ -264,10 +271,11 @@ class Settlement:
 _ADMIT = text(
     """
     WITH req AS (
-        SELECT r.n, r.log_id, r.reserve, r.request_id, r.go
+        SELECT r.n, r.log_id, r.reserve, r.request_id, r.go, r.started_at
         FROM unnest(CAST(:log_ids AS uuid[]), CAST(:reserves AS bigint[]),
-                    CAST(:request_ids AS varchar[]), CAST(:gos AS boolean[]))
-             WITH ORDINALITY AS r(log_id, reserve, request_id, go, n)
+                    CAST(:request_ids AS varchar[]), CAST(:gos AS boolean[]),
+                    CAST(:started_ats AS timestamptz[]))
+             WITH ORDINALITY AS r(log_id, reserve, request_id, go, started_at, n)
     ), who AS ("""  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + CREDENTIAL_USERS
     + """
@@ -310,6 +318,7 @@ _ADMIT = text(
                lm.tokens_reserved AS member_reserved,
                t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
                t.auth_header_name, t.auth_header_value, t.updated_at AS tool_updated_at, t.streaming,
+               t.protocol, t.upstream_model, t.name AS tool_name,
                t.updated_at IS DISTINCT FROM :tool_version AS tool_changed,
                CASE WHEN t.updated_at IS DISTINCT FROM :tool_version THEN t.input_schema::text END
                    AS schema_text,
@@ -353,7 +362,7 @@ _ADMIT = text(
                ctx.member_limit - ctx.member_used - ctx.member_reserved AS member_room
         FROM ctx
     ), ranked AS (
-        SELECT req.n, req.log_id, req.reserve, req.request_id,
+        SELECT req.n, req.log_id, req.reserve, req.request_id, req.started_at,
                room.gate_ok AND room.version_ok AND req.go AS eligible,
                COALESCE(count(*) FILTER (WHERE room.gate_ok AND room.version_ok AND req.go) OVER w, 0)
                    AS ahead,
@@ -438,7 +447,7 @@ _ADMIT = text(
         INSERT INTO usage_logs (id, user_id, tool_id, subscription_id, plan_code, status,
                                 started_at, "timestamp", tokens_used, tokens_reserved, request_id, org_id)
         SELECT a.log_id, room.user_id, CAST(:tool_id AS uuid), adm.id, adm.plan_code,
-               'pending', :now, :now, 0, a.reserve, a.request_id, room.org_id
+               'pending', a.started_at, :now, 0, a.reserve, a.request_id, room.org_id
         FROM admitted AS a CROSS JOIN room CROSS JOIN adm
         RETURNING id
     )
@@ -492,13 +501,14 @@ _SETTLE = text(
             CAST(:log_ids AS uuid[]), CAST(:statuses AS varchar[]), CAST(:tokens AS bigint[]),
             CAST(:durations AS integer[]), CAST(:error_codes AS varchar[]), CAST(:token_sources AS varchar[]),
             CAST(:idem_ids AS uuid[]), CAST(:response_statuses AS integer[]),
-            CAST(:response_bodies AS text[]))
+            CAST(:response_bodies AS text[]), CAST(:input_tokens AS bigint[]),
+            CAST(:output_tokens AS bigint[]), CAST(:started_ats AS timestamptz[]))
         AS r(log_id, status, tokens, duration_ms, error_code, token_source, idem_id, response_status,
-             response_body)
+             response_body, input_tokens, output_tokens, started_at)
     ), l AS (
         SELECT u.id, u.subscription_id, u.tokens_reserved, u.org_id, u.user_id AS member_id, req.*
-        FROM usage_logs AS u JOIN req ON u.id = req.log_id
-        WHERE u.status = 'pending'
+        FROM usage_logs AS u JOIN req ON u.id = req.log_id AND u.started_at = req.started_at
+        WHERE u.status = 'pending' AND u.started_at >= :started_lo AND u.started_at <= :started_hi
         ORDER BY u.id
         FOR UPDATE OF u
     ), charge AS (
@@ -529,14 +539,16 @@ _SETTLE = text(
     ), log AS (
         UPDATE usage_logs AS u
         SET status = l.status, tokens_used = l.tokens, duration_ms = l.duration_ms, error_code = l.error_code,
-            token_source = l.token_source,
+            token_source = l.token_source, input_tokens = l.input_tokens, output_tokens = l.output_tokens,
             "timestamp" = COALESCE(
                 LEAST(GREATEST(CAST(:now AS timestamptz), sub.current_period_start),
                       sub.current_period_end - interval '1 microsecond'),
                 CAST(:now AS timestamptz))
         FROM l LEFT JOIN sub ON sub.id = l.subscription_id
-        WHERE u.id = l.id
-        RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp", u.status, u.tokens_used, u.org_id
+        WHERE u.id = l.id AND u.started_at = l.started_at
+          AND u.started_at >= :started_lo AND u.started_at <= :started_hi
+        RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp", u.status, u.tokens_used,
+                  u.input_tokens, u.output_tokens, u.org_id
     ), idem AS (
         UPDATE idempotency_keys AS k
         SET state = 'done', response_status = l.response_status,
@@ -548,7 +560,7 @@ _SETTLE = text(
                CAST(status = 'success' AS integer) AS success, CAST(status = 'error' AS integer) AS error,
                CAST(status = 'timeout' AS integer) AS timeout,
                CAST(status = 'cancelled' AS integer) AS cancelled,
-               tokens_used AS tokens
+               tokens_used AS tokens, input_tokens, output_tokens
         FROM log
     ), """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + rollups.ROLLUP_CTES
@@ -566,7 +578,7 @@ _OUTCOME = text(
     SELECT u.status, u.error_code, s.tokens_used, s.current_period_end,
            (SELECT p.token_limit FROM plans AS p WHERE p.code = s.plan_code) AS token_limit
     FROM usage_logs AS u LEFT JOIN subscriptions AS s ON s.id = u.subscription_id
-    WHERE u.id = :log_id
+    WHERE u.id = :log_id AND u.started_at = :started_at
     """
 )
 
@@ -603,7 +615,8 @@ def _release_reservations(logs: str) -> str:
 _UNDO_ADMISSIONS = text(
     """
     WITH l AS (
-        DELETE FROM usage_logs WHERE id = ANY(CAST(:log_ids AS uuid[])) AND status = 'pending'
+        DELETE FROM usage_logs
+        WHERE id = ANY(CAST(:log_ids AS uuid[])) AND started_at = :started_at AND status = 'pending'
         RETURNING subscription_id, tokens_reserved, org_id, user_id
     ), """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
     + _release_reservations("l")
@@ -614,15 +627,16 @@ _CLOSE_STALE = text(
     """
     WITH stale AS (
         UPDATE usage_logs AS u
-        SET status = 'error', error_code = :abandoned, tokens_used = 0, "timestamp" = :now,
+        SET status = 'error', error_code = :abandoned, tokens_used = 0,
+            "timestamp" = LEAST(CAST(:now AS timestamptz), u.started_at + CAST(:settle_window AS interval)),
             duration_ms = LEAST(EXTRACT(EPOCH FROM (CAST(:now AS timestamptz) - u.started_at)) * 1000,
                                 2147483647)::int
-        WHERE u.id IN (
-            SELECT l.id FROM usage_logs AS l JOIN tools AS t ON t.id = l.tool_id
+        WHERE (u.id, u.started_at) IN (
+            SELECT l.id, l.started_at FROM usage_logs AS l JOIN tools AS t ON t.id = l.tool_id
             WHERE l.status = 'pending' AND l.started_at < :cutoff
               AND l.started_at < CAST(:now AS timestamptz) - make_interval(
                     secs => t.timeout_seconds * t.max_attempts + 5 * t.max_attempts + :slack
-                            + CASE WHEN t.streaming THEN :stream_max ELSE 0 END)
+                            + CASE WHEN t.streaming OR t.protocol = 'openai' THEN :stream_max ELSE 0 END)
             ORDER BY l.started_at LIMIT 1000
             FOR UPDATE OF l SKIP LOCKED)
         RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u.subscription_id, u.tokens_reserved, u.org_id
@@ -667,6 +681,9 @@ def _admission_read(row: Record, now: datetime) -> AdmissionRead:
             schema_text=row["schema_text"],
             min_rank=row["min_rank"],
             streaming=row["streaming"],
+            protocol=row["protocol"],
+            upstream_model=row["upstream_model"],
+            name=row["tool_name"],
         )
     account = None
     if row["sub_id"] is not None:
@@ -739,7 +756,7 @@ def _admit_result(row: Record, req: AdmitRequest, now: datetime) -> AdmitResult:
         plan_code=read.account.plan_code,
         tool=read.tool,
         quota=read.account.quota,
-        started_at=now,
+        started_at=req.now,  # the call's own admission time: its retry reuses it (`admit._recover`)
         tokens_left=read.account.token_limit - read.account.tokens_used - read.account.tokens_reserved,
         limits=read.limits,
         org_id=read.org_id,
@@ -752,6 +769,10 @@ def _settle_params(reqs: list[SettleRequest]) -> dict[str, Any]:
     return {
         "now": max(r.now for r in reqs),
         "log_ids": [r.admission.log_id for r in reqs],
+        "started_ats": [r.admission.started_at for r in reqs],
+        # the bounds let PostgreSQL open only the partitions the batch's logs live in
+        "started_lo": min(r.admission.started_at for r in reqs),
+        "started_hi": max(r.admission.started_at for r in reqs),
         "statuses": [r.status for r in reqs],
         "tokens": [r.tokens for r in reqs],
         "durations": [r.duration_ms for r in reqs],
@@ -763,6 +784,8 @@ def _settle_params(reqs: list[SettleRequest]) -> dict[str, Any]:
             encode_response(r.response_body, r.media_type) if r.admission.idem_id is not None else None
             for r in reqs
         ],
+        "input_tokens": [r.input_tokens for r in reqs],
+        "output_tokens": [r.output_tokens for r in reqs],
     }
 
 
@@ -785,7 +808,11 @@ def connection_lost(exc: BaseException) -> bool:
 
 def log_id_taken(exc: BaseException) -> bool:
     """The admission failed on the usage log's primary key: its id was already taken."""
-    return isinstance(exc, asyncpg.exceptions.UniqueViolationError) and exc.constraint_name == "pk_usage_logs"
+    if not isinstance(exc, asyncpg.exceptions.UniqueViolationError):
+        return False
+    # the key of the monthly partition the row went to (`usage_logs_p202612_pkey`), or the parent's
+    name = exc.constraint_name or ""
+    return name == "pk_usage_logs" or (name.startswith("usage_logs_") and name.endswith("_pkey"))
 
 
 def transient(exc: BaseException) -> bool:
@@ -830,6 +857,7 @@ class MeteringConnection:
             "reserves": [r.reserve for r in reqs],
             "request_ids": [r.request_id for r in reqs],
             "gos": [r.go for r in reqs],
+            "started_ats": [r.now for r in reqs],
         }
         rows = await self._session.fetch(_ADMIT, params)
         return [_admit_result(row, req, now) for row, req in zip(rows, reqs, strict=True)]
@@ -892,11 +920,12 @@ class MeteringStore:
         async with self.connection(ping=False) as conn:
             return await conn.admit_many(reqs)
 
-    async def undo_admissions(self, log_ids: list[uuid.UUID]) -> None:
-        """Take back admissions made without an Idempotency-Key whose outcome is unknown."""
+    async def undo_admissions(self, log_ids: list[uuid.UUID], started_at: datetime) -> None:
+        """Take back admissions made without an Idempotency-Key whose outcome is unknown (all
+        admitted at `started_at`: the request's own admission time, the partition key)."""
         if log_ids:
             async with self.engine.begin() as conn:
-                await conn.execute(_UNDO_ADMISSIONS, {"log_ids": log_ids})
+                await conn.execute(_UNDO_ADMISSIONS, {"log_ids": log_ids, "started_at": started_at})
 
     async def settle(self, req: SettleRequest) -> Settlement:
         """Settle a call: group-committed with the calls of the same subscription and tool that
@@ -952,7 +981,8 @@ class MeteringStore:
         context = {"invocation_id": str(log_id), "outcome": req.status}
         try:
             async with self.engine.connect() as conn:
-                row = (await conn.execute(_OUTCOME, {"log_id": log_id})).mappings().first()
+                params = {"log_id": log_id, "started_at": req.admission.started_at}
+                row = (await conn.execute(_OUTCOME, params)).mappings().first()
         except Exception as exc:  # only to say which it was: the call's outcome is settled either way
             log.warning(
                 "could not tell how a settled call was settled",
@@ -983,6 +1013,7 @@ class MeteringStore:
                     "slack": STALE_SLACK_SECONDS,
                     "stream_max": settings.tool_stream_max_seconds,
                     "abandoned": ABANDONED,
+                    "settle_window": SETTLE_WINDOW,
                 },
             )
         ).all()

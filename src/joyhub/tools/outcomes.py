@@ -21,7 +21,9 @@ from joyhub.core.clock import utcnow
 from joyhub.core.envelope import encode_envelope, error_document
 from joyhub.core.errors import AppError
 from joyhub.tools.metering import Quota
+from joyhub.tools.protocols import Operation
 from joyhub.tools.rate_limits import NO_LIMITS, Limits
+from joyhub.tools.stream_format import HUB_EVENTS, StreamFormat
 
 if TYPE_CHECKING:
     from joyhub.tools.relay import StreamRelay
@@ -34,6 +36,7 @@ class InvocationRequest:
     input: dict[str, Any]
     idempotency_key: str | None
     stream: bool = False  # relay a streaming tool's events as they arrive (API.md §5.1)
+    operation: Operation | None = None  # an openai tool's endpoint (API.md §12); None: chat
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,11 @@ class CallResult:
 
 
 class Presenter(Protocol):
-    """Renders an invocation's answer body (once: it is sent and stored for replay)."""
+    """Renders an invocation's answer body (once: it is sent and stored for replay), and the
+    events of a streamed one (`stream_format`)."""
+
+    @property
+    def stream_format(self) -> StreamFormat: ...
 
     def completed(self, result: CallResult) -> bytes: ...
 
@@ -56,7 +63,9 @@ class Presenter(Protocol):
 
 
 class EnvelopePresenter:
-    """The JSON API's answers: the envelope of API.md §1."""
+    """The JSON API's answers: the envelope of API.md §1, and §5.1's events."""
+
+    stream_format: StreamFormat = HUB_EVENTS
 
     def completed(self, result: CallResult) -> bytes:
         return encode_envelope(

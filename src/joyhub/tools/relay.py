@@ -45,6 +45,7 @@ from joyhub.core.errors import (
 from joyhub.tools import sse, token_count
 from joyhub.tools.breaker import Permit
 from joyhub.tools.metering import Admission, SettleRequest
+from joyhub.tools.stream_format import HUB_EVENTS, StreamFormat, StreamSummary
 from joyhub.tools.upstream import Chunk, StreamBroken, StreamEnd, UpstreamStream
 
 if TYPE_CHECKING:
@@ -82,9 +83,11 @@ class StreamRelay:
     started: float  # time.monotonic() when the call was admitted
     max_seconds: float
     ping_seconds: float
+    format: StreamFormat = HUB_EVENTS  # how events are written for the caller (`stream_format.py`)
     # what the caller has received
     relayed_bytes: int = 0
     reported: int | None = None  # the last usage a relayed chunk reported
+    reported_split: token_count.Reported | None = None  # and its prompt/completion split
     _pending: list[Chunk] = field(default_factory=list)  # handed out, not yet confirmed sent
     _held: StreamEnd | StreamBroken | None = None  # read while batching chunks; next in line
     _kept: list[bytes] = field(default_factory=list)
@@ -101,6 +104,8 @@ class StreamRelay:
 
     def charge(self) -> token_count.Charge:
         """What the caller received, as tokens (API.md §5.1, "Metering a stream")."""
+        if self.reported_split is not None:
+            return self.reported_split.charge()
         if self.reported is not None:
             return token_count.Charge(self.reported, "reported")
         return token_count.Charge(token_count.estimate(self.input_bytes, self.relayed_bytes), "estimated")
@@ -117,8 +122,9 @@ class StreamRelay:
             self.relayed_bytes += len(chunk.data)
             if chunk.usage is not None:
                 self.reported = chunk.usage
+                self.reported_split = chunk.reported
             if self.keep_events:
-                self._kept.append(sse.frame("chunk", chunk.data))
+                self._kept.append(self.format.chunk(chunk))
 
     def _spent(self, pending: Sequence[Chunk]) -> bool:
         """Whether the caller, once `pending` reaches them too, has received the tokens that were
@@ -152,7 +158,7 @@ class StreamRelay:
                 chunks.append(following)
             self._pending = chunks
             self._last_chunk_at = time.monotonic()
-            return b"".join(sse.frame("chunk", chunk.data) for chunk in chunks)
+            return b"".join(self.format.chunk(chunk) for chunk in chunks)
         if isinstance(item, StreamEnd):
             return await self._end(_DONE)
         return await self._end(
@@ -218,32 +224,8 @@ class StreamRelay:
         charge = self.charge()
         duration_ms = int((time.monotonic() - self.started) * 1000)
         error = ending.error
-        if error is None:
-            last = sse.frame(
-                "done",
-                sse.compact(
-                    {
-                        "invocation_id": self.invocation_id,
-                        "tool_id": self.tool_key,
-                        "status": "success",
-                        "tokens_used": charge.tokens,
-                        "token_source": charge.source,
-                        "duration_ms": duration_ms,
-                    }
-                ),
-            )
-        else:
-            last = sse.frame(
-                "error",
-                sse.compact(
-                    {
-                        "code": error.code,
-                        "message": error.message,
-                        "invocation_id": self.invocation_id,
-                        "tokens_used": charge.tokens,
-                    }
-                ),
-            )
+        summary = StreamSummary(self.invocation_id, self.tool_key, charge.tokens, charge.source, duration_ms)
+        last = self.format.done(summary) if error is None else self.format.error(error, summary)
         await self._report_to_breaker(ending)
         metrics.INVOCATIONS.labels(self.tool_key, ending.label).inc()
         if ending.status != "success":
@@ -266,6 +248,8 @@ class StreamRelay:
                 duration_ms=duration_ms,
                 error_code=error.code if error is not None else None,
                 now=utcnow(),
+                input_tokens=charge.input_tokens,
+                output_tokens=charge.output_tokens,
                 response_status=200,
                 response_body=b"".join([*self._kept, last]) if self.keep_events else b"",
                 media_type=EVENT_STREAM,

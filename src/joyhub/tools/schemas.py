@@ -82,6 +82,10 @@ class ToolOut(BaseModel):
     input_schema: dict[str, Any] | None
     min_plan: str | None
     streaming: bool
+    protocol: Literal["json", "openai"] = Field(
+        description="`openai`: an OpenAI-compatible model, reachable at /api/v1/openai (API.md §12); "
+        "its `name` is the model id"
+    )
     is_active: bool
     created_at: datetime
     updated_at: datetime
@@ -96,6 +100,7 @@ class AdminToolOut(ToolOut):
     auth_header_name: str | None
     has_auth_secret: bool
     requests_per_minute: int | None
+    upstream_model: str | None
     circuit: CircuitOut
 
 
@@ -116,9 +121,21 @@ class _ToolFields(BaseModel):
     requests_per_minute: int | None = Field(
         None, ge=1, le=1_000_000, description="All callers together, to protect the upstream (API.md §4.1)"
     )
+    protocol: Literal["json", "openai"] = Field(
+        "json",
+        description="`json`: the input is POSTed to api_endpoint (API.md §5); `openai`: api_endpoint is "
+        "an OpenAI-compatible base URL with its version path (e.g. http://vllm:8000/v1) and the tool is "
+        "a model of /api/v1/openai (API.md §12)",
+    )
+    upstream_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="The model id sent upstream for an `openai` tool (default: the tool's name)",
+    )
     is_active: bool = True
 
-    @field_validator("name", "description", "category", "min_plan")
+    @field_validator("name", "description", "category", "min_plan", "upstream_model")
     @classmethod
     def _text(cls, value: str | None) -> str | None:
         return _no_nul(value)
@@ -208,6 +225,7 @@ class ToolUpdate(_ToolFields):
     timeout_seconds: int | None = Field(None, ge=1, le=300)  # type: ignore[assignment]
     max_attempts: int | None = Field(None, ge=1, le=5)  # type: ignore[assignment]
     streaming: bool | None = None  # type: ignore[assignment]
+    protocol: Literal["json", "openai"] | None = None  # type: ignore[assignment]
     is_active: bool | None = None  # type: ignore[assignment]
 
     @field_validator("api_endpoint")

@@ -35,6 +35,7 @@ NOT_NULLABLE = (
     "timeout_seconds",
     "max_attempts",
     "streaming",
+    "protocol",
     "is_active",
 )
 
@@ -48,6 +49,7 @@ def tool_out(tool: Tool) -> ToolOut:
         input_schema=tool.input_schema,
         min_plan=tool.min_plan_code,
         streaming=tool.streaming,
+        protocol=tool.protocol,
         is_active=tool.is_active,
         created_at=tool.created_at,
         updated_at=tool.updated_at,
@@ -63,6 +65,7 @@ def admin_tool_out(tool: Tool, circuit: CircuitView) -> AdminToolOut:
         auth_header_name=tool.auth_header_name,
         has_auth_secret=tool.auth_header_value is not None,
         requests_per_minute=tool.requests_per_minute,
+        upstream_model=tool.upstream_model,
         circuit=CircuitOut(**asdict(circuit)),
     )
 
@@ -153,6 +156,8 @@ def snapshot(tool: Tool) -> dict[str, Any]:
         "auth_header_value": hashlib.sha256(secret.encode()).hexdigest() if secret else None,
         "has_auth_secret": secret is not None,
         "streaming": tool.streaming,
+        "protocol": tool.protocol,
+        "upstream_model": tool.upstream_model,
         "requests_per_minute": tool.requests_per_minute,
         "is_active": tool.is_active,
         "deleted_at": tool.deleted_at,
@@ -212,6 +217,8 @@ async def create_tool(
         auth_header_name=data.auth_header_name,
         auth_header_value=data.auth_header_value,
         streaming=data.streaming,
+        protocol=data.protocol,
+        upstream_model=data.upstream_model,
         requests_per_minute=data.requests_per_minute,
         is_active=data.is_active,
         created_at=now,
@@ -261,6 +268,8 @@ async def update_tool(
         "auth_header_name",
         "auth_header_value",
         "streaming",
+        "protocol",
+        "upstream_model",
         "requests_per_minute",
         "is_active",
     ):

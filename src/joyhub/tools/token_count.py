@@ -17,10 +17,26 @@ TokenSource = Literal["reported", "estimated"]
 
 @dataclass(frozen=True)
 class Charge:
-    """What a call costs, and where the count came from (every usage record says, API.md §5.1)."""
+    """What a call costs, and where the count came from (every usage record says, API.md §5.1);
+    with the upstream's own split into prompt (input) and completion (output) tokens when it
+    reported one (API.md §12: null on the record otherwise)."""
 
     tokens: int
     source: TokenSource
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Reported:
+    """What an upstream's `usage` said: the total billed, and its split when given."""
+
+    total: int
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+    def charge(self) -> Charge:
+        return Charge(self.total, "reported", self.input_tokens, self.output_tokens)
 
 
 def _non_negative_int(value: Any) -> int | None:
@@ -32,14 +48,34 @@ def _non_negative_int(value: Any) -> int | None:
 
 def reported_tokens(output: Any) -> int | None:
     """The upstream's own count, when it reports one we can trust."""
+    found = reported_usage(output)
+    return found.total if found is not None else None
+
+
+def reported_usage(output: Any) -> Reported | None:
+    """The upstream's own count and split: `usage.total_tokens` with OpenAI's `prompt_tokens` /
+    `completion_tokens` (or `input_tokens` / `output_tokens`), else a top-level `tokens_used`."""
     if not isinstance(output, dict):
         return None
     usage = output.get("usage")
     if isinstance(usage, dict):
         total = _non_negative_int(usage.get("total_tokens"))
         if total is not None:
-            return total
-    return _non_negative_int(output.get("tokens_used"))
+            return Reported(
+                total,
+                _first_count(usage, "prompt_tokens", "input_tokens"),
+                _first_count(usage, "completion_tokens", "output_tokens"),
+            )
+    tokens_used = _non_negative_int(output.get("tokens_used"))
+    return Reported(tokens_used) if tokens_used is not None else None
+
+
+def _first_count(usage: dict[str, Any], *keys: str) -> int | None:
+    for key in keys:
+        found = _non_negative_int(usage.get(key))
+        if found is not None:
+            return found
+    return None
 
 
 def estimate(input_bytes: int, output_bytes: int = 0) -> int:
@@ -49,9 +85,9 @@ def estimate(input_bytes: int, output_bytes: int = 0) -> int:
 
 def charge_for(output: Any, input_bytes: int, output_bytes: int) -> Charge:
     """The charge of a successful call: the reported count as is (0 included), else the estimate."""
-    reported = reported_tokens(output)
+    reported = reported_usage(output)
     if reported is not None:
-        return Charge(reported, "reported")
+        return reported.charge()
     return Charge(estimate(input_bytes, output_bytes), "estimated")
 
 

@@ -44,7 +44,7 @@ from joyhub.core import metrics
 from joyhub.core.clock import utcnow
 from joyhub.core.egress import EgressPolicy
 from joyhub.tools import sse
-from joyhub.tools.token_count import Charge, reported_tokens
+from joyhub.tools.token_count import Charge, Reported, reported_usage
 from joyhub.tools.transport import AiohttpTransport
 
 log = logging.getLogger("joyhub.tools.upstream")
@@ -381,6 +381,7 @@ class Chunk:
 
     data: bytes
     usage: int | None  # `usage.total_tokens` (or `tokens_used`) when this chunk carries one
+    reported: Reported | None = None  # that count with its prompt/completion split
 
 
 @dataclass(frozen=True)
@@ -408,7 +409,8 @@ def _chunk(data: bytes) -> Chunk | StreamBroken:
         return StreamBroken("The tool's stream sent an event that is not JSON")
     if not isinstance(doc, dict):
         return StreamBroken("The tool's stream sent an event that is not a JSON object")
-    return Chunk(sse.one_line(data), reported_tokens(doc))
+    reported = reported_usage(doc)
+    return Chunk(sse.one_line(data), reported.total if reported is not None else None, reported)
 
 
 class UpstreamStream:

@@ -40,9 +40,11 @@ from joyhub.models.usage import PLATFORM_SHARDS
 ROLLUP_CTES = """
     daily AS (
         INSERT INTO usage_daily AS d
-            (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, cancelled, tokens)
+            (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, cancelled, tokens,
+             input_tokens, output_tokens)
         SELECT user_id, ts AT TIME ZONE 'UTC', tool_id, plan_code, count(*), sum(success), sum(error),
-               sum(timeout), sum(cancelled), sum(tokens)
+               sum(timeout), sum(cancelled), sum(tokens), COALESCE(sum(input_tokens), 0),
+               COALESCE(sum(output_tokens), 0)
         FROM settled WHERE org_id IS NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
         ON CONFLICT (user_id, day, tool_id, plan_code) DO UPDATE SET
             invocations = d.invocations + EXCLUDED.invocations,
@@ -50,7 +52,9 @@ ROLLUP_CTES = """
             errors = d.errors + EXCLUDED.errors,
             timeouts = d.timeouts + EXCLUDED.timeouts,
             cancelled = d.cancelled + EXCLUDED.cancelled,
-            tokens = d.tokens + EXCLUDED.tokens
+            tokens = d.tokens + EXCLUDED.tokens,
+            input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+            output_tokens = d.output_tokens + EXCLUDED.output_tokens
         RETURNING 1
     ), user_daily AS (
         INSERT INTO usage_user_daily AS ud (user_id, day, invocations, tokens)
@@ -115,7 +119,8 @@ _BUMP = text(
                CAST(:plan_code AS varchar) AS plan_code, CAST(:shard AS integer) AS shard,
                CAST(:ts AS timestamptz) AS ts, CAST(:success AS integer) AS success,
                CAST(:error AS integer) AS error, CAST(:timeout AS integer) AS timeout,
-               CAST(:cancelled AS integer) AS cancelled, CAST(:tokens AS bigint) AS tokens
+               CAST(:cancelled AS integer) AS cancelled, CAST(:tokens AS bigint) AS tokens,
+               CAST(NULL AS bigint) AS input_tokens, CAST(NULL AS bigint) AS output_tokens
     ), """
     + ROLLUP_CTES
     + "SELECT 1"

@@ -19,8 +19,9 @@ from joyhub.core.db import DbSession
 from joyhub.core.envelope import Envelope, ok, page
 from joyhub.core.leases import Lease, Leases, kept, leases_for
 from joyhub.core.pagination import PageParams
-from joyhub.usage import service
+from joyhub.usage import retention, service
 from joyhub.usage.dates import RangeParams
+from joyhub.usage.reads import UserAnalytics
 from joyhub.usage.schemas import Granularity, TimeseriesPoint, UsageRecord, UsageStatus, UsageSummary
 
 router = APIRouter()
@@ -68,6 +69,7 @@ StatusParam = Annotated[UsageStatus | None, Query(description="Only records with
 async def list_usage(
     session: DbSession,
     principal: CurrentUser,
+    reads: UserAnalytics,
     dates: RangeParams,
     paging: PageParams,
     tool_id: ToolIdParam = None,
@@ -75,9 +77,10 @@ async def list_usage(
 ) -> Envelope[list[UsageRecord]]:
     start, end = dates
     items, total = await service.history(
-        session, principal.id, start, end, service.LogFilter(tool_id, status), paging
+        reads.session, principal.id, start, end, service.LogFilter(tool_id, status), paging
     )
-    return page(items, offset=paging.offset, limit=paging.limit, total=total)
+    notice = await retention.notice_for(session, service.export_range(start, end).start)
+    return page(items, offset=paging.offset, limit=paging.limit, total=total, notice=notice)
 
 
 @router.get(
@@ -87,10 +90,10 @@ async def list_usage(
     responses=_ERRORS,
 )
 async def usage_summary(
-    session: DbSession, principal: CurrentUser, dates: RangeParams
+    session: DbSession, principal: CurrentUser, reads: UserAnalytics, dates: RangeParams
 ) -> Envelope[UsageSummary]:
     start, end = dates
-    return ok(await service.summary(session, principal.id, start, end, utcnow()))
+    return ok(await service.summary(session, principal.id, start, end, utcnow(), reads.session))
 
 
 @router.get(
@@ -107,11 +110,14 @@ async def usage_summary(
 async def usage_timeseries(
     session: DbSession,
     principal: CurrentUser,
+    reads: UserAnalytics,
     dates: RangeParams,
     granularity: Annotated[Granularity, Query(description="Bucket size")] = "day",
 ) -> Envelope[list[TimeseriesPoint]]:
     start, end = dates
-    _rng, points = await service.timeseries(session, principal.id, start, end, granularity, utcnow())
+    _rng, points = await service.timeseries(
+        session, principal.id, start, end, granularity, utcnow(), reads.session
+    )
     return ok(points)
 
 
@@ -134,6 +140,7 @@ async def usage_timeseries(
 async def usage_export(
     request: Request,
     principal: CurrentUser,
+    reads: UserAnalytics,
     dates: RangeParams,
     tool_id: ToolIdParam = None,
     status: StatusParam = None,
@@ -143,10 +150,10 @@ async def usage_export(
     now = utcnow()
     filename = service.export_filename(rng, now)
     leases = leases_for(request.app.state)
+    notice = await retention.notice_for(reads.session, rng.start)
     lease = await service.start_export(leases, principal.id, now)
-    body = service.export_csv(
-        request.app.state.sessionmaker, principal.id, rng, service.LogFilter(tool_id, status)
-    )
+    # the batches open sessions of their own, on the replica when the rules allow it
+    body = service.export_csv(reads.factory, principal.id, rng, service.LogFilter(tool_id, status))
     return LeasedStreamingResponse(
         body,
         leases=leases,
@@ -156,5 +163,7 @@ async def usage_export(
             "Content-Disposition": f'attachment; filename="{filename}"',
             "Cache-Control": "no-store",
             "X-Content-Type-Options": "nosniff",
+            # the range reaches into months whose raw records were retired (issue 18)
+            **({"Joyhub-Notice": notice} if notice else {}),
         },
     )

@@ -25,6 +25,13 @@ class UsageRecord(BaseModel):
     timestamp: UtcDateTime
     tokens_used: int
     token_source: TokenSource
+    input_tokens: int | None = Field(
+        description="Prompt tokens the upstream reported (OpenAI-compatible tools, API.md §12); "
+        "null otherwise"
+    )
+    output_tokens: int | None = Field(
+        description="Completion tokens the upstream reported (API.md §12); null otherwise"
+    )
     status: UsageStatus
     duration_ms: int | None
     request_id: str | None
@@ -36,6 +43,14 @@ class ToolUsage(BaseModel):
     tool_name: str
     invocations: int
     tokens: int
+
+
+class ToolUsageTokens(ToolUsage):
+    """A user's `by_tool` row (API.md §6): with the upstream's reported prompt and completion
+    tokens summed (0 when none were reported, API.md §12)."""
+
+    input_tokens: int = Field(description="Sum of the reported prompt tokens (API.md §12)")
+    output_tokens: int = Field(description="Sum of the reported completion tokens (API.md §12)")
 
 
 class Quota(BaseModel):
@@ -59,7 +74,7 @@ class UsageSummary(BaseModel):
     failed_invocations: int  # errors and timeouts
     cancelled_invocations: int  # hung up mid-stream: neither successful nor failed, still charged
     total_tokens: int
-    by_tool: list[ToolUsage]
+    by_tool: list[ToolUsageTokens]
     quota: Quota | None
     rate_limited: list[DailyRefusals] = Field(
         description="Calls refused by a rate or concurrency limit (API.md §4.1), per UTC day of the "

@@ -54,6 +54,7 @@ from typing import Any, get_args
 
 from sqlalchemy import (
     ColumnElement,
+    Select,
     select,
     text,
     tuple_,
@@ -77,11 +78,12 @@ from joyhub.usage.dates import (
     resolve,
     split,
 )
+from joyhub.usage.partitions import SETTLE_WINDOW, started_bounds
 from joyhub.usage.schemas import (
     DailyRefusals,
     Quota,
     TimeseriesPoint,
-    ToolUsage,
+    ToolUsageTokens,
     UsageRecord,
     UsageStatus,
     UsageSummary,
@@ -108,6 +110,8 @@ CSV_HEADER = (
     "request_id",
     "error_code",
     "token_source",  # appended last (issue 13): existing consumers' column positions stay
+    "input_tokens",  # appended (issue 17): empty when the upstream reported none
+    "output_tokens",
 )
 
 
@@ -131,12 +135,15 @@ _IS_SETTLED = UsageLog.status.in_(SETTLED)
 def _raw_window(
     user_id: uuid.UUID, start: datetime | None, end: datetime | None
 ) -> list[ColumnElement[bool]]:
+    """The caller's settled logs in `[start, end)` of settle time, with the admission-time bounds
+    that let PostgreSQL open only the monthly partitions that can hold them (`partitions.py`)."""
     # personal calls only: an organization's calls are the organization's usage (API.md §13)
     conds: list[ColumnElement[bool]] = [UsageLog.user_id == user_id, UsageLog.org_id.is_(None), _IS_SETTLED]
-    if start is not None:
-        conds.append(UsageLog.timestamp >= start)
-    if end is not None:
-        conds.append(UsageLog.timestamp < end)
+    started_lo, started_hi = started_bounds(start, end)
+    if start is not None and started_lo is not None:
+        conds += [UsageLog.timestamp >= start, UsageLog.started_at >= started_lo]
+    if end is not None and started_hi is not None:
+        conds += [UsageLog.timestamp < end, UsageLog.started_at < started_hi]
     return conds
 
 
@@ -170,7 +177,13 @@ class Reads:
     raw: tuple[Span, Span] = ((NOTHING, NOTHING), (NOTHING, NOTHING))
 
     def params(self) -> dict[str, Any]:
+        pieces = [p for p in self.raw if p[0] < p[1]]
+        # the admission-time range of the raw pieces' logs: the partitions to open (none if none)
+        s_lo = min(p[0] for p in pieces) - SETTLE_WINDOW if pieces else NOTHING
+        s_hi = max(p[1] for p in pieces) if pieces else NOTHING
         return {
+            "s_lo": s_lo,
+            "s_hi": s_hi,
             "d0": self.days[0],
             "d1": self.days[1],
             "h1a": self.hours[0][0],
@@ -236,19 +249,23 @@ _BY_TOOL = text(
     f"""
     SELECT x.tool_id, t.name, CAST(sum(x.inv) AS bigint), CAST(sum(x.ok) AS bigint),
            CAST(sum(x.failed) AS bigint), CAST(sum(x.cancelled) AS bigint),
-           CAST(coalesce(sum(x.tok), 0) AS bigint)
+           CAST(coalesce(sum(x.tok), 0) AS bigint), CAST(coalesce(sum(x.tin), 0) AS bigint),
+           CAST(coalesce(sum(x.tout), 0) AS bigint)
     FROM (
         SELECT tool_id, sum(invocations) AS inv, sum(successes) AS ok, sum(errors + timeouts) AS failed,
-               sum(cancelled) AS cancelled, sum(tokens) AS tok
+               sum(cancelled) AS cancelled, sum(tokens) AS tok, sum(input_tokens) AS tin,
+               sum(output_tokens) AS tout
         FROM usage_daily
         WHERE user_id = :user_id AND day >= :d0 AND day < :d1
         GROUP BY tool_id
         UNION ALL
         SELECT tool_id, count(*), count(*) FILTER (WHERE status = 'success'),
                count(*) FILTER (WHERE status IN ('error', 'timeout')),
-               count(*) FILTER (WHERE status = 'cancelled'), sum(tokens_used)
+               count(*) FILTER (WHERE status = 'cancelled'), sum(tokens_used), sum(input_tokens),
+               sum(output_tokens)
         FROM usage_logs
         WHERE user_id = :user_id AND org_id IS NULL AND status IN ({_SETTLED_SQL})
+          AND started_at >= :s_lo AND started_at < :s_hi
           AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
                OR ("timestamp" >= :r2a AND "timestamp" < :r2b))
         GROUP BY tool_id
@@ -272,6 +289,7 @@ _COUNT = text(
         + (
             SELECT count(*) FROM usage_logs
             WHERE user_id = :user_id AND org_id IS NULL AND status IN ({_SETTLED_SQL})
+              AND started_at >= :s_lo AND started_at < :s_hi
               AND (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
               AND (CAST(:tool_id AS uuid) IS NULL OR tool_id = CAST(:tool_id AS uuid))
               AND (("timestamp" >= :r1a AND "timestamp" < :r1b)
@@ -293,12 +311,12 @@ _SERIES = text(
     SELECT CAST(:r1a AS timestamptz), count(*), coalesce(sum(tokens_used), 0)
     FROM usage_logs
     WHERE user_id = :user_id AND org_id IS NULL AND status IN ({_SETTLED_SQL})
-      AND "timestamp" >= :r1a AND "timestamp" < :r1b
+      AND started_at >= :s_lo AND started_at < :s_hi AND "timestamp" >= :r1a AND "timestamp" < :r1b
     UNION ALL
     SELECT CAST(:r2a AS timestamptz), count(*), coalesce(sum(tokens_used), 0)
     FROM usage_logs
     WHERE user_id = :user_id AND org_id IS NULL AND status IN ({_SETTLED_SQL})
-      AND "timestamp" >= :r2a AND "timestamp" < :r2b
+      AND started_at >= :s_lo AND started_at < :s_hi AND "timestamp" >= :r2a AND "timestamp" < :r2b
     """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
 )
 
@@ -368,7 +386,19 @@ async def history(
 ) -> tuple[list[UsageRecord], int]:
     """One page of the caller's settled logs, newest first, and the total matching."""
     rng = resolve(start, end, TimeRange(None, None))
-    stmt = (
+    rows = (await session.execute(history_query(user_id, rng, filt, page))).mappings().all()
+    items = [UsageRecord.model_validate(dict(r)) for r in rows]
+    if len(items) < page.limit and (items or page.offset == 0):
+        return items, page.offset + len(items)  # the last page tells its own total
+    return items, await count_settled(session, user_id, rng, filt)
+
+
+HistoryQuery = Select[*tuple[Any, ...]]
+
+
+def history_query(user_id: uuid.UUID, rng: TimeRange, filt: LogFilter, page: Page) -> HistoryQuery:
+    """The page's statement (pruned to the partitions `rng` can reach: tests EXPLAIN it)."""
+    return (
         select(
             UsageLog.id,
             UsageLog.tool_id,
@@ -376,6 +406,8 @@ async def history(
             UsageLog.timestamp,
             UsageLog.tokens_used,
             UsageLog.token_source,
+            UsageLog.input_tokens,
+            UsageLog.output_tokens,
             UsageLog.status,
             UsageLog.duration_ms,
             UsageLog.request_id,
@@ -387,11 +419,6 @@ async def history(
         .offset(page.offset)
         .limit(page.limit)
     )
-    rows = (await session.execute(stmt)).mappings().all()
-    items = [UsageRecord.model_validate(dict(r)) for r in rows]
-    if len(items) < page.limit and (items or page.offset == 0):
-        return items, page.offset + len(items)  # the last page tells its own total
-    return items, await count_settled(session, user_id, rng, filt)
 
 
 async def count_settled(session: AsyncSession, user_id: uuid.UUID, rng: TimeRange, filt: LogFilter) -> int:
@@ -408,15 +435,30 @@ async def count_settled(session: AsyncSession, user_id: uuid.UUID, rng: TimeRang
 
 
 async def summary(
-    session: AsyncSession, user_id: uuid.UUID, start: Bound | None, end: Bound | None, now: datetime
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    start: Bound | None,
+    end: Bound | None,
+    now: datetime,
+    reads: AsyncSession | None = None,
 ) -> UsageSummary:
+    """`session` (the primary) finds the period, rolling it over if due; `reads` (the read
+    replica when `usage/reads.py` chose it, else the primary) answers the rollup queries."""
     period = await _current_period(session, user_id, now)
+    session = reads or session
     rng = resolve(start, end, period.range)
     assert rng.start is not None and rng.end is not None
     by_tool = await _by_tool(session, user_id, rng)
     tools = sorted(
         (
-            ToolUsage(tool_id=t.tool_id, tool_name=t.tool_name, invocations=t.invocations, tokens=t.tokens)
+            ToolUsageTokens(
+                tool_id=t.tool_id,
+                tool_name=t.tool_name,
+                invocations=t.invocations,
+                tokens=t.tokens,
+                input_tokens=t.input_tokens,
+                output_tokens=t.output_tokens,
+            )
             for t in by_tool
         ),
         key=lambda t: (-t.invocations, t.tool_name.lower(), str(t.tool_id)),
@@ -466,13 +508,15 @@ class ToolTotals:
     failures: int
     cancelled: int
     tokens: int
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 async def _by_tool(session: AsyncSession, user_id: uuid.UUID, rng: TimeRange) -> list[ToolTotals]:
     rows = await session.execute(_BY_TOOL, day_reads(rng).params() | {"user_id": user_id})
     return [
-        ToolTotals(tool_id, name, int(inv), int(ok), int(failed), int(cancelled), int(tok))
-        for tool_id, name, inv, ok, failed, cancelled, tok in rows.all()
+        ToolTotals(tool_id, name, *(int(n) for n in (inv, ok, failed, cancelled, tok, tin, tout)))
+        for tool_id, name, inv, ok, failed, cancelled, tok, tin, tout in rows.all()
         if inv
     ]
 
@@ -494,8 +538,10 @@ async def timeseries(
     end: Bound | None,
     granularity: str,
     now: datetime,
+    reads: AsyncSession | None = None,
 ) -> tuple[TimeRange, list[TimeseriesPoint]]:
-    """Buckets over the range (empty ones included); a partial bucket counts its part in range."""
+    """Buckets over the range (empty ones included); a partial bucket counts its part in range.
+    The period on `session` (the primary), the buckets from `reads` (as in `summary`)."""
     unit, limit = UNITS[granularity], MAX_SPAN[granularity]
     if start is None or end is None:
         default = (await _current_period(session, user_id, now)).range
@@ -509,7 +555,7 @@ async def timeseries(
         # the default period is longer than this granularity allows: its most recent part
         hi = max(min(rng.end, ceil_to(now, unit)), rng.start)
         rng = TimeRange(max(rng.start, hi - limit), hi)
-    counts = await _bucket_counts(session, user_id, rng, unit)
+    counts = await _bucket_counts(reads or session, user_id, rng, unit)
     empty = (0, 0)
     points = [
         TimeseriesPoint(bucket_start=b, invocations=c[0], tokens=c[1])
@@ -587,6 +633,8 @@ _EXPORT_COLUMNS = (
     UsageLog.request_id,
     UsageLog.error_code,
     UsageLog.token_source,
+    UsageLog.input_tokens,
+    UsageLog.output_tokens,
 )
 
 
@@ -623,7 +671,12 @@ async def export_logs_csv(
     yield _csv_lines([CSV_HEADER])
     after: tuple[datetime, uuid.UUID] | None = None
     while True:
-        stmt = query if after is None else query.where(tuple_(UsageLog.timestamp, UsageLog.id) < after)
+        stmt = (
+            query
+            if after is None
+            # a log settled before `after` was admitted before it too: older partitions only
+            else query.where(tuple_(UsageLog.timestamp, UsageLog.id) < after, UsageLog.started_at <= after[0])
+        )
         async with factory() as session:
             rows = (await session.execute(stmt)).all()
         if not rows:
@@ -646,4 +699,6 @@ def _csv_row(r: Sequence[Any]) -> tuple[object, ...]:
         r[7] or "",
         r[8] or "",
         r[9],
+        "" if r[10] is None else r[10],
+        "" if r[11] is None else r[11],
     )

@@ -186,6 +186,12 @@ export type AdminToolOut = {
      */
     streaming: boolean;
     /**
+     * Protocol
+     *
+     * `openai`: an OpenAI-compatible model, reachable at /api/v1/openai (API.md §12); its `name` is the model id
+     */
+    protocol: 'json' | 'openai';
+    /**
      * Is Active
      */
     is_active: boolean;
@@ -221,6 +227,10 @@ export type AdminToolOut = {
      * Requests Per Minute
      */
     requests_per_minute: number | null;
+    /**
+     * Upstream Model
+     */
+    upstream_model: string | null;
     circuit: CircuitOut;
 };
 
@@ -472,6 +482,34 @@ export type BodyAuthToken = {
 };
 
 /**
+ * ChatCompletionRequest
+ *
+ * `POST /openai/chat/completions`: OpenAI's chat completion request.
+ */
+export type ChatCompletionRequest = {
+    /**
+     * Model
+     *
+     * The model id: an `openai` tool's name
+     */
+    model: string;
+    /**
+     * Stream
+     *
+     * Relay the answer as Server-Sent Events as it arrives
+     */
+    stream?: boolean | null;
+    stream_options?: StreamOptions | null;
+    /**
+     * Messages
+     */
+    messages: Array<{
+        [key: string]: unknown;
+    }>;
+    [key: string]: unknown;
+};
+
+/**
  * CircuitOut
  */
 export type CircuitOut = {
@@ -487,6 +525,34 @@ export type CircuitOut = {
      * Opened Until
      */
     opened_until: string | null;
+};
+
+/**
+ * CompletionRequest
+ *
+ * `POST /openai/completions`: OpenAI's (legacy) text completion request.
+ */
+export type CompletionRequest = {
+    /**
+     * Model
+     *
+     * The model id: an `openai` tool's name
+     */
+    model: string;
+    /**
+     * Stream
+     *
+     * Relay the answer as Server-Sent Events as it arrives
+     */
+    stream?: boolean | null;
+    stream_options?: StreamOptions | null;
+    /**
+     * Prompt
+     *
+     * Text, or a list of texts or token arrays
+     */
+    prompt: string | Array<unknown>;
+    [key: string]: unknown;
 };
 
 /**
@@ -563,6 +629,27 @@ export type DeliveryOut = {
      * Created At
      */
     created_at: string;
+};
+
+/**
+ * EmbeddingRequest
+ *
+ * `POST /openai/embeddings`: OpenAI's embedding request.
+ */
+export type EmbeddingRequest = {
+    /**
+     * Model
+     *
+     * The model id: an `openai` tool's name
+     */
+    model: string;
+    /**
+     * Input
+     *
+     * Text, or a list of texts or token arrays
+     */
+    input: string | Array<unknown>;
+    [key: string]: unknown;
 };
 
 /**
@@ -1361,6 +1448,50 @@ export type Meta = {
      */
     request_id: string;
     pagination?: Pagination | null;
+    /**
+     * Notice
+     */
+    notice?: string | null;
+};
+
+/**
+ * Model
+ *
+ * One model of `GET /openai/models`, in OpenAI's shape.
+ */
+export type Model = {
+    /**
+     * Id
+     */
+    id: string;
+    /**
+     * Object
+     */
+    object?: 'model';
+    /**
+     * Created
+     *
+     * When the tool was created (Unix seconds)
+     */
+    created: number;
+    /**
+     * Owned By
+     */
+    owned_by: string;
+};
+
+/**
+ * ModelList
+ */
+export type ModelList = {
+    /**
+     * Object
+     */
+    object?: 'list';
+    /**
+     * Data
+     */
+    data: Array<Model>;
 };
 
 /**
@@ -1392,6 +1523,37 @@ export type NotificationsUpdateIn = {
      * Thresholds
      */
     thresholds?: Array<number> | null;
+};
+
+/**
+ * OpenAIError
+ *
+ * Every error on this surface (API.md §12), instead of the envelope.
+ */
+export type OpenAiError = {
+    error: OpenAiErrorDetail;
+};
+
+/**
+ * OpenAIErrorDetail
+ */
+export type OpenAiErrorDetail = {
+    /**
+     * Message
+     */
+    message: string;
+    /**
+     * Type
+     */
+    type: string;
+    /**
+     * Param
+     */
+    param: string | null;
+    /**
+     * Code
+     */
+    code: string | null;
 };
 
 /**
@@ -1810,6 +1972,19 @@ export type StatusCounts = {
 };
 
 /**
+ * StreamOptions
+ */
+export type StreamOptions = {
+    /**
+     * Include Usage
+     *
+     * Send the final usage-only chunk (the hub always asks the upstream for it)
+     */
+    include_usage?: boolean | null;
+    [key: string]: unknown;
+};
+
+/**
  * SubscribeIn
  *
  * `POST /subscriptions`: the plan to be on.
@@ -2010,6 +2185,18 @@ export type ToolCreate = {
      */
     requests_per_minute?: number | null;
     /**
+     * Protocol
+     *
+     * `json`: the input is POSTed to api_endpoint (API.md §5); `openai`: api_endpoint is an OpenAI-compatible base URL with its version path (e.g. http://vllm:8000/v1) and the tool is a model of /api/v1/openai (API.md §12)
+     */
+    protocol?: 'json' | 'openai';
+    /**
+     * Upstream Model
+     *
+     * The model id sent upstream for an `openai` tool (default: the tool's name)
+     */
+    upstream_model?: string | null;
+    /**
      * Is Active
      */
     is_active?: boolean;
@@ -2051,6 +2238,12 @@ export type ToolOut = {
      * Streaming
      */
     streaming: boolean;
+    /**
+     * Protocol
+     *
+     * `openai`: an OpenAI-compatible model, reachable at /api/v1/openai (API.md §12); its `name` is the model id
+     */
+    protocol: 'json' | 'openai';
     /**
      * Is Active
      */
@@ -2124,6 +2317,16 @@ export type ToolUpdate = {
      */
     requests_per_minute?: number | null;
     /**
+     * Protocol
+     */
+    protocol?: 'json' | 'openai' | null;
+    /**
+     * Upstream Model
+     *
+     * The model id sent upstream for an `openai` tool (default: the tool's name)
+     */
+    upstream_model?: string | null;
+    /**
      * Is Active
      */
     is_active?: boolean | null;
@@ -2149,6 +2352,43 @@ export type ToolUsage = {
      * Tokens
      */
     tokens: number;
+};
+
+/**
+ * ToolUsageTokens
+ *
+ * A user's `by_tool` row (API.md §6): with the upstream's reported prompt and completion
+ * tokens summed (0 when none were reported, API.md §12).
+ */
+export type ToolUsageTokens = {
+    /**
+     * Tool Id
+     */
+    tool_id: string;
+    /**
+     * Tool Name
+     */
+    tool_name: string;
+    /**
+     * Invocations
+     */
+    invocations: number;
+    /**
+     * Tokens
+     */
+    tokens: number;
+    /**
+     * Input Tokens
+     *
+     * Sum of the reported prompt tokens (API.md §12)
+     */
+    input_tokens: number;
+    /**
+     * Output Tokens
+     *
+     * Sum of the reported completion tokens (API.md §12)
+     */
+    output_tokens: number;
 };
 
 /**
@@ -2202,6 +2442,18 @@ export type UsageRecord = {
      */
     token_source: 'reported' | 'estimated';
     /**
+     * Input Tokens
+     *
+     * Prompt tokens the upstream reported (OpenAI-compatible tools, API.md §12); null otherwise
+     */
+    input_tokens: number | null;
+    /**
+     * Output Tokens
+     *
+     * Completion tokens the upstream reported (API.md §12); null otherwise
+     */
+    output_tokens: number | null;
+    /**
      * Status
      */
     status: 'success' | 'error' | 'timeout' | 'cancelled';
@@ -2254,7 +2506,7 @@ export type UsageSummary = {
     /**
      * By Tool
      */
-    by_tool: Array<ToolUsage>;
+    by_tool: Array<ToolUsageTokens>;
     quota: Quota | null;
     /**
      * Rate Limited
@@ -6657,6 +6909,10 @@ export type OrgsListEndpointsErrors = {
      */
     403: EnvelopeNoneType;
     /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
+    /**
      * PAYLOAD_TOO_LARGE: the body is over 1 MiB
      */
     413: EnvelopeNoneType;
@@ -6710,6 +6966,10 @@ export type OrgsCreateEndpointErrors = {
      * Not an administrator (admin routes)
      */
     403: EnvelopeNoneType;
+    /**
+     * No such organization, or the caller is not a member
+     */
+    404: EnvelopeNoneType;
     /**
      * At most 10 endpoints
      */
@@ -7900,3 +8160,309 @@ export type WebhooksUpdateNotificationsResponses = {
 };
 
 export type WebhooksUpdateNotificationsResponse = WebhooksUpdateNotificationsResponses[keyof WebhooksUpdateNotificationsResponses];
+
+export type OpenaiListModelsData = {
+    body?: never;
+    path?: never;
+    query?: never;
+    url: '/api/v1/openai/models';
+};
+
+export type OpenaiListModelsErrors = {
+    /**
+     * invalid_api_key
+     */
+    401: OpenAiError;
+};
+
+export type OpenaiListModelsError = OpenaiListModelsErrors[keyof OpenaiListModelsErrors];
+
+export type OpenaiListModelsResponses = {
+    /**
+     * Successful Response
+     */
+    200: ModelList;
+};
+
+export type OpenaiListModelsResponse = OpenaiListModelsResponses[keyof OpenaiListModelsResponses];
+
+export type OpenaiRetrieveModelData = {
+    body?: never;
+    path: {
+        /**
+         * Model
+         */
+        model: string;
+    };
+    query?: never;
+    url: '/api/v1/openai/models/{model}';
+};
+
+export type OpenaiRetrieveModelErrors = {
+    /**
+     * invalid_api_key
+     */
+    401: OpenAiError;
+    /**
+     * model_not_found: no such model, or inactive
+     */
+    404: OpenAiError;
+    /**
+     * validation_error / tool_input_invalid (the upstream rejected the request)
+     */
+    422: OpenAiError;
+};
+
+export type OpenaiRetrieveModelError = OpenaiRetrieveModelErrors[keyof OpenaiRetrieveModelErrors];
+
+export type OpenaiRetrieveModelResponses = {
+    /**
+     * Successful Response
+     */
+    200: Model;
+};
+
+export type OpenaiRetrieveModelResponse = OpenaiRetrieveModelResponses[keyof OpenaiRetrieveModelResponses];
+
+export type OpenaiChatCompletionsData = {
+    body: ChatCompletionRequest;
+    headers?: {
+        /**
+         * Idempotency-Key
+         *
+         * Makes retries safe: the same key within 24 h replays the first response
+         */
+        'Idempotency-Key'?: string | null;
+        /**
+         * X-Org-Id
+         *
+         * Bill this organization's subscription instead of your own (you must be a member; otherwise 404). An organization's API key bills its organization without it.
+         */
+        'X-Org-ID'?: string | null;
+    };
+    path?: never;
+    query?: never;
+    url: '/api/v1/openai/chat/completions';
+};
+
+export type OpenaiChatCompletionsErrors = {
+    /**
+     * invalid_request_error: the body is not valid JSON
+     */
+    400: OpenAiError;
+    /**
+     * invalid_api_key
+     */
+    401: OpenAiError;
+    /**
+     * subscription_required / plan_upgrade_required
+     */
+    402: OpenAiError;
+    /**
+     * model_not_found: no such model, or inactive
+     */
+    404: OpenAiError;
+    /**
+     * idempotency_conflict
+     */
+    409: OpenAiError;
+    /**
+     * the body is over 1 MiB
+     */
+    413: OpenAiError;
+    /**
+     * validation_error / tool_input_invalid (the upstream rejected the request)
+     */
+    422: OpenAiError;
+    /**
+     * insufficient_quota (x-should-retry: false); rate_limit_exceeded (Retry-After)
+     */
+    429: OpenAiError;
+    /**
+     * internal_error
+     */
+    500: OpenAiError;
+    /**
+     * tool_bad_response
+     */
+    502: OpenAiError;
+    /**
+     * tool_unavailable (Retry-After when the circuit is open); service_unavailable
+     */
+    503: OpenAiError;
+    /**
+     * tool_timeout
+     */
+    504: OpenAiError;
+};
+
+export type OpenaiChatCompletionsError = OpenaiChatCompletionsErrors[keyof OpenaiChatCompletionsErrors];
+
+export type OpenaiChatCompletionsResponses = {
+    /**
+     * OpenAI's answer; with `stream: true`, its chunks as Server-Sent Events (`data: {chunk}` … `data: [DONE]`). Carries X-Quota-* and X-RateLimit-* headers.
+     */
+    200: unknown;
+};
+
+export type OpenaiCompletionsData = {
+    body: CompletionRequest;
+    headers?: {
+        /**
+         * Idempotency-Key
+         *
+         * Makes retries safe: the same key within 24 h replays the first response
+         */
+        'Idempotency-Key'?: string | null;
+        /**
+         * X-Org-Id
+         *
+         * Bill this organization's subscription instead of your own (you must be a member; otherwise 404). An organization's API key bills its organization without it.
+         */
+        'X-Org-ID'?: string | null;
+    };
+    path?: never;
+    query?: never;
+    url: '/api/v1/openai/completions';
+};
+
+export type OpenaiCompletionsErrors = {
+    /**
+     * invalid_request_error: the body is not valid JSON
+     */
+    400: OpenAiError;
+    /**
+     * invalid_api_key
+     */
+    401: OpenAiError;
+    /**
+     * subscription_required / plan_upgrade_required
+     */
+    402: OpenAiError;
+    /**
+     * model_not_found: no such model, or inactive
+     */
+    404: OpenAiError;
+    /**
+     * idempotency_conflict
+     */
+    409: OpenAiError;
+    /**
+     * the body is over 1 MiB
+     */
+    413: OpenAiError;
+    /**
+     * validation_error / tool_input_invalid (the upstream rejected the request)
+     */
+    422: OpenAiError;
+    /**
+     * insufficient_quota (x-should-retry: false); rate_limit_exceeded (Retry-After)
+     */
+    429: OpenAiError;
+    /**
+     * internal_error
+     */
+    500: OpenAiError;
+    /**
+     * tool_bad_response
+     */
+    502: OpenAiError;
+    /**
+     * tool_unavailable (Retry-After when the circuit is open); service_unavailable
+     */
+    503: OpenAiError;
+    /**
+     * tool_timeout
+     */
+    504: OpenAiError;
+};
+
+export type OpenaiCompletionsError = OpenaiCompletionsErrors[keyof OpenaiCompletionsErrors];
+
+export type OpenaiCompletionsResponses = {
+    /**
+     * OpenAI's answer; with `stream: true`, its chunks as Server-Sent Events (`data: {chunk}` … `data: [DONE]`). Carries X-Quota-* and X-RateLimit-* headers.
+     */
+    200: unknown;
+};
+
+export type OpenaiEmbeddingsData = {
+    body: EmbeddingRequest;
+    headers?: {
+        /**
+         * Idempotency-Key
+         *
+         * Makes retries safe: the same key within 24 h replays the first response
+         */
+        'Idempotency-Key'?: string | null;
+        /**
+         * X-Org-Id
+         *
+         * Bill this organization's subscription instead of your own (you must be a member; otherwise 404). An organization's API key bills its organization without it.
+         */
+        'X-Org-ID'?: string | null;
+    };
+    path?: never;
+    query?: never;
+    url: '/api/v1/openai/embeddings';
+};
+
+export type OpenaiEmbeddingsErrors = {
+    /**
+     * invalid_request_error: the body is not valid JSON
+     */
+    400: OpenAiError;
+    /**
+     * invalid_api_key
+     */
+    401: OpenAiError;
+    /**
+     * subscription_required / plan_upgrade_required
+     */
+    402: OpenAiError;
+    /**
+     * model_not_found: no such model, or inactive
+     */
+    404: OpenAiError;
+    /**
+     * idempotency_conflict
+     */
+    409: OpenAiError;
+    /**
+     * the body is over 1 MiB
+     */
+    413: OpenAiError;
+    /**
+     * validation_error / tool_input_invalid (the upstream rejected the request)
+     */
+    422: OpenAiError;
+    /**
+     * insufficient_quota (x-should-retry: false); rate_limit_exceeded (Retry-After)
+     */
+    429: OpenAiError;
+    /**
+     * internal_error
+     */
+    500: OpenAiError;
+    /**
+     * tool_bad_response
+     */
+    502: OpenAiError;
+    /**
+     * tool_unavailable (Retry-After when the circuit is open); service_unavailable
+     */
+    503: OpenAiError;
+    /**
+     * tool_timeout
+     */
+    504: OpenAiError;
+};
+
+export type OpenaiEmbeddingsError = OpenaiEmbeddingsErrors[keyof OpenaiEmbeddingsErrors];
+
+export type OpenaiEmbeddingsResponses = {
+    /**
+     * OpenAI's embedding answer
+     */
+    200: unknown;
+};
