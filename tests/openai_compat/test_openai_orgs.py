@@ -1,0 +1,54 @@
+"""`X-Org-ID` on the OpenAI surface (API.md §12 with §13): the same billing rule as the JSON
+invoke — the header is part of the credential every invocation surface takes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import openai
+import pytest
+from openai import OpenAI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.factories import make_subscription
+from tests.live_hub import LiveHubFactory
+from tests.openai_compat.openai_upstream import OpenAIUpstream
+from tests.orgs.helpers import make_org, org_ledger
+from tests.tools.helpers import make_tool, sub_state
+from tests.usage.factories import make_api_key
+
+pytestmark = pytest.mark.integration
+
+HI = [{"role": "user", "content": "hi there"}]
+
+
+async def test_x_org_id_bills_the_organization_on_the_openai_surface(
+    engine: AsyncEngine, live_hub: LiveHubFactory, oai_upstream: OpenAIUpstream
+) -> None:
+    hub = await live_hub()
+    model = f"llm-{uuid.uuid4().hex[:6]}"
+    await make_tool(engine, oai_upstream.base("ok"), name=model, protocol="openai", upstream_model="up")
+    org = await make_org(engine, admins=0, members=1)
+    member = org.of("member")
+    await make_subscription(engine, member.user_id, "pro")
+    key = await make_api_key(engine, member.user_id)
+
+    def call(org_id: uuid.UUID) -> Any:
+        client = OpenAI(
+            base_url=f"{hub.url}/api/v1/openai",
+            api_key=key,
+            max_retries=0,
+            timeout=20,
+            default_headers={"X-Org-ID": str(org_id)},
+        )
+        return client.chat.completions.create(model=model, messages=HI)
+
+    answer = await asyncio.to_thread(call, org.id)
+    assert answer.usage is not None
+    ledger = await org_ledger(engine, org.id)
+    assert ledger.tokens_used == answer.usage.total_tokens == ledger.member_used[member.user_id]
+    assert (await sub_state(engine, member.user_id)).tokens_used == 0  # the personal one untouched
+    with pytest.raises(openai.NotFoundError):  # not a member of that organization
+        await asyncio.to_thread(call, uuid.uuid4())
