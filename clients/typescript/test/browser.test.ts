@@ -155,7 +155,10 @@ test('a page on another origin uses the client: preflight, readable headers, inv
   assert.equal(check.throttled.status, 429);
   assert.equal(check.throttled.code, 'RATE_LIMITED');
   assert.ok((check.throttled.retryAfter ?? 0) >= 1, 'Retry-After readable');
-  assert.equal(check.rateLimit, null); // no per-minute limit applies yet; exposed below all the same
+  // the free plan's per-minute limit (API.md §4.1: 20 by default) is readable from JavaScript
+  assert.ok(check.rateLimit, 'X-RateLimit-* readable');
+  assert.equal(check.rateLimit.limit, 20);
+  assert.ok(check.rateLimit.remaining < 20);
 
   // the preflight: Chromium asked for Authorization and Idempotency-Key, and the hub allowed them
   const calls = [...seen.values()];

@@ -147,9 +147,14 @@ describe('a new user', () => {
     assert.ok(listed.data);
     assert.ok(listed.data.data.length >= 3);
     assert.equal(listed.data.meta.pagination?.total, listed.data.data.length);
+    // the catalog is ordered by name, case-insensitively (the hub sorts on lower(name))
+    const byName = (a: string, b: string): number => {
+      const [x, y] = [a.toLowerCase(), b.toLowerCase()];
+      return x < y ? -1 : x > y ? 1 : 0;
+    };
     assert.deepEqual(
       listed.data.data.map((t) => t.name),
-      [...listed.data.data.map((t) => t.name)].sort(),
+      [...listed.data.data.map((t) => t.name)].sort(byName),
     );
 
     const key = randomUUID();
