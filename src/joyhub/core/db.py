@@ -173,6 +173,23 @@ async def connect_retried(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]
         await conn.close()
 
 
+# Every session of the hub's pool. The invocation path runs two large statements per call (the
+# batched admission and settle, `tools/metering.py`); planned afresh on every execution (custom
+# plans, PostgreSQL's default choice for them) they cost about 1.5 + 1 ms of PostgreSQL CPU per
+# call, more than running them. Their generic plans, kept by asyncpg's prepared statements, are
+# as good (every lookup is by key) once JIT is off: the generic plan's row estimates for the
+# request arrays put its cost above `jit_above_cost`, and compiling it took 340 ms per call.
+# JIT pays off only for long analytic scans, which the hub never runs (summaries read rollups).
+# Measured in BENCHMARKS.md ("Gateway across issues 13-19"): c=1 overhead 7.1 → 4.1 ms,
+# 32 callers 300 → 508/s.
+SERVER_SETTINGS = {
+    "application_name": "joyhub",
+    "timezone": "UTC",
+    "jit": "off",
+    "plan_cache_mode": "force_generic_plan",
+}
+
+
 def make_engine(url: str, settings: Settings, **overrides: Any) -> AsyncEngine:
     """The engine with the seed's pool settings, pre-ping (`ping_on_checkout`), a fair bounded
     wait for a connection (DB_POOL_TIMEOUT, then 503), asyncpg's statement cache, and the pool
@@ -187,7 +204,7 @@ def make_engine(url: str, settings: Settings, **overrides: Any) -> AsyncEngine:
         "connect_args": {
             "statement_cache_size": 512,
             "timeout": 5,
-            "server_settings": {"application_name": "joyhub", "timezone": "UTC"},
+            "server_settings": SERVER_SETTINGS,
         },
     }
     kwargs.update(overrides)
