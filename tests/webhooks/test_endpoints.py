@@ -174,7 +174,9 @@ async def test_admin_routes_are_for_admins(client: httpx.AsyncClient, engine: As
     r = await client.patch(f"{ADMIN}/{endpoint_id}", json={"description": "pager"}, headers=auth(other_admin))
     assert r.status_code == 200 and r.json()["data"]["description"] == "pager"
     assert (await client.get(f"{ADMIN}/{endpoint_id}/deliveries", headers=auth(user))).status_code == 403
-    actions = await rows(engine, "SELECT action, actor_id FROM audit_logs WHERE target_type = 'webhook' ORDER BY created_at")
+    actions = await rows(
+        engine, "SELECT action, actor_id FROM audit_logs WHERE target_type = 'webhook' ORDER BY created_at"
+    )
     assert [(a.action, a.actor_id) for a in actions] == [
         ("webhook.create", admin.user_id),
         ("webhook.update", other_admin.user_id),
