@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import signal
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,30 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from joyhub.auth.credentials import Credential
 from joyhub.core.clock import utcnow
 from joyhub.core.db import make_sessionmaker
-from joyhub.tools.metering import ABANDONED, MeteringStore
+from joyhub.tools.metering import (
+    ABANDONED,
+    SETTLE_LINES,
+    Admission,
+    AdmitRequest,
+    MeteringStore,
+    SettleRequest,
+)
 from tests.conftest import test_settings as hub_settings
 from tests.served_hub import ServedDatabase, hub_process, served_database, wait_ready
-from tests.tools.helpers import API, assert_settled, invoke, make_caller, make_tool, sub_state, usage_logs
+from tests.tools.helpers import (
+    API,
+    SubState,
+    assert_settled,
+    daily_rollup,
+    invoke,
+    make_caller,
+    make_tool,
+    sub_state,
+    usage_logs,
+)
 from tests.tools.upstream_server import Upstream
 
 pytestmark = pytest.mark.integration
@@ -123,3 +142,57 @@ async def test_a_worker_killed_mid_batch_leaves_nothing_the_sweep_does_not_close
             )
         ).one()
     assert tuple(rollup) == (48, 48)
+
+
+async def test_settles_of_many_accounts_share_one_statement_and_each_account_is_charged_exactly(
+    engine: AsyncEngine,
+) -> None:
+    """Settles arriving together are one statement whichever accounts they charge: each account
+    still gets exactly its own charge, release, log, rollup and quota threshold event (here all
+    24 accounts cross 80 % in the same two statements)."""
+    tool = await make_tool(engine, "http://127.0.0.1:9/unused")
+    callers = [await make_caller(engine, "pro", tokens_used=39_990) for _ in range(24)]  # 80 %: 40,000
+    async with engine.connect() as conn:
+        version = (await conn.execute(text("SELECT updated_at FROM tools WHERE id = :t"), {"t": tool})).scalar()
+    store = MeteringStore(engine)
+    admissions = []
+    for caller in callers:
+        credential = Credential(user_id=caller.user_id, session_id=caller.account.session_id)
+        request = AdmitRequest(
+            tool_id=tool, credential=credential, idempotency_key=None, now=utcnow(), reserve=20,
+            request_id=None, tool_version=version, go=True, log_id=uuid.uuid4(),
+        )  # fmt: skip
+        admission = (await store.admit_batch([request]))[0].admission
+        assert admission is not None
+        admissions.append(admission)
+
+    def outcome(admission: Admission) -> SettleRequest:
+        return SettleRequest(
+            admission=admission, status="success", tokens=15, token_source="reported", duration_ms=1,
+            error_code=None, now=utcnow(), response_status=200, response_body=b"{}",
+        )  # fmt: skip
+
+    # submitted in one loop turn: every settle joins a line before its writer runs
+    settlements = await asyncio.gather(*(store.settle(outcome(a)) for a in admissions))
+    assert store._settles.items == 24 and store._settles.batches <= SETTLE_LINES
+    for caller, settlement in zip(callers, settlements, strict=True):
+        assert settlement.settled and settlement.quota is not None
+        assert settlement.quota.used == 40_005
+        assert await sub_state(engine, caller.user_id) == SubState(40_005, 0, 0)
+        assert [(log.status, log.tokens_used) for log in await usage_logs(engine, caller.user_id)] == [
+            ("success", 15)
+        ]
+        assert await daily_rollup(engine, caller.user_id) == (1, 15)
+    async with engine.connect() as conn:
+        events = (
+            await conn.execute(
+                text(
+                    "SELECT data->>'subscription_id' AS sub, (data->>'threshold')::int AS threshold,"
+                    " (data->>'tokens_used')::bigint AS used FROM webhook_events"
+                    " WHERE type = 'quota.threshold_reached'"
+                )
+            )
+        ).all()
+    assert sorted((e.sub, e.threshold, e.used) for e in events) == sorted(
+        (str(c.subscription_id), 80, 40_005) for c in callers
+    )

@@ -67,6 +67,7 @@ log = logging.getLogger("joyhub.tools.metering")
 STALE_SLACK_SECONDS = 60
 ABANDONED = "ABANDONED"  # the error code of a call the sweep closed
 SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0)
+SETTLE_LINES = 2  # settle statements a process keeps under way at once (`MeteringStore.settle`)
 # serialization failure and deadlock: the statement lost a race and may simply be run again
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
@@ -484,11 +485,11 @@ _LOOKUP_KEY = text(
 
 _LINK_KEY = text("UPDATE idempotency_keys SET usage_log_id = :log_id WHERE id = :idem_id")
 
-# Settle one call — or a batch of calls of one subscription to one tool (group commit,
+# Settle one call — or a batch of calls, of one account or of many (group commit,
 # `group_commit.py`) — in one statement: `req` is the batch; `l` locks the calls' pending logs
 # (a log the sweep closed meanwhile is no longer pending, so nothing below happens for it);
-# `charge` adds up what they cost and held; `sub` charges the account and releases the
-# reservations; `log` writes each outcome, stamped with the settle time clamped into the period the
+# `charge` adds up what they cost and held, per account; `lk_sub` locks those accounts in id
+# order; `sub` charges each account and releases its reservations; `log` writes each outcome, stamped with the settle time clamped into the period the
 # tokens were charged to (so tokens_used always equals the sum of the current period's logs);
 # `idem` stores each answer for replay; `settled` feeds the rollup upserts (`rollups.ROLLUP_CTES`);
 # the quota thresholds the charge crosses are decided and their events written to the outbox
@@ -514,12 +515,19 @@ _SETTLE = text(
     ), charge AS (
         SELECT subscription_id, sum(tokens) AS tokens, sum(tokens_reserved) AS reserved, count(*) AS calls
         FROM l GROUP BY subscription_id
+    ), lk_sub AS (
+        -- a batch may charge several accounts: their rows are locked in one order (by id) in every
+        -- settle, so two batches sharing accounts cannot deadlock
+        SELECT s.id FROM subscriptions AS s JOIN charge ON s.id = charge.subscription_id
+        ORDER BY s.id
+        FOR NO KEY UPDATE OF s
     ), sub AS (
         UPDATE subscriptions AS s
         SET tokens_used = s.tokens_used + charge.tokens,
             tokens_reserved = GREATEST(s.tokens_reserved - charge.reserved, 0),
             inflight = GREATEST(s.inflight - charge.calls, 0)
-        FROM charge WHERE s.id = charge.subscription_id
+        FROM charge JOIN lk_sub ON lk_sub.id = charge.subscription_id
+        WHERE s.id = charge.subscription_id
         RETURNING s.id, s.user_id, s.tokens_used - charge.tokens AS tokens_before, s.tokens_used,
                   s.current_period_start, s.current_period_end,
                   (SELECT p.token_limit FROM plans AS p WHERE p.code = s.plan_code) AS token_limit, s.org_id
@@ -548,7 +556,7 @@ _SETTLE = text(
         WHERE u.id = l.id AND u.started_at = l.started_at
           AND u.started_at >= :started_lo AND u.started_at <= :started_hi
         RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp", u.status, u.tokens_used,
-                  u.input_tokens, u.output_tokens, u.org_id
+                  u.input_tokens, u.output_tokens, u.org_id, u.subscription_id
     ), idem AS (
         UPDATE idempotency_keys AS k
         SET state = 'done', response_status = l.response_status,
@@ -568,7 +576,7 @@ _SETTLE = text(
     + quota_alerts.QUOTA_ALERT_CTES
     + """
     SELECT log.id, sub.tokens_used, sub.current_period_end, sub.token_limit
-    FROM log LEFT JOIN sub ON true
+    FROM log LEFT JOIN sub ON sub.id = log.subscription_id
     """
 )
 
@@ -895,10 +903,9 @@ class MeteringStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        # the settles of one subscription's calls to one tool that arrive together: one statement
-        self._settles: GroupCommit[tuple[uuid.UUID, uuid.UUID], SettleRequest, Settlement] = GroupCommit(
-            "settle", self._settle_batch
-        )
+        # the settles that arrive while one is being written go together in the next statement,
+        # whichever accounts they charge (`settle`)
+        self._settles: GroupCommit[int, SettleRequest, Settlement] = GroupCommit("settle", self._settle_batch)
 
     @asynccontextmanager
     async def connection(self, *, ping: bool) -> AsyncIterator[MeteringConnection]:
@@ -928,9 +935,16 @@ class MeteringStore:
                 await conn.execute(_UNDO_ADMISSIONS, {"log_ids": log_ids, "started_at": started_at})
 
     async def settle(self, req: SettleRequest) -> Settlement:
-        """Settle a call: group-committed with the calls of the same subscription and tool that
-        are being settled meanwhile (`group_commit.py`)."""
-        return await self._settles.submit((req.admission.subscription_id, req.admission.tool.id), req)
+        """Settle a call: group-committed with the calls being settled meanwhile (`group_commit.py`).
+
+        Settles of *different* accounts are batched too: a settle locks each of its accounts'
+        rows in id order (`_SETTLE`), so one statement charges many accounts as exactly as it
+        charges one, and with one commit. Calls of many separate callers then cost PostgreSQL one
+        statement start and one WAL flush per batch, not per call. `SETTLE_LINES` lines (by
+        subscription) keep two statements under way at once, so a batch waiting on one hot
+        account's row lock does not hold up every other settle of the process."""
+        line = req.admission.subscription_id.int % SETTLE_LINES
+        return await self._settles.submit(line, req)
 
     async def _settle_batch(self, reqs: list[SettleRequest]) -> list[Settlement]:
         """`settle_many`, retried a few times on transient database errors.

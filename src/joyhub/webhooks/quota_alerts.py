@@ -6,7 +6,8 @@ and the same round trip — as the tokens that cross it.
 
 What the fragment expects from the statement around it
 ------------------------------------------------------
-- a CTE named `sub`: the subscription row the settle just charged (0 or 1 row), with columns
+- a CTE named `sub`: the subscription rows the settle just charged (one per account in the
+  batch), with columns
   `id` (uuid), `user_id` (uuid), `org_id` (uuid, for an organization's subscription),
   `tokens_before` (bigint, `tokens_used` before this settle),
   `tokens_used` (bigint, after it), `token_limit` (bigint, the plan's limit),
@@ -69,7 +70,7 @@ QUOTA_ALERT_CTES = f"""
         INSERT INTO quota_alerts (subscription_id, period_start, threshold, created_at)
         SELECT id, current_period_start, threshold, CAST(:now AS timestamptz) FROM quota_crossed
         ON CONFLICT DO NOTHING
-        RETURNING threshold
+        RETURNING subscription_id, threshold
     ), quota_events AS (
         INSERT INTO webhook_events (id, type, user_id, org_id, data, created_at)
         SELECT gen_random_uuid(), '{QUOTA_THRESHOLD_REACHED}', c.user_id, c.org_id,
@@ -78,7 +79,7 @@ QUOTA_ALERT_CTES = f"""
                    'threshold', c.threshold, 'token_limit', c.token_limit, 'tokens_used', c.tokens_used,
                    'period_end', {iso_utc_sql("c.current_period_end")})),
                CAST(:now AS timestamptz)
-        FROM quota_alerted AS a JOIN quota_crossed AS c ON c.threshold = a.threshold
+        FROM quota_alerted AS a JOIN quota_crossed AS c ON c.id = a.subscription_id AND c.threshold = a.threshold
         RETURNING 1
     )
 """  # noqa: S608 (constants of ours; every value is a bound parameter or a column)
