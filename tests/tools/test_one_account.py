@@ -153,7 +153,8 @@ async def test_settles_of_many_accounts_share_one_statement_and_each_account_is_
     tool = await make_tool(engine, "http://127.0.0.1:9/unused")
     callers = [await make_caller(engine, "pro", tokens_used=39_990) for _ in range(24)]  # 80 %: 40,000
     async with engine.connect() as conn:
-        version = (await conn.execute(text("SELECT updated_at FROM tools WHERE id = :t"), {"t": tool})).scalar()
+        found = await conn.execute(text("SELECT updated_at FROM tools WHERE id = :t"), {"t": tool})
+        version = found.scalar()
     store = MeteringStore(engine)
     admissions = []
     for caller in callers:

@@ -489,8 +489,9 @@ _LINK_KEY = text("UPDATE idempotency_keys SET usage_log_id = :log_id WHERE id = 
 # `group_commit.py`) — in one statement: `req` is the batch; `l` locks the calls' pending logs
 # (a log the sweep closed meanwhile is no longer pending, so nothing below happens for it);
 # `charge` adds up what they cost and held, per account; `lk_sub` locks those accounts in id
-# order; `sub` charges each account and releases its reservations; `log` writes each outcome, stamped with the settle time clamped into the period the
-# tokens were charged to (so tokens_used always equals the sum of the current period's logs);
+# order; `sub` charges each account and releases its reservations; `log` writes each outcome,
+# stamped with the settle time clamped into the period the tokens were charged to (so
+# tokens_used always equals the sum of the current period's logs);
 # `idem` stores each answer for replay; `settled` feeds the rollup upserts (`rollups.ROLLUP_CTES`);
 # the quota thresholds the charge crosses are decided and their events written to the outbox
 # (`webhooks/quota_alerts.py`: exactly one settle crosses each threshold, since settles of one

@@ -79,7 +79,8 @@ QUOTA_ALERT_CTES = f"""
                    'threshold', c.threshold, 'token_limit', c.token_limit, 'tokens_used', c.tokens_used,
                    'period_end', {iso_utc_sql("c.current_period_end")})),
                CAST(:now AS timestamptz)
-        FROM quota_alerted AS a JOIN quota_crossed AS c ON c.id = a.subscription_id AND c.threshold = a.threshold
+        FROM quota_alerted AS a
+        JOIN quota_crossed AS c ON c.id = a.subscription_id AND c.threshold = a.threshold
         RETURNING 1
     )
 """  # noqa: S608 (constants of ours; every value is a bound parameter or a column)
