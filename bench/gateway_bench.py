@@ -494,9 +494,6 @@ def main() -> int:
     from sqlalchemy.engine import make_url
 
     db_url = make_url(args.pg_url).set(database=db_name).render_as_string(hide_password=False)
-    asyncio.run(_admin_sql(args.pg_url, f'CREATE DATABASE "{db_name}"'))
-    if args.async_commit:
-        asyncio.run(_admin_sql(args.pg_url, f'ALTER DATABASE "{db_name}" SET synchronous_commit = off'))
     results: dict[str, Any] = {
         "load_generator": tool,
         "cpus": os.cpu_count(),
@@ -509,7 +506,10 @@ def main() -> int:
     hub: subprocess.Popen[bytes] | None = None
     seeded: dict[str, Any] | None = None
     c = args.concurrency
-    try:
+    try:  # from here on, the mock and the database are cleaned up whatever fails
+        asyncio.run(_admin_sql(args.pg_url, f'CREATE DATABASE "{db_name}"'))
+        if args.async_commit:
+            asyncio.run(_admin_sql(args.pg_url, f'ALTER DATABASE "{db_name}" SET synchronous_commit = off'))
         time.sleep(0.5)
         jheaders = [{"Content-Type": "application/json"}]
         measure(tool, upstream_url, jheaders, UPSTREAM_BODY, 1, 2)  # warm-up
