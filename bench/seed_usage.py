@@ -301,7 +301,9 @@ async def table_indexes(conn: asyncpg.Connection, table: str) -> tuple[list[str]
         table,
     ):
         drops.append(f'DROP INDEX "{row["name"]}"')
-        creates.append(row["def"])
+        # an index of a partitioned table reads back as `ON ONLY parent`, which would build it on
+        # the parent alone, invalid and with no partition's index: rebuild it on every partition
+        creates.append(row["def"].replace(" ON ONLY ", " ON ", 1))
     return refs_drop + drops, creates + refs_create
 
 
