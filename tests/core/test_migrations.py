@@ -94,3 +94,26 @@ async def test_the_plans_get_the_contracts_rate_limits(scratch_url: str) -> None
         limits = [tuple(r) for r in rows]
     await eng.dispose()
     assert limits == [("free", 20, 2), ("pro", 300, 10), ("enterprise", None, None)]
+
+
+async def test_0015_adds_and_drops_the_org_rollups_token_and_refusal_columns(scratch_url: str) -> None:
+    added = {"input_tokens", "output_tokens", "rate_limited"}
+
+    async def columns() -> set[str]:
+        eng = create_async_engine(scratch_url)
+        async with eng.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'usage_org_daily'"
+                )
+            )
+            names = {r[0] for r in rows}
+        await eng.dispose()
+        return names
+
+    await migrate_async(scratch_url, "0014")
+    assert not added & await columns()
+    await migrate_async(scratch_url, "0015")
+    assert added <= await columns()
+    await migrate_async(scratch_url, "0014")
+    assert not added & await columns()

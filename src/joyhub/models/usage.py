@@ -195,7 +195,11 @@ class UsageOrgDaily(Base):
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     timeouts: Mapped[int] = mapped_column(BigInteger, default=0)
     cancelled: Mapped[int] = mapped_column(BigInteger, default=0)
+    # refusals by a rate or concurrency limit (API.md §4.1), counted at admission (migration 0015)
+    rate_limited: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # API.md §12
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class UsageRetirement(Base):

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from joyhub.subscriptions.schemas import SubscriptionOut
 from joyhub.usage.dates import UtcDateTime
-from joyhub.usage.schemas import ToolUsage, UsageSummary
+from joyhub.usage.schemas import UsageSummary
 from joyhub.users.schemas import Email, Name, Secret
 
 OrgRole = Literal["owner", "admin", "member"]
@@ -92,11 +92,10 @@ class MemberUsage(BaseModel):
 
 
 class OrgUsageSummary(UsageSummary):
-    """`UsageSummary` (API.md §6) of the organization's calls; `by_member` for admins and owners."""
+    """`UsageSummary` (API.md §6) of the organization's calls, `by_tool` with the prompt and
+    completion tokens and `rate_limited` with the refusals of §4.1 like the personal one;
+    `by_member` for admins and owners."""
 
-    # per tool without the prompt/completion split of §12: the organization's rollup does not
-    # keep it yet
-    by_tool: list[ToolUsage]  # type: ignore[assignment]
     by_member: list[MemberUsage] | None = None
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import ColumnElement, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -23,7 +23,7 @@ from joyhub.orgs.schemas import MemberUsage, OrgUsageSummary
 from joyhub.subscriptions.rollover import ensure_current
 from joyhub.usage import service as usage
 from joyhub.usage.dates import HOUR, Bound, TimeRange, buckets, floor_to, resolve
-from joyhub.usage.schemas import Quota, TimeseriesPoint, ToolUsage, UsageRecord
+from joyhub.usage.schemas import DailyRefusals, Quota, TimeseriesPoint, ToolUsageTokens, UsageRecord
 from joyhub.usage.service import _SETTLED_SQL, MAX_SPAN, UNITS, LogFilter, day_reads, last_days
 
 _IS_SETTLED = UsageLog.status.in_(usage.SETTLED)
@@ -103,15 +103,19 @@ async def history(
     return items, int(total)
 
 
-# by tool and member: whole days from the rollup, the ragged edges from the raw logs
+# by tool and member: whole days from the rollup, the ragged edges from the raw logs (as the
+# personal `_BY_TOOL`); a rollup row with no invocations holds only refusals (`metering._ADMIT`)
+# and is left out, so a tool or member is listed only for calls that were made
 _BY_TOOL_MEMBER = text(
     f"""
     SELECT x.tool_id, t.name, x.user_id, u.email, CAST(sum(x.inv) AS bigint), CAST(sum(x.ok) AS bigint),
            CAST(sum(x.failed) AS bigint), CAST(sum(x.cancelled) AS bigint),
-           CAST(coalesce(sum(x.tok), 0) AS bigint)
+           CAST(coalesce(sum(x.tok), 0) AS bigint), CAST(coalesce(sum(x.tin), 0) AS bigint),
+           CAST(coalesce(sum(x.tout), 0) AS bigint)
     FROM (
         SELECT tool_id, user_id, sum(invocations) AS inv, sum(successes) AS ok,
-               sum(errors + timeouts) AS failed, sum(cancelled) AS cancelled, sum(tokens) AS tok
+               sum(errors + timeouts) AS failed, sum(cancelled) AS cancelled, sum(tokens) AS tok,
+               sum(input_tokens) AS tin, sum(output_tokens) AS tout
         FROM usage_org_daily
         WHERE org_id = :org_id AND (CAST(:member AS uuid) IS NULL OR user_id = CAST(:member AS uuid))
           AND day >= :d0 AND day < :d1
@@ -119,7 +123,8 @@ _BY_TOOL_MEMBER = text(
         UNION ALL
         SELECT tool_id, user_id, count(*), count(*) FILTER (WHERE status = 'success'),
                count(*) FILTER (WHERE status IN ('error', 'timeout')),
-               count(*) FILTER (WHERE status = 'cancelled'), sum(tokens_used)
+               count(*) FILTER (WHERE status = 'cancelled'), sum(tokens_used), sum(input_tokens),
+               sum(output_tokens)
         FROM usage_logs
         WHERE org_id = :org_id AND (CAST(:member AS uuid) IS NULL OR user_id = CAST(:member AS uuid))
           AND status IN ({_SETTLED_SQL})
@@ -129,8 +134,20 @@ _BY_TOOL_MEMBER = text(
     JOIN tools AS t ON t.id = x.tool_id
     JOIN users AS u ON u.id = x.user_id
     GROUP BY x.tool_id, t.name, x.user_id, u.email
+    HAVING sum(x.inv) > 0
     """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
 )
+
+
+@dataclass
+class _Tally:
+    """One tool's (or member's) running sums while the rows are added up."""
+
+    name: str
+    invocations: int = 0
+    tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 async def summary(
@@ -142,32 +159,43 @@ async def summary(
     *,
     by_member: bool,
 ) -> OrgUsageSummary:
+    """The scope's summary with §6's shape (per-tool prompt/completion tokens, refusals per day),
+    so a client reads an organization's usage exactly as its own; `by_member` for admins."""
     period, quota = await _period(session, scope.org_id, now)
     rng = resolve(start, end, period)
     assert rng.start is not None and rng.end is not None
     rows = (await session.execute(_BY_TOOL_MEMBER, day_reads(rng).params() | scope.params())).all()
-    tools: dict[uuid.UUID, list[int | str]] = {}
-    members: dict[uuid.UUID, list[int | str]] = {}
+    tools: dict[uuid.UUID, _Tally] = {}
+    members: dict[uuid.UUID, _Tally] = {}
     totals = [0, 0, 0, 0, 0]  # invocations, successes, failures, cancelled, tokens
-    for tool_id, tool_name, user_id, email, inv, ok, failed, cancelled, tok in rows:
-        t = tools.setdefault(tool_id, [tool_name, 0, 0])
-        t[1] = int(t[1]) + int(inv)
-        t[2] = int(t[2]) + int(tok)
-        mm = members.setdefault(user_id, [email, 0, 0])
-        mm[1] = int(mm[1]) + int(inv)
-        mm[2] = int(mm[2]) + int(tok)
+    for tool_id, tool_name, user_id, email, inv, ok, failed, cancelled, tok, tin, tout in rows:
+        t = tools.setdefault(tool_id, _Tally(str(tool_name)))
+        t.invocations += int(inv)
+        t.tokens += int(tok)
+        t.input_tokens += int(tin)
+        t.output_tokens += int(tout)
+        mm = members.setdefault(user_id, _Tally(str(email)))
+        mm.invocations += int(inv)
+        mm.tokens += int(tok)
         for i, v in enumerate((inv, ok, failed, cancelled, tok)):
             totals[i] += int(v)
     by_tool = sorted(
         (
-            ToolUsage(tool_id=k, tool_name=str(v[0]), invocations=int(v[1]), tokens=int(v[2]))
+            ToolUsageTokens(
+                tool_id=k,
+                tool_name=v.name,
+                invocations=v.invocations,
+                tokens=v.tokens,
+                input_tokens=v.input_tokens,
+                output_tokens=v.output_tokens,
+            )
             for k, v in tools.items()
         ),
         key=lambda t: (-t.invocations, t.tool_name.lower(), str(t.tool_id)),
     )
     member_rows = sorted(
         (
-            MemberUsage(user_id=k, email=str(v[0]), invocations=int(v[1]), tokens=int(v[2]))
+            MemberUsage(user_id=k, email=v.name, invocations=v.invocations, tokens=v.tokens)
             for k, v in members.items()
         ),
         key=lambda m: (-m.tokens, m.email),
@@ -183,8 +211,29 @@ async def summary(
         by_tool=by_tool,
         quota=quota,
         by_member=member_rows if by_member else None,
-        rate_limited=[],
+        rate_limited=await _refusals(session, scope, rng),
     )
+
+
+# refusals leave no usage log: they are read from the rollup only, whole days (as the personal ones)
+_REFUSALS = text(
+    """
+    SELECT day, SUM(rate_limited) AS refusals FROM usage_org_daily
+    WHERE org_id = :org_id AND (CAST(:member AS uuid) IS NULL OR user_id = CAST(:member AS uuid))
+      AND day >= :first AND day <= :last AND rate_limited > 0
+    GROUP BY day ORDER BY day
+    """
+)
+
+
+async def _refusals(session: AsyncSession, scope: Scope, rng: TimeRange) -> list[DailyRefusals]:
+    """The scope's rate-limited refusals per UTC day of the range (counted by day at admission,
+    `metering._ADMIT`: a partial first or last day counts whole, as in the personal summary)."""
+    assert rng.start is not None and rng.end is not None
+    first = rng.start.astimezone(UTC).date()
+    last = (rng.end - timedelta(microseconds=1)).astimezone(UTC).date()
+    rows = await session.execute(_REFUSALS, scope.params() | {"first": first, "last": last})
+    return [DailyRefusals(date=day, refusals=int(n)) for day, n in rows.all()]
 
 
 _SERIES_DAYS = text(

@@ -266,8 +266,10 @@ class Settlement:
 #   longest run that fits — exactly as if they had come one by one;
 # - `adm` reserves the admitted calls' tokens on the account, counts them in flight and advances
 #   the plan's GCRA; `key_rate` and `tool_rate` advance the key's and the tool's;
-# - `limited` / `limited_platform` count the calls refused by a rate or concurrency limit in the
-#   day's rollups (a counter, not a row per refusal);
+# - `limited` / `limited_org` / `limited_platform` count the calls refused by a rate or
+#   concurrency limit in the day's rollups (a counter, not a row per refusal): a personal call's in
+#   the caller's `usage_daily`, an organization call's in the organization's `usage_org_daily`
+#   (by member and tool), every call's in the platform's;
 # - `log` writes each admitted call's pending usage log.
 _ADMIT = text(
     """
@@ -424,19 +426,27 @@ _ADMIT = text(
                  OR room.inflight + LEAST(d.ahead, total.calls) < room.max_concurrent AS concurrency_ok
         FROM decided AS d CROSS JOIN room CROSS JOIN total
     ), refused AS (
-        SELECT room.user_id, room.tool_id, room.plan_code,
+        SELECT room.user_id, room.org_id, room.tool_id, room.plan_code,
                get_byte(uuid_send(room.user_id), 15) % 16 AS shard, count(*) AS calls
         FROM explained AS e CROSS JOIN room
-        WHERE room.gate_ok AND room.version_ok AND room.org_id IS NULL
+        WHERE room.gate_ok AND room.version_ok
           AND NOT (e.plan_rate_ok AND e.key_rate_ok AND e.tool_rate_ok AND e.concurrency_ok)
-        GROUP BY 1, 2, 3, 4
+        GROUP BY 1, 2, 3, 4, 5
     ), limited AS (
         INSERT INTO usage_daily AS d
             (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, tokens, rate_limited)
         SELECT user_id, CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, 0, 0, 0, 0, 0, calls
-        FROM refused
+        FROM refused WHERE org_id IS NULL
         ON CONFLICT (user_id, day, tool_id, plan_code)
             DO UPDATE SET rate_limited = d.rate_limited + EXCLUDED.rate_limited
+    ), limited_org AS (
+        INSERT INTO usage_org_daily AS od
+            (org_id, day, user_id, tool_id, invocations, successes, errors, timeouts, cancelled, tokens,
+             rate_limited)
+        SELECT org_id, CAST(:now AS timestamptz) AT TIME ZONE 'UTC', user_id, tool_id, 0, 0, 0, 0, 0, 0, calls
+        FROM refused WHERE org_id IS NOT NULL
+        ON CONFLICT (org_id, day, user_id, tool_id)
+            DO UPDATE SET rate_limited = od.rate_limited + EXCLUDED.rate_limited
     ), limited_platform AS (
         INSERT INTO usage_platform_daily AS pd
             (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, tokens, rate_limited)

@@ -96,9 +96,11 @@ ROLLUP_CTES = """
         RETURNING 1
     ), org_daily AS (
         INSERT INTO usage_org_daily AS od
-            (org_id, day, user_id, tool_id, invocations, successes, errors, timeouts, cancelled, tokens)
+            (org_id, day, user_id, tool_id, invocations, successes, errors, timeouts, cancelled, tokens,
+             input_tokens, output_tokens)
         SELECT org_id, ts AT TIME ZONE 'UTC', user_id, tool_id, count(*), sum(success), sum(error),
-               sum(timeout), sum(cancelled), sum(tokens)
+               sum(timeout), sum(cancelled), sum(tokens), COALESCE(sum(input_tokens), 0),
+               COALESCE(sum(output_tokens), 0)
         FROM settled WHERE org_id IS NOT NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
         ON CONFLICT (org_id, day, user_id, tool_id) DO UPDATE SET
             invocations = od.invocations + EXCLUDED.invocations,
@@ -106,7 +108,9 @@ ROLLUP_CTES = """
             errors = od.errors + EXCLUDED.errors,
             timeouts = od.timeouts + EXCLUDED.timeouts,
             cancelled = od.cancelled + EXCLUDED.cancelled,
-            tokens = od.tokens + EXCLUDED.tokens
+            tokens = od.tokens + EXCLUDED.tokens,
+            input_tokens = od.input_tokens + EXCLUDED.input_tokens,
+            output_tokens = od.output_tokens + EXCLUDED.output_tokens
         RETURNING 1
     )
 """

@@ -46,8 +46,8 @@ class ToolUsage(BaseModel):
 
 
 class ToolUsageTokens(ToolUsage):
-    """A user's `by_tool` row (API.md §6): with the upstream's reported prompt and completion
-    tokens summed (0 when none were reported, API.md §12)."""
+    """A `by_tool` row of a user's or an organization's summary (API.md §6, §13): with the
+    upstream's reported prompt and completion tokens summed (0 when none were reported, §12)."""
 
     input_tokens: int = Field(description="Sum of the reported prompt tokens (API.md §12)")
     output_tokens: int = Field(description="Sum of the reported completion tokens (API.md §12)")

@@ -1579,7 +1579,9 @@ export type OrgUpdateIn = {
 /**
  * OrgUsageSummary
  *
- * `UsageSummary` (API.md §6) of the organization's calls; `by_member` for admins and owners.
+ * `UsageSummary` (API.md §6) of the organization's calls, `by_tool` with the prompt and
+ * completion tokens and `rate_limited` with the refusals of §4.1 like the personal one;
+ * `by_member` for admins and owners.
  */
 export type OrgUsageSummary = {
     /**
@@ -1613,7 +1615,7 @@ export type OrgUsageSummary = {
     /**
      * By Tool
      */
-    by_tool: Array<ToolUsage>;
+    by_tool: Array<ToolUsageTokens>;
     quota: Quota | null;
     /**
      * Rate Limited
@@ -2357,8 +2359,8 @@ export type ToolUsage = {
 /**
  * ToolUsageTokens
  *
- * A user's `by_tool` row (API.md §6): with the upstream's reported prompt and completion
- * tokens summed (0 when none were reported, API.md §12).
+ * A `by_tool` row of a user's or an organization's summary (API.md §6, §13): with the
+ * upstream's reported prompt and completion tokens summed (0 when none were reported, §12).
  */
 export type ToolUsageTokens = {
     /**
