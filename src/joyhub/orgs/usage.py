@@ -127,7 +127,7 @@ _BY_TOOL_MEMBER = text(
                sum(output_tokens)
         FROM usage_logs
         WHERE org_id = :org_id AND (CAST(:member AS uuid) IS NULL OR user_id = CAST(:member AS uuid))
-          AND status IN ({_SETTLED_SQL})
+          AND status IN ({_SETTLED_SQL}) AND started_at >= :s_lo AND started_at < :s_hi
           AND (("timestamp" >= :r1a AND "timestamp" < :r1b) OR ("timestamp" >= :r2a AND "timestamp" < :r2b))
         GROUP BY tool_id, user_id
     ) AS x
@@ -252,7 +252,7 @@ _SERIES_RAW = text(
            coalesce(sum(tokens_used), 0)
     FROM usage_logs
     WHERE org_id = :org_id AND (CAST(:member AS uuid) IS NULL OR user_id = CAST(:member AS uuid))
-      AND status IN ({_SETTLED_SQL})
+      AND status IN ({_SETTLED_SQL}) AND started_at >= :s_lo AND started_at < :s_hi
       AND (("timestamp" >= :r1a AND "timestamp" < :r1b) OR ("timestamp" >= :r2a AND "timestamp" < :r2b))
     GROUP BY 1
     """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
