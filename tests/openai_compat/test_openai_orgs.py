@@ -13,10 +13,10 @@ from openai import AsyncOpenAI, OpenAI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from joyhub.core.clock import utcnow
-from tests.factories import make_subscription
+from tests.factories import Account, make_subscription
 from tests.live_hub import LiveHubFactory
 from tests.openai_compat.openai_upstream import OpenAIUpstream
-from tests.orgs.helpers import make_org, org_ledger
+from tests.orgs.helpers import Org, make_org, org_ledger
 from tests.tools.helpers import make_tool, sub_state
 from tests.usage.factories import make_api_key
 
@@ -25,16 +25,23 @@ pytestmark = pytest.mark.integration
 HI = [{"role": "user", "content": "hi there"}]
 
 
-async def test_x_org_id_bills_the_organization_on_the_openai_surface(
-    engine: AsyncEngine, live_hub: LiveHubFactory, oai_upstream: OpenAIUpstream
-) -> None:
-    hub = await live_hub()
+async def _org_member_calling(
+    engine: AsyncEngine, oai_upstream: OpenAIUpstream
+) -> tuple[str, Org, Account, str]:
+    """An OpenAI-protocol model, an organization with one member, and that member's API key."""
     model = f"llm-{uuid.uuid4().hex[:6]}"
     await make_tool(engine, oai_upstream.base("ok"), name=model, protocol="openai", upstream_model="up")
     org = await make_org(engine, admins=0, members=1)
     member = org.of("member")
+    return model, org, member, await make_api_key(engine, member.user_id)
+
+
+async def test_x_org_id_bills_the_organization_on_the_openai_surface(
+    engine: AsyncEngine, live_hub: LiveHubFactory, oai_upstream: OpenAIUpstream
+) -> None:
+    hub = await live_hub()
+    model, org, member, key = await _org_member_calling(engine, oai_upstream)
     await make_subscription(engine, member.user_id, "pro")
-    key = await make_api_key(engine, member.user_id)
 
     def call(org_id: uuid.UUID) -> Any:
         client = OpenAI(
@@ -59,11 +66,7 @@ async def test_org_summary_shows_the_reported_prompt_and_completion_tokens_per_t
     engine: AsyncEngine, live_hub: LiveHubFactory, oai_upstream: OpenAIUpstream
 ) -> None:
     hub = await live_hub()
-    model = f"llm-{uuid.uuid4().hex[:6]}"
-    await make_tool(engine, oai_upstream.base("ok"), name=model, protocol="openai", upstream_model="up")
-    org = await make_org(engine, admins=0, members=1)
-    member = org.of("member")
-    key = await make_api_key(engine, member.user_id)
+    model, org, member, key = await _org_member_calling(engine, oai_upstream)
     client = AsyncOpenAI(
         base_url=f"{hub.url}/api/v1/openai",
         api_key=key,
