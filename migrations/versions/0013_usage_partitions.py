@@ -18,7 +18,7 @@ This is a self-contained copy of the naming rule in `joyhub.usage.partitions` (a
 not change when the application code does).
 
 Revision ID: 0013
-Revises: 0011
+Revises: 0012
 Create Date: 2026-12-06 21:30:00+00:00
 """
 
