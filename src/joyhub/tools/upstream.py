@@ -475,6 +475,11 @@ class UpstreamStream:
             await self._queue.put(StreamEnd())
         except httpx.DecodingError:
             await self._queue.put(StreamBroken("The tool's stream could not be decoded"))
+        except httpx.ReadTimeout:
+            # silent past the tool's timeout: that is the relay's to call, by its own idle timer
+            # counted from the last chunk it relayed (TOOL_TIMEOUT). The socket's timer, counted
+            # from the last read, can fire a moment earlier under load — not a broken stream.
+            return
         except httpx.TransportError:
             await self._queue.put(StreamBroken("The tool dropped the connection mid-stream"))
         except Exception:  # whatever the stream held, the relay must hear that it broke
