@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -27,7 +28,11 @@ class Body(BaseModel):
     count: int
 
 
+@functools.cache
 def _test_router() -> APIRouter:
+    """One router for every test's app: the access log's path templates are computed once per
+    route table (`middleware._templates_of`), so a fresh router per test would cost each test a
+    regenerated OpenAPI schema."""
     router = APIRouter(prefix="/_test")
 
     @router.post("/echo", response_model=Envelope[dict[str, Any]])
