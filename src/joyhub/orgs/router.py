@@ -40,7 +40,7 @@ from joyhub.subscriptions import service as subscriptions
 from joyhub.subscriptions.schemas import SubscribeIn, SubscriptionOut
 from joyhub.usage import service as usage_service
 from joyhub.usage.dates import RangeParams
-from joyhub.usage.router import LeasedStreamingResponse, StatusParam, ToolIdParam
+from joyhub.usage.router import StatusParam, ToolIdParam, csv_export
 from joyhub.usage.schemas import Granularity, TimeseriesPoint, UsageRecord
 from joyhub.users import service as users
 from joyhub.users.schemas import ApiKeyCreatedOut, ApiKeyCreateIn, ApiKeyOut
@@ -458,14 +458,5 @@ async def usage_export(
     body = org_usage.export(
         request.app.state.sessionmaker, _scope(m, user_id), rng, usage_service.LogFilter(tool_id, status)
     )
-    return LeasedStreamingResponse(
-        body,
-        leases=leases,
-        lease=lease,
-        media_type="text/csv; charset=utf-8",
-        headers={
-            "Content-Disposition": f'attachment; filename="org-{usage_service.export_filename(rng, now)}"',
-            "Cache-Control": "no-store",
-            "X-Content-Type-Options": "nosniff",
-        },
-    )
+    filename = f"org-{usage_service.export_filename(rng, now)}"
+    return csv_export(body, leases=leases, lease=lease, filename=filename)

@@ -56,6 +56,26 @@ class LeasedStreamingResponse(StreamingResponse):
                     await close()  # ends the batch loop (a no-op when it finished)
 
 
+def csv_export(
+    body: Any, *, leases: Leases, lease: Lease, filename: str, notice: str | None = None
+) -> LeasedStreamingResponse:
+    """A usage export as a CSV attachment holding its export slot; one shape for the personal and
+    the organization export. `notice`: the range reaches into months whose raw records were
+    retired (issue 18)."""
+    return LeasedStreamingResponse(
+        body,
+        leases=leases,
+        lease=lease,
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            **({"Joyhub-Notice": notice} if notice else {}),
+        },
+    )
+
+
 ToolIdParam = Annotated[uuid.UUID | None, Query(description="Only this tool's records")]
 StatusParam = Annotated[UsageStatus | None, Query(description="Only records with this outcome")]
 
@@ -154,16 +174,4 @@ async def usage_export(
     lease = await service.start_export(leases, principal.id, now)
     # the batches open sessions of their own, on the replica when the rules allow it
     body = service.export_csv(reads.factory, principal.id, rng, service.LogFilter(tool_id, status))
-    return LeasedStreamingResponse(
-        body,
-        leases=leases,
-        lease=lease,
-        media_type="text/csv; charset=utf-8",
-        headers={
-            "Content-Disposition": f'attachment; filename="{filename}"',
-            "Cache-Control": "no-store",
-            "X-Content-Type-Options": "nosniff",
-            # the range reaches into months whose raw records were retired (issue 18)
-            **({"Joyhub-Notice": notice} if notice else {}),
-        },
-    )
+    return csv_export(body, leases=leases, lease=lease, filename=filename, notice=notice)
