@@ -404,6 +404,23 @@ async def _configure_limits(db_url: str, limits: str, tool_id: str) -> None:
         await _db_sql(db_url, f"UPDATE tools SET requests_per_minute = 100000000 WHERE id = '{tool_id}'")
 
 
+# The partitioned (empty) usage_logs swapped for a plain table with the same columns, keys and
+# indexes. The hub's sweep then fails to add monthly partitions (it logs that and goes on).
+_UNPARTITION = [
+    "ALTER TABLE usage_logs RENAME TO usage_logs_parted",
+    "CREATE TABLE usage_logs (LIKE usage_logs_parted INCLUDING ALL)",
+    "DROP TABLE usage_logs_parted",
+    "ALTER TABLE usage_logs ADD FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE",
+    "ALTER TABLE usage_logs ADD FOREIGN KEY (tool_id) REFERENCES tools (id)",
+    "ALTER TABLE usage_logs ADD FOREIGN KEY (subscription_id) REFERENCES subscriptions (id) ON DELETE SET NULL",
+]
+
+
+async def _unpartition(db_url: str) -> None:
+    for sql in _UNPARTITION:
+        await _db_sql(db_url, sql)
+
+
 async def _db_sql(db_url: str, sql: str) -> None:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -458,6 +475,12 @@ def main() -> int:
         "plan, or on the plan and the tool (a tool limit is one row every caller's admission locks)",
     )
     parser.add_argument(
+        "--unpartitioned",
+        action="store_true",
+        help="turn usage_logs into a plain table before measuring: the same code on an unpartitioned "
+        "table, for the cost of partitioning (issue 18) in one run",
+    )
+    parser.add_argument(
         "--extra-one-caller-c", type=int, default=0, help="also run one caller at this concurrency (e.g. 256)"
     )
     parser.add_argument(
@@ -502,6 +525,7 @@ def main() -> int:
         "concurrency": args.concurrency,
         "loadavg_at_start": os.getloadavg(),
         "synchronous_commit": "off" if args.async_commit else "on",
+        "usage_logs": "plain table" if args.unpartitioned else "partitioned",
     }
     hub: subprocess.Popen[bytes] | None = None
     seeded: dict[str, Any] | None = None
@@ -522,6 +546,8 @@ def main() -> int:
             if seeded is None:
                 seeded = asyncio.run(_seed(db_url, upstream_url, args.users))
                 asyncio.run(_configure_limits(db_url, args.limits, seeded["tool_id"]))
+                if args.unpartitioned:
+                    asyncio.run(_unpartition(db_url))
             url = f"http://127.0.0.1:{port}/api/v1/tools/{seeded['tool_id']}/invoke"
             every = [
                 {"Content-Type": "application/json", "Authorization": f"Bearer {t}"} for t in seeded["tokens"]
