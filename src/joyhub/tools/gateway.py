@@ -206,8 +206,8 @@ class Gateway:
         return await call.run()
 
     async def admit_batched(self, req: AdmitRequest) -> AdmitResult:
-        """Admit a call without an Idempotency-Key, group-committed with the same caller's calls
-        to the same tool that arrive meanwhile (`group_commit.py`)."""
+        """Admit a call without an Idempotency-Key, group-committed with the calls to the same
+        tool that arrive meanwhile, whoever makes them (`group_commit.py`)."""
         return await self.admissions.submit(req.batch_key, req)
 
     async def roll_over(self, subscription_id: uuid.UUID, now: datetime) -> None:

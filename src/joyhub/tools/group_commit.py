@@ -1,13 +1,14 @@
-"""Group commit, per process: the writes of one account that arrive while a write of that account
-is under way go to PostgreSQL together, as one statement (issue 15).
+"""Group commit, per process: the writes that arrive while a write is under way go to PostgreSQL
+together, as one statement (issue 15).
 
 Every admission and every settle of a subscription updates its one row, and each is a commit that
 holds the row's lock until the WAL is flushed: one account's calls queue on that lock, so its
-throughput is bounded by commit latency however many cores the hub has. Here, calls of one key
-(the same caller and tool for admissions; for settles, a line of the process shared by every
-account, `MeteringStore.settle`) that find a write of that key in progress wait for it and then
-go in the next write, together — one statement and one WAL flush for all of them — each with its
-own usage log, outcome and answer.
+throughput is bounded by commit latency however many cores the hub has; and every statement
+costs PostgreSQL the start of a large plan, so separate callers' calls pay it once each. Here,
+calls of one key (for admissions, a tool and a line of the process, `AdmitRequest.batch_key`; for
+settles, a line of the process, `MeteringStore.settle`) — whichever accounts they bill — that find
+a write of that key in progress wait for it and then go in the next write, together: one
+statement and one WAL flush for all of them, each with its own usage log, outcome and answer.
 
 No call waits for company: the first of a key is written at once. A batch forms only from calls
 that would otherwise have queued on the row lock, so latency at low concurrency is unchanged and

@@ -49,7 +49,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from joyhub.auth.credentials import API_KEY_TOUCH_INTERVAL, CREDENTIAL_USERS, Credential
+from joyhub.auth.credentials import API_KEY_TOUCH_INTERVAL, Credential, credential_users
 from joyhub.core.clock import iso_utc
 from joyhub.core.config import Settings
 from joyhub.core.db import connect_retried
@@ -68,6 +68,7 @@ STALE_SLACK_SECONDS = 60
 ABANDONED = "ABANDONED"  # the error code of a call the sweep closed
 SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0)
 SETTLE_LINES = 2  # settle statements a process keeps under way at once (`MeteringStore.settle`)
+ADMIT_LINES = 2  # admission statements a process keeps under way at once per tool (`AdmitRequest.batch_key`)
 # serialization failure and deadlock: the statement lost a race and may simply be run again
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
@@ -205,9 +206,16 @@ class AdmitRequest:
     log_id: uuid.UUID
 
     @property
-    def batch_key(self) -> tuple[Credential, uuid.UUID, datetime | None]:
-        """Calls that may be admitted by one statement: one caller, one tool, one version."""
-        return (self.credential, self.tool_id, self.tool_version)
+    def batch_key(self) -> tuple[uuid.UUID, datetime | None, int]:
+        """Calls that may be admitted by one statement: one tool, one version, whoever calls —
+        on one of `ADMIT_LINES` lines, by caller (by organization for `X-Org-ID`), so that the
+        calls of one caller or one organization share a line, and a batch waiting on one hot
+        account's row lock does not hold up every other caller."""
+        return (
+            self.tool_id,
+            self.tool_version,
+            hash(self.credential.org_id or self.credential) % ADMIT_LINES,
+        )
 
 
 @dataclass(frozen=True)
@@ -239,33 +247,40 @@ class Settlement:
 # ---------------------------------------------------------------------------------------------
 
 # The authentication, the read, the limits and the admission of one call — or of a batch of
-# calls of one caller to one tool (group commit, `group_commit.py`) — in one statement:
-# - `req` is the batch, in arrival order: each call's usage log id, reservation, request id and
-#   whether its Python checks passed (`go`: input valid for this tool version, circuit closed);
-# - `who` is the one credential rule (`auth/credentials.py`);
-# - `lk_key`, `account` and `lk_tool` lock what the calls may change, in that order (each waits
-#   for the one before through its sub-select, so every admission locks key → account → tool and
-#   two admissions cannot deadlock; the tool, shared by every caller, is held for the shortest
-#   time): the caller's API key when it has its own rate limit, the subscription the caller bills
-#   (today: their own), and the tool when it has a limit. Locked rows are
-#   read as they are *now*, after any concurrent admission that held them, so every check sees
-#   exact numbers — the quota, the calls running and each limit's GCRA state;
+# calls to one tool, of any number of callers (group commit, `group_commit.py`) — in one statement:
+# - `req` is the batch, in arrival order: each call's usage log id, reservation, request id,
+#   whether its Python checks passed (`go`: input valid for this tool version, circuit closed),
+#   and its caller `g`, an index into `grp`, the batch's distinct credentials;
+# - `who` is the one credential rule (`auth/credentials.py`), applied to each credential;
+# - `lk_key`, `account`, `lk_member` and `lk_tool` lock what the calls may change, each kind in id
+#   order and the kinds in that order (each waits for the one before through its sub-select, so
+#   every admission locks keys → accounts → members → tool and two admissions cannot deadlock;
+#   the tool, shared by every caller, is held for the shortest time): the callers' API keys that
+#   have their own rate limit, the subscriptions they bill (their own, or their organization's),
+#   their rows as organization members, and the tool when it has a limit. Locked rows are read as
+#   they are *now*, after any concurrent admission that held them, so every check sees exact
+#   numbers — the quota, the calls running, each member's tokens and each limit's GCRA state;
 # - `touch` records an unlimited API key's use at most once a minute, best effort: SKIP LOCKED, so
 #   it never waits (a limited key is stamped by `key_rate`: one statement must not update a row
 #   twice);
-# - `ctx` reads the tool, the account and its plan, the tool's minimum plan and any live
-#   idempotency record (and the tool's input schema when the caller validated against another
-#   version, `tool_versions.py`);
-# - `room` is what the account and each limit have room for now: calls under each per-minute
+# - `tool` reads the tool and its minimum plan; `ctx` reads, per caller, the account and its plan,
+#   the member, the key and any live idempotency record (and the tool's input schema when the
+#   caller validated against another version, `tool_versions.py`);
+# - `room` is what each caller's account and limits have room for now: calls under each per-minute
 #   limit (GCRA: a limit of L admits a call when max(tat, now) + 60/L s is at most 60 s ahead of
 #   now, and moves tat there — a burst of L at once, then one every 60/L s, evenly; with a
 #   tolerance of half an interval, at most 0.1 s, so that calls whose `now`s reach the lock out of
 #   order, and microsecond rounding, never cost a burst its last call), calls running, and tokens;
-# - `ranked` lines the batch up: a call is admitted when every check passes for it with the
-#   calls eligible before it counted (`ahead`, `ahead_tokens`), so the admitted calls are the
-#   longest run that fits — exactly as if they had come one by one;
-# - `adm` reserves the admitted calls' tokens on the account, counts them in flight and advances
-#   the plan's GCRA; `key_rate` and `tool_rate` advance the key's and the tool's;
+# - `by_key` … `decided` line the batch up, finest level first: a call passes a level when that
+#   level's checks pass with the calls ahead of it that passed the finer levels counted (per key:
+#   its rate; per member: their tokens; per account: the plan's rate, the calls running, the
+#   tokens; then the tool's rate over every call). A key belongs to one member and one account, a
+#   member to one account, so at every level the calls that pass are the longest run that fits —
+#   the admitted calls are exactly those that would have been admitted had they come one by one;
+# - `judged` says, for every call, each check as it stood with only the calls *admitted* ahead of
+#   it counted, so a refusal says what it would have said had the calls come one by one;
+# - `adm` reserves the admitted calls' tokens on each account, counts them in flight and advances
+#   the plan's GCRA; `member_adm`, `key_rate` and `tool_rate` do the members', keys' and tool's;
 # - `limited` / `limited_org` / `limited_platform` count the calls refused by a rate or
 #   concurrency limit in the day's rollups (a counter, not a row per refusal): a personal call's in
 #   the caller's `usage_daily`, an organization call's in the organization's `usage_org_daily`
@@ -274,33 +289,44 @@ class Settlement:
 _ADMIT = text(
     """
     WITH req AS (
-        SELECT r.n, r.log_id, r.reserve, r.request_id, r.go, r.started_at
-        FROM unnest(CAST(:log_ids AS uuid[]), CAST(:reserves AS bigint[]),
+        SELECT r.n, r.g, r.log_id, r.reserve, r.request_id, r.go, r.started_at
+        FROM unnest(CAST(:log_ids AS uuid[]), CAST(:callers AS integer[]), CAST(:reserves AS bigint[]),
                     CAST(:request_ids AS varchar[]), CAST(:gos AS boolean[]),
                     CAST(:started_ats AS timestamptz[]))
-             WITH ORDINALITY AS r(log_id, reserve, request_id, go, started_at, n)
-    ), who AS ("""  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
-    + CREDENTIAL_USERS
-    + """
+             WITH ORDINALITY AS r(log_id, g, reserve, request_id, go, started_at, n)
+    ), grp AS (
+        SELECT c.g, c.session_id, c.user_id, c.key_digest, c.org_id
+        FROM unnest(CAST(:cred_session_ids AS uuid[]), CAST(:cred_user_ids AS uuid[]),
+                    CAST(:cred_key_digests AS bytea[]), CAST(:cred_org_ids AS uuid[]))
+             WITH ORDINALITY AS c(session_id, user_id, key_digest, org_id, g)
+    ), who AS (
+        SELECT grp.g, w.user_id, w.api_key_id, w.org_id
+        FROM grp CROSS JOIN LATERAL ("""  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
+    + credential_users("grp.session_id", "grp.user_id", "grp.key_digest", "grp.org_id")
+    + """) AS w
     ), lk_key AS (
         SELECT k.id, k.requests_per_minute AS rpm, k.rate_tat
-        FROM api_keys AS k JOIN who ON who.api_key_id = k.id
-        WHERE k.requests_per_minute IS NOT NULL
+        FROM api_keys AS k
+        WHERE k.id IN (SELECT who.api_key_id FROM who) AND k.requests_per_minute IS NOT NULL
+        ORDER BY k.id
         FOR NO KEY UPDATE OF k
     ), member AS (
-        SELECT m.org_id, m.user_id
-        FROM organization_members AS m JOIN who ON m.user_id = who.user_id AND m.org_id = who.org_id
+        SELECT who.g, m.org_id, m.user_id
+        FROM who JOIN organization_members AS m ON m.user_id = who.user_id AND m.org_id = who.org_id
         JOIN organizations AS o ON o.id = m.org_id AND o.deleted_at IS NULL
     ), account AS (
         SELECT s.* FROM subscriptions AS s
-        WHERE (s.user_id = (SELECT who.user_id FROM who WHERE who.org_id IS NULL)
-               OR s.org_id = (SELECT member.org_id FROM member))
+        WHERE (s.user_id IN (SELECT who.user_id FROM who WHERE who.org_id IS NULL)
+               OR s.org_id IN (SELECT member.org_id FROM member))
           AND (SELECT count(*) FROM lk_key) >= 0
+        ORDER BY s.id
         FOR NO KEY UPDATE OF s
     ), lk_member AS (
-        SELECT m.token_limit, m.tokens_used, m.tokens_reserved, m.period_end
-        FROM organization_members AS m JOIN member ON m.org_id = member.org_id AND m.user_id = member.user_id
-        WHERE (SELECT count(*) FROM account) >= 0
+        SELECT m.org_id, m.user_id, m.token_limit, m.tokens_used, m.tokens_reserved, m.period_end
+        FROM organization_members AS m
+        WHERE (m.org_id, m.user_id) IN (SELECT member.org_id, member.user_id FROM member)
+          AND (SELECT count(*) FROM account) >= 0
+        ORDER BY m.org_id, m.user_id
         FOR NO KEY UPDATE OF m
     ), lk_tool AS (
         SELECT t.id, t.requests_per_minute AS rpm, t.rate_tat
@@ -310,39 +336,46 @@ _ADMIT = text(
         FOR NO KEY UPDATE OF t
     ), touch AS (
         UPDATE api_keys AS k SET last_used_at = :now
-        WHERE k.id = (
-            SELECT tk.id FROM api_keys AS tk JOIN who ON who.api_key_id = tk.id
-            WHERE (tk.last_used_at IS NULL OR tk.last_used_at < :touch_before)
+        WHERE k.id IN (
+            SELECT tk.id FROM api_keys AS tk
+            WHERE tk.id IN (SELECT who.api_key_id FROM who)
+              AND (tk.last_used_at IS NULL OR tk.last_used_at < :touch_before)
               AND tk.requests_per_minute IS NULL
+            ORDER BY tk.id
             FOR NO KEY UPDATE OF tk SKIP LOCKED)
-    ), ctx AS (
-        SELECT who.user_id, who.org_id AS asked_org_id, member.org_id, lm.token_limit AS member_limit,
-               CASE WHEN lm.period_end = s.current_period_end THEN lm.tokens_used ELSE 0 END AS member_used,
-               lm.tokens_reserved AS member_reserved,
-               t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
+    ), tool AS (
+        SELECT t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
                t.auth_header_name, t.auth_header_value, t.updated_at AS tool_updated_at, t.streaming,
                t.protocol, t.upstream_model, t.name AS tool_name,
                t.updated_at IS DISTINCT FROM :tool_version AS tool_changed,
                CASE WHEN t.updated_at IS DISTINCT FROM :tool_version THEN t.input_schema::text END
                    AS schema_text,
-               mp.rank AS min_rank,
+               mp.rank AS min_rank, lk_tool.rpm AS tool_rpm, lk_tool.rate_tat AS tool_tat
+        FROM (SELECT 1) AS one
+        LEFT JOIN tools AS t ON t.id = :tool_id AND t.deleted_at IS NULL AND t.is_active
+        LEFT JOIN plans AS mp ON mp.code = t.min_plan_code
+        LEFT JOIN lk_tool ON true
+    ), ctx AS (
+        SELECT grp.g, who.user_id, who.api_key_id, who.org_id AS asked_org_id, member.org_id,
+               lm.token_limit AS member_limit,
+               CASE WHEN lm.period_end = s.current_period_end THEN lm.tokens_used ELSE 0 END AS member_used,
+               lm.tokens_reserved AS member_reserved,
+               tool.*,
                s.id AS sub_id, s.status AS sub_status, s.plan_code, s.tokens_used, s.tokens_reserved,
                s.current_period_end, s.expires_at, s.inflight, s.rate_tat AS plan_tat,
                p.token_limit, p.rank AS plan_rank, p.requests_per_minute AS plan_rpm, p.max_concurrent,
                lk_key.rpm AS key_rpm, lk_key.rate_tat AS key_tat,
-               lk_tool.rpm AS tool_rpm, lk_tool.rate_tat AS tool_tat,
                kk.state AS idem_state, kk.request_hash AS idem_hash,
                kk.response_status AS idem_status, kk.response_body::text AS idem_body
-        FROM (SELECT 1) AS one
-        LEFT JOIN who ON true
-        LEFT JOIN member ON true
-        LEFT JOIN lk_member AS lm ON true
-        LEFT JOIN tools AS t ON t.id = :tool_id AND t.deleted_at IS NULL AND t.is_active
-        LEFT JOIN plans AS mp ON mp.code = t.min_plan_code
-        LEFT JOIN account AS s ON true
+        FROM grp
+        CROSS JOIN tool
+        LEFT JOIN who ON who.g = grp.g
+        LEFT JOIN member ON member.g = grp.g
+        LEFT JOIN lk_member AS lm ON lm.org_id = member.org_id AND lm.user_id = member.user_id
+        LEFT JOIN account AS s
+               ON CASE WHEN who.org_id IS NULL THEN s.user_id = who.user_id ELSE s.org_id = member.org_id END
         LEFT JOIN plans AS p ON p.code = s.plan_code
-        LEFT JOIN lk_key ON true
-        LEFT JOIN lk_tool ON true
+        LEFT JOIN lk_key ON lk_key.id = who.api_key_id
         LEFT JOIN idempotency_keys AS kk
                ON kk.user_id = who.user_id AND kk.key = :idempotency_key AND kk.expires_at > :now
     ), room AS (
@@ -350,8 +383,8 @@ _ADMIT = text(
                ctx.user_id IS NOT NULL AND ctx.tool_id IS NOT NULL AND ctx.idem_state IS NULL
                  AND ctx.sub_status = 'active' AND ctx.current_period_end > :now
                  AND (ctx.expires_at IS NULL OR ctx.expires_at > :now)
-                 AND (ctx.min_rank IS NULL OR ctx.plan_rank >= ctx.min_rank) AS gate_ok,
-               ctx.tool_updated_at = :tool_version AS version_ok,
+                 AND (ctx.min_rank IS NULL OR ctx.plan_rank >= ctx.min_rank)
+                 AND ctx.tool_updated_at = :tool_version AS passes_gate,
                floor((60 + LEAST(30.0 / ctx.plan_rpm, 0.1)
                       - EXTRACT(EPOCH FROM GREATEST(ctx.plan_tat, :now) - :now)) * ctx.plan_rpm / 60)
                    AS plan_room,
@@ -364,73 +397,99 @@ _ADMIT = text(
                ctx.token_limit - ctx.tokens_used - ctx.tokens_reserved AS token_room,
                ctx.member_limit - ctx.member_used - ctx.member_reserved AS member_room
         FROM ctx
-    ), ranked AS (
-        SELECT req.n, req.log_id, req.reserve, req.request_id, req.started_at,
-               room.gate_ok AND room.version_ok AND req.go AS eligible,
-               COALESCE(count(*) FILTER (WHERE room.gate_ok AND room.version_ok AND req.go) OVER w, 0)
-                   AS ahead,
-               COALESCE(sum(req.reserve) FILTER (WHERE room.gate_ok AND room.version_ok AND req.go) OVER w, 0)
-                   AS ahead_tokens
-        FROM req CROSS JOIN room
-        WINDOW w AS (ORDER BY req.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+    ), calls AS (
+        SELECT req.n, req.g, req.log_id, req.reserve, req.request_id, req.started_at,
+               COALESCE(room.passes_gate AND req.go, false) AS eligible,
+               room.user_id, room.org_id, room.api_key_id, room.sub_id, room.plan_code, room.plan_rpm,
+               room.key_room, room.member_room, room.plan_room, room.max_concurrent, room.inflight,
+               room.token_room, room.tool_room
+        FROM req JOIN room ON room.g = req.g
+    ), by_key AS (
+        SELECT c.*,
+               c.eligible AND (c.key_room IS NULL OR count(*) FILTER (WHERE c.eligible) OVER (
+                   PARTITION BY c.api_key_id ORDER BY c.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                   < c.key_room) AS key_ok
+        FROM calls AS c
+    ), by_member AS (
+        SELECT c.*,
+               c.key_ok AND (c.member_room IS NULL OR COALESCE(sum(c.reserve) FILTER (WHERE c.key_ok) OVER (
+                   PARTITION BY c.org_id, c.user_id ORDER BY c.n
+                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) < c.member_room) AS member_ok
+        FROM by_key AS c
+    ), by_account AS (
+        SELECT c.*,
+               c.member_ok
+                 AND (c.plan_room IS NULL OR count(*) FILTER (WHERE c.member_ok) OVER w < c.plan_room)
+                 AND (c.max_concurrent IS NULL
+                      OR c.inflight + count(*) FILTER (WHERE c.member_ok) OVER w < c.max_concurrent)
+                 AND COALESCE(sum(c.reserve) FILTER (WHERE c.member_ok) OVER w, 0) < c.token_room
+                   AS account_ok
+        FROM by_member AS c
+        WINDOW w AS (PARTITION BY c.sub_id ORDER BY c.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
     ), decided AS (
-        SELECT ranked.*,
-               room.plan_room IS NULL OR ranked.ahead < room.plan_room AS plan_rate_ok,
-               room.key_room IS NULL OR ranked.ahead < room.key_room AS key_rate_ok,
-               room.tool_room IS NULL OR ranked.ahead < room.tool_room AS tool_rate_ok,
-               room.max_concurrent IS NULL OR room.inflight + ranked.ahead < room.max_concurrent
-                   AS concurrency_ok,
-               ranked.ahead_tokens < room.token_room AS tokens_ok,
-               room.member_room IS NULL OR ranked.ahead_tokens < room.member_room AS member_ok
-        FROM ranked CROSS JOIN room
-    ), admitted AS (
-        SELECT * FROM decided
-        WHERE eligible AND plan_rate_ok AND key_rate_ok AND tool_rate_ok AND concurrency_ok AND tokens_ok
-          AND member_ok
-    ), total AS (
-        SELECT count(*) AS calls, COALESCE(sum(reserve), 0) AS reserve FROM admitted
+        SELECT c.*,
+               COALESCE(c.account_ok AND (c.tool_room IS NULL OR count(*) FILTER (WHERE c.account_ok) OVER (
+                   ORDER BY c.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) < c.tool_room), false)
+                   AS admitted
+        FROM by_account AS c
+    ), judged AS (
+        -- each call judged against what was admitted ahead of it (per key, member, account, tool)
+        SELECT c.n, c.g, c.log_id, c.ahead, c.key_ahead, c.tool_ahead, c.ahead_tokens, c.member_ahead_tokens,
+               c.plan_room IS NULL OR c.ahead < c.plan_room AS plan_rate_ok,
+               c.key_room IS NULL OR c.key_ahead < c.key_room AS key_rate_ok,
+               c.tool_room IS NULL OR c.tool_ahead < c.tool_room AS tool_rate_ok,
+               c.max_concurrent IS NULL OR c.inflight + c.ahead < c.max_concurrent AS concurrency_ok
+        FROM (
+            SELECT d.*,
+                   count(*) FILTER (WHERE d.admitted) OVER w AS ahead,
+                   COALESCE(sum(d.reserve) FILTER (WHERE d.admitted) OVER w, 0) AS ahead_tokens,
+                   count(*) FILTER (WHERE d.admitted) OVER (
+                       PARTITION BY d.api_key_id ORDER BY d.n
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS key_ahead,
+                   COALESCE(sum(d.reserve) FILTER (WHERE d.admitted) OVER (
+                       PARTITION BY d.org_id, d.user_id ORDER BY d.n
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS member_ahead_tokens,
+                   count(*) FILTER (WHERE d.admitted) OVER (
+                       ORDER BY d.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS tool_ahead
+            FROM decided AS d
+            WINDOW w AS (PARTITION BY d.sub_id ORDER BY d.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+        ) AS c
     ), adm AS (
         UPDATE subscriptions AS s
-        SET tokens_reserved = s.tokens_reserved + total.reserve, inflight = s.inflight + total.calls,
-            rate_tat = CASE WHEN room.plan_rpm IS NULL THEN s.rate_tat
+        SET tokens_reserved = s.tokens_reserved + a.reserve, inflight = s.inflight + a.calls,
+            rate_tat = CASE WHEN a.plan_rpm IS NULL THEN s.rate_tat
                             ELSE GREATEST(s.rate_tat, :now)
-                                 + make_interval(secs => total.calls * 60.0 / room.plan_rpm) END
-        FROM room, total
-        WHERE s.id = room.sub_id AND total.calls > 0
+                                 + make_interval(secs => a.calls * 60.0 / a.plan_rpm) END
+        FROM (SELECT sub_id, max(plan_rpm) AS plan_rpm, count(*) AS calls, sum(reserve) AS reserve
+              FROM decided WHERE admitted GROUP BY sub_id) AS a
+        WHERE s.id = a.sub_id
         RETURNING s.id, s.plan_code
     ), member_adm AS (
-        -- the member's share of the organization's reservation, under the locks taken above
-        UPDATE organization_members AS m SET tokens_reserved = m.tokens_reserved + total.reserve
-        FROM room, total
-        WHERE m.org_id = room.org_id AND m.user_id = room.user_id AND total.calls > 0
+        -- the members' shares of their organizations' reservations, under the locks taken above
+        UPDATE organization_members AS m SET tokens_reserved = m.tokens_reserved + a.reserve
+        FROM (SELECT org_id, user_id, sum(reserve) AS reserve
+              FROM decided WHERE admitted AND org_id IS NOT NULL GROUP BY org_id, user_id) AS a
+        WHERE m.org_id = a.org_id AND m.user_id = a.user_id
     ), key_rate AS (
         UPDATE api_keys AS k
         SET rate_tat = GREATEST(k.rate_tat, :now)
-                       + make_interval(secs => total.calls * 60.0 / k.requests_per_minute),
+                       + make_interval(secs => a.calls * 60.0 / k.requests_per_minute),
             last_used_at = :now
-        FROM total, lk_key WHERE k.id = lk_key.id AND total.calls > 0
+        FROM (SELECT api_key_id, count(*) AS calls FROM decided WHERE admitted GROUP BY api_key_id) AS a
+        JOIN lk_key ON lk_key.id = a.api_key_id
+        WHERE k.id = a.api_key_id
     ), tool_rate AS (
         UPDATE tools AS t
         SET rate_tat = GREATEST(t.rate_tat, :now)
-                       + make_interval(secs => total.calls * 60.0 / t.requests_per_minute)
-        FROM total, lk_tool WHERE t.id = lk_tool.id AND total.calls > 0
-    ), explained AS (
-        -- each call judged against what was admitted ahead of it (the admitted calls are the
-        -- first ones), so a refusal says what it would have said had the calls come one by one
-        SELECT d.n, d.log_id, LEAST(d.ahead, total.calls) AS ahead,
-               LEAST(d.ahead_tokens, total.reserve) AS ahead_tokens,
-               room.plan_room IS NULL OR LEAST(d.ahead, total.calls) < room.plan_room AS plan_rate_ok,
-               room.key_room IS NULL OR LEAST(d.ahead, total.calls) < room.key_room AS key_rate_ok,
-               room.tool_room IS NULL OR LEAST(d.ahead, total.calls) < room.tool_room AS tool_rate_ok,
-               room.max_concurrent IS NULL
-                 OR room.inflight + LEAST(d.ahead, total.calls) < room.max_concurrent AS concurrency_ok
-        FROM decided AS d CROSS JOIN room CROSS JOIN total
+                       + make_interval(secs => a.calls * 60.0 / t.requests_per_minute)
+        FROM (SELECT count(*) AS calls FROM decided WHERE admitted) AS a, lk_tool
+        WHERE t.id = lk_tool.id AND a.calls > 0
     ), refused AS (
-        SELECT room.user_id, room.org_id, room.tool_id, room.plan_code,
-               get_byte(uuid_send(room.user_id), 15) % 16 AS shard, count(*) AS calls
-        FROM explained AS e CROSS JOIN room
-        WHERE room.gate_ok AND room.version_ok
-          AND NOT (e.plan_rate_ok AND e.key_rate_ok AND e.tool_rate_ok AND e.concurrency_ok)
+        SELECT c.user_id, c.org_id, CAST(:tool_id AS uuid) AS tool_id, c.plan_code,
+               get_byte(uuid_send(c.user_id), 15) % 16 AS shard, count(*) AS calls
+        FROM judged AS j JOIN calls AS c ON c.n = j.n JOIN room ON room.g = c.g
+        WHERE room.passes_gate
+          AND NOT (j.plan_rate_ok AND j.key_rate_ok AND j.tool_rate_ok AND j.concurrency_ok)
         GROUP BY 1, 2, 3, 4, 5
     ), limited AS (
         INSERT INTO usage_daily AS d
@@ -450,22 +509,24 @@ _ADMIT = text(
     ), limited_platform AS (
         INSERT INTO usage_platform_daily AS pd
             (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, tokens, rate_limited)
-        SELECT CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, shard, 0, 0, 0, 0, 0, calls
-        FROM refused
+        SELECT CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, shard, 0, 0, 0, 0, 0,
+               sum(calls)
+        FROM refused GROUP BY 1, 2, 3, 4
         ON CONFLICT (day, tool_id, plan_code, shard)
             DO UPDATE SET rate_limited = pd.rate_limited + EXCLUDED.rate_limited
     ), log AS (
         INSERT INTO usage_logs (id, user_id, tool_id, subscription_id, plan_code, status,
                                 started_at, "timestamp", tokens_used, tokens_reserved, request_id, org_id)
-        SELECT a.log_id, room.user_id, CAST(:tool_id AS uuid), adm.id, adm.plan_code,
-               'pending', a.started_at, :now, 0, a.reserve, a.request_id, room.org_id
-        FROM admitted AS a CROSS JOIN room CROSS JOIN adm
+        SELECT d.log_id, d.user_id, CAST(:tool_id AS uuid), adm.id, adm.plan_code,
+               'pending', d.started_at, :now, 0, d.reserve, d.request_id, d.org_id
+        FROM decided AS d JOIN adm ON adm.id = d.sub_id
+        WHERE d.admitted
         RETURNING id
     )
-    SELECT room.*, e.n, e.ahead, e.ahead_tokens, e.plan_rate_ok, e.key_rate_ok, e.tool_rate_ok,
-           e.concurrency_ok, log.id IS NOT NULL AS admitted
-    FROM explained AS e CROSS JOIN room LEFT JOIN log ON log.id = e.log_id
-    ORDER BY e.n
+    SELECT room.*, j.n, j.ahead, j.key_ahead, j.tool_ahead, j.ahead_tokens, j.member_ahead_tokens,
+           j.plan_rate_ok, j.key_rate_ok, j.tool_rate_ok, j.concurrency_ok, log.id IS NOT NULL AS admitted
+    FROM judged AS j JOIN room ON room.g = j.g LEFT JOIN log ON log.id = j.log_id
+    ORDER BY j.n
     """
 )
 
@@ -725,7 +786,7 @@ def _admission_read(row: Record, now: datetime) -> AdmissionRead:
         member = MemberRead(
             token_limit=row["member_limit"],
             tokens_used=row["member_used"] or 0,
-            tokens_reserved=(row["member_reserved"] or 0) + int(row["ahead_tokens"]),
+            tokens_reserved=(row["member_reserved"] or 0) + int(row["member_ahead_tokens"]),
         )
     return AdmissionRead(
         user_id=row["user_id"],
@@ -739,19 +800,25 @@ def _admission_read(row: Record, now: datetime) -> AdmissionRead:
     )
 
 
-# the per-minute limits, in the contract's order, and their columns' prefix in `_ADMIT`'s answer
-_BUCKETS: tuple[tuple[Scope, str], ...] = (("plan", "plan"), ("api_key", "key"), ("tool", "tool"))
+# the per-minute limits, in the contract's order, their columns' prefix in `_ADMIT`'s answer, and
+# the column counting the calls of the batch admitted ahead under that limit (the plan's: the
+# account's calls)
+_BUCKETS: tuple[tuple[Scope, str, str], ...] = (
+    ("plan", "plan", "ahead"),
+    ("api_key", "key", "key_ahead"),
+    ("tool", "tool", "tool_ahead"),
+)
 
 
 def _limits(row: Record, now: datetime) -> Limits:
     """The limits that apply to the call, in the contract's order (`rate_limits.py`), each with
     the calls admitted ahead of it in its batch counted."""
-    ahead = int(row["ahead"])
     buckets = []
-    for scope, p in _BUCKETS:
+    for scope, p, ahead_column in _BUCKETS:
         rpm = row[f"{p}_rpm"]
         if rpm is None:
             continue
+        ahead = int(row[ahead_column])
         start = max(row[f"{p}_tat"] or now, now)
         interval = timedelta(seconds=60) / rpm
         tat = start + ahead * interval if ahead else row[f"{p}_tat"]
@@ -759,7 +826,9 @@ def _limits(row: Record, now: datetime) -> Limits:
         buckets.append(Bucket(scope, rpm, tat, row[f"{p}_rate_ok"], new_tat))
     concurrency = None
     if row["max_concurrent"] is not None:
-        concurrency = Concurrency(row["max_concurrent"], row["inflight"] + ahead, row["concurrency_ok"])
+        concurrency = Concurrency(
+            row["max_concurrent"], row["inflight"] + int(row["ahead"]), row["concurrency_ok"]
+        )
     return Limits(tuple(buckets), concurrency)
 
 
@@ -814,6 +883,24 @@ def _quota_of(row: Mapping[Any, Any]) -> Quota | None:
     return Quota(row["token_limit"], row["tokens_used"], row["current_period_end"])
 
 
+def _one_account_per_key(reqs: list[AdmitRequest]) -> list[list[AdmitRequest]]:
+    """The batch in consecutive parts in which no API key comes with two `X-Org-ID`s.
+
+    The admission statement ranks a batch level by level — key, member, account, tool — and its
+    decisions are those of calls coming one by one only while each level's calls belong to one
+    partition of the next: a key to one account. A personal key sent once with `X-Org-ID` and
+    once without bills two accounts; such calls go in separate statements, in order."""
+    parts: list[list[AdmitRequest]] = [[]]
+    orgs: dict[bytes, uuid.UUID | None] = {}
+    for req in reqs:
+        digest = req.credential.api_key_digest
+        if digest is not None and orgs.setdefault(digest, req.credential.org_id) != req.credential.org_id:
+            parts.append([])
+            orgs = {digest: req.credential.org_id}
+        parts[-1].append(req)
+    return parts
+
+
 # ---------------------------------------------------------------------------------------------
 # Failures: which ones a caller may retry
 # ---------------------------------------------------------------------------------------------
@@ -862,12 +949,27 @@ class MeteringConnection:
         return (await self.admit_many([req]))[0]
 
     async def admit_many(self, reqs: list[AdmitRequest]) -> list[AdmitResult]:
-        """Admit a batch of calls (one caller, one tool: `AdmitRequest.batch_key`) in one
-        statement, deciding each as if they had come one by one, in order."""
+        """Admit a batch of calls (one tool, any callers: `AdmitRequest.batch_key`), deciding each
+        as if they had come one by one, in order: in one statement, or in a few one after another
+        when an API key bills two accounts in the batch (`_one_account_per_key`)."""
+        results: list[AdmitResult] = []
+        for part in _one_account_per_key(reqs):
+            results += await self._admit_statement(part)
+        return results
+
+    async def _admit_statement(self, reqs: list[AdmitRequest]) -> list[AdmitResult]:
         first = reqs[0]
         now = max(r.now for r in reqs)
+        callers: dict[Credential, int] = {}  # the batch's credentials, numbered from 1 (`grp`)
+        for r in reqs:
+            callers.setdefault(r.credential, len(callers) + 1)
         params = {
-            **first.credential.params(now),
+            "cred_session_ids": [c.session_id for c in callers],
+            "cred_user_ids": [c.user_id for c in callers],
+            "cred_key_digests": [c.api_key_digest for c in callers],
+            "cred_org_ids": [c.org_id for c in callers],
+            "callers": [callers[r.credential] for r in reqs],
+            "now": now,
             "tool_id": first.tool_id,
             "tool_version": first.tool_version,
             "idempotency_key": first.idempotency_key if len(reqs) == 1 else None,
