@@ -412,7 +412,8 @@ _UNPARTITION = [
     "DROP TABLE usage_logs_parted",
     "ALTER TABLE usage_logs ADD FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE",
     "ALTER TABLE usage_logs ADD FOREIGN KEY (tool_id) REFERENCES tools (id)",
-    "ALTER TABLE usage_logs ADD FOREIGN KEY (subscription_id) REFERENCES subscriptions (id) ON DELETE SET NULL",
+    "ALTER TABLE usage_logs ADD FOREIGN KEY (subscription_id) REFERENCES subscriptions (id)"
+    " ON DELETE SET NULL",
 ]
 
 
