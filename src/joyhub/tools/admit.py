@@ -189,8 +189,8 @@ class AdmissionRun:
 
     async def _admit_once(self, *, may_roll_over: bool, ping: bool) -> Admitted | Replay:
         """One round of admitting. Without an Idempotency-Key the statement commits on its own (a
-        refusal writes nothing but an API key's last-used stamp) and is group-committed with the
-        same caller's other calls to the same tool (`group_commit.py`), on a connection taken
+        refusal writes nothing but an API key's last-used stamp and the refusal counters) and is
+        group-committed with other calls to the same tool (`group_commit.py`), on a connection taken
         without the pre-ping: `run` admits again, alone and on a pinged connection, when it
         turns out dead (`_recover`). With a key the statement runs in a transaction with the
         claim, on a pinged connection."""

@@ -125,7 +125,7 @@ class Gateway:
         self.sessionmaker = sessionmaker
         self.tool_versions = ToolVersions()
         self.recent_keys = RecentKeys()
-        # one caller's calls to one tool arriving together are admitted by one statement
+        # calls to one tool arriving together, whoever makes them, are admitted by one statement
         self.admissions: GroupCommit[tuple[Any, ...], AdmitRequest, AdmitResult] = GroupCommit(
             "admit", store.admit_batch
         )
