@@ -399,7 +399,7 @@ _ADMIT = text(
         FROM ctx
     ), calls AS (
         SELECT req.n, req.g, req.log_id, req.reserve, req.request_id, req.started_at,
-               COALESCE(room.passes_gate AND req.go, false) AS eligible,
+               COALESCE(room.passes_gate AND req.go, false) AS eligible, room.passes_gate,
                room.user_id, room.org_id, room.api_key_id, room.sub_id, room.plan_code, room.plan_rpm,
                room.key_room, room.member_room, room.plan_room, room.max_concurrent, room.inflight,
                room.token_room, room.tool_room
@@ -434,7 +434,8 @@ _ADMIT = text(
         FROM by_account AS c
     ), judged AS (
         -- each call judged against what was admitted ahead of it (per key, member, account, tool)
-        SELECT c.n, c.g, c.log_id, c.ahead, c.key_ahead, c.tool_ahead, c.ahead_tokens, c.member_ahead_tokens,
+        SELECT c.n, c.g, c.log_id, c.passes_gate, c.user_id, c.org_id, c.plan_code,
+               c.ahead, c.key_ahead, c.tool_ahead, c.ahead_tokens, c.member_ahead_tokens,
                c.plan_room IS NULL OR c.ahead < c.plan_room AS plan_rate_ok,
                c.key_room IS NULL OR c.key_ahead < c.key_room AS key_rate_ok,
                c.tool_room IS NULL OR c.tool_ahead < c.tool_room AS tool_rate_ok,
@@ -485,10 +486,10 @@ _ADMIT = text(
         FROM (SELECT count(*) AS calls FROM decided WHERE admitted) AS a, lk_tool
         WHERE t.id = lk_tool.id AND a.calls > 0
     ), refused AS (
-        SELECT c.user_id, c.org_id, CAST(:tool_id AS uuid) AS tool_id, c.plan_code,
-               get_byte(uuid_send(c.user_id), 15) % 16 AS shard, count(*) AS calls
-        FROM judged AS j JOIN calls AS c ON c.n = j.n JOIN room ON room.g = c.g
-        WHERE room.passes_gate
+        SELECT j.user_id, j.org_id, CAST(:tool_id AS uuid) AS tool_id, j.plan_code,
+               get_byte(uuid_send(j.user_id), 15) % 16 AS shard, count(*) AS calls
+        FROM judged AS j
+        WHERE j.passes_gate
           AND NOT (j.plan_rate_ok AND j.key_rate_ok AND j.tool_rate_ok AND j.concurrency_ok)
         GROUP BY 1, 2, 3, 4, 5
     ), limited AS (
