@@ -14,36 +14,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from joyhub.auth.credentials import Credential
 from joyhub.core.clock import utcnow
 from joyhub.core.db import make_sessionmaker
-from joyhub.tools.metering import Admission, AdmitRequest, MeteringStore
+from joyhub.tools.metering import Admission, MeteringStore
 from tests.conftest import test_settings as hub_settings
 from tests.orgs.helpers import make_org, org_ledger
-from tests.tools.helpers import make_tool
+from tests.tools.helpers import admit_request, make_tool, tool_version
 
 pytestmark = pytest.mark.integration
 
 
 async def _admit(engine: AsyncEngine, store: MeteringStore, cred: Credential, tool: uuid.UUID) -> Admission:
-    async with engine.connect() as conn:
-        version = (
-            await conn.execute(text("SELECT updated_at FROM tools WHERE id = :t"), {"t": tool})
-        ).scalar_one()
-    result = (
-        await store.admit_batch(
-            [
-                AdmitRequest(
-                    tool_id=tool,
-                    credential=cred,
-                    idempotency_key=None,
-                    now=utcnow(),
-                    reserve=8,
-                    request_id="req",
-                    tool_version=version,
-                    go=True,
-                    log_id=uuid.uuid4(),
-                )
-            ]
-        )
-    )[0]
+    version = await tool_version(engine, tool)
+    result = (await store.admit_batch([admit_request(tool, version, cred, reserve=8, request_id="req")]))[0]
     assert result.admission is not None, result.read
     return result.admission
 

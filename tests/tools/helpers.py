@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from joyhub.auth.credentials import Credential
 from joyhub.core.clock import utcnow
 from joyhub.core.db import make_sessionmaker
 from joyhub.models import Tool
+from joyhub.tools.metering import AdmitRequest
 from tests.factories import Account, make_account, make_subscription
 
 API = "/api/v1"
@@ -42,6 +45,29 @@ async def make_tool(engine: AsyncEngine, endpoint: str, **fields: Any) -> uuid.U
     async with make_sessionmaker(engine)() as db, db.begin():
         db.add(Tool(**values))
     return uuid.UUID(str(values["id"]))
+
+
+async def tool_version(engine: AsyncEngine, tool_id: uuid.UUID) -> datetime:
+    """The tool's `updated_at`: the version a caller validated its input against."""
+    async with engine.connect() as conn:
+        found = await conn.execute(text("SELECT updated_at FROM tools WHERE id = :t"), {"t": tool_id})
+        version: datetime = found.scalar_one()
+    return version
+
+
+def admit_request(
+    tool_id: uuid.UUID,
+    version: datetime,
+    credential: Credential,
+    *,
+    reserve: int,
+    request_id: str | None = None,
+) -> AdmitRequest:
+    """A call that passed every Python check, for `MeteringStore.admit_batch` directly."""
+    return AdmitRequest(
+        tool_id=tool_id, credential=credential, idempotency_key=None, now=utcnow(), reserve=reserve,
+        request_id=request_id, tool_version=version, go=True, log_id=uuid.uuid4(),
+    )  # fmt: skip
 
 
 @dataclass

@@ -30,7 +30,16 @@ from joyhub.tools.metering import AdmitRequest, AdmitResult, MeteringConnection,
 from tests.factories import make_account
 from tests.orgs.helpers import make_org, org_ledger
 from tests.subscriptions.helpers import make_api_key
-from tests.tools.helpers import assert_settled, invoke, make_caller, make_tool, run_sql, sub_state
+from tests.tools.helpers import (
+    admit_request,
+    assert_settled,
+    invoke,
+    make_caller,
+    make_tool,
+    run_sql,
+    sub_state,
+    tool_version,
+)
 from tests.tools.upstream_server import Upstream
 
 pytestmark = pytest.mark.integration
@@ -90,17 +99,7 @@ def _order(cast: Cast) -> list[tuple[str, Credential]]:
 
 
 def _request(tool: uuid.UUID, version: Any, credential: Credential) -> AdmitRequest:
-    return AdmitRequest(
-        tool_id=tool,
-        credential=credential,
-        idempotency_key=None,
-        now=utcnow(),
-        reserve=RESERVE,
-        request_id=None,
-        tool_version=version,
-        go=True,
-        log_id=uuid.uuid4(),
-    )
+    return admit_request(tool, version, credential, reserve=RESERVE)
 
 
 def _outcome(result: AdmitResult) -> str:
@@ -113,13 +112,6 @@ def _outcome(result: AdmitResult) -> str:
     assert refusal is not None, result.read
     scope = (refusal.details or [{}])[0].get("scope") if refusal.details else None
     return f"{type(refusal).__name__}:{scope}" if scope else type(refusal).__name__
-
-
-async def _version(engine: AsyncEngine, tool: uuid.UUID) -> Any:
-    async with engine.connect() as conn:
-        return (
-            await conn.execute(text("SELECT updated_at FROM tools WHERE id = :t"), {"t": tool})
-        ).scalar_one()
 
 
 def _count_statements(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
@@ -138,7 +130,7 @@ async def test_one_statement_admits_many_callers_exactly_as_one_by_one(
     engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tool = await make_tool(engine, "http://127.0.0.1:9/unused")
-    version = await _version(engine, tool)
+    version = await tool_version(engine, tool)
     store = MeteringStore(engine)
     statements = _count_statements(monkeypatch)
 
@@ -215,7 +207,7 @@ async def test_a_key_billing_two_accounts_in_one_batch_is_decided_in_order(
     no tokens left) and then twice with it: one by one, the first call is refused for the quota
     and takes no place under the key's limit, so both organization calls pass."""
     tool = await make_tool(engine, "http://127.0.0.1:9/unused")
-    version = await _version(engine, tool)
+    version = await tool_version(engine, tool)
     org = await make_org(engine, admins=0, members=1)
     member = org.of("member")
     async with engine.connect() as conn:
@@ -261,7 +253,7 @@ async def test_many_callers_in_parallel_share_admission_statements_and_stay_exac
 
 async def test_an_unknown_org_in_a_batch_refuses_only_its_own_call(engine: AsyncEngine) -> None:
     tool = await make_tool(engine, "http://127.0.0.1:9/unused")
-    version = await _version(engine, tool)
+    version = await tool_version(engine, tool)
     plain = await make_caller(engine, "pro")
     session = Credential(user_id=plain.user_id, session_id=plain.account.session_id)
     asked = Credential(user_id=plain.user_id, session_id=plain.account.session_id, org_id=uuid.uuid4())

@@ -8,7 +8,6 @@ import asyncio
 import os
 import re
 import signal
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from joyhub.tools.metering import (
     ABANDONED,
     SETTLE_LINES,
     Admission,
-    AdmitRequest,
     MeteringStore,
     SettleRequest,
 )
@@ -34,12 +32,14 @@ from tests.served_hub import ServedDatabase, hub_process, served_database, wait_
 from tests.tools.helpers import (
     API,
     SubState,
+    admit_request,
     assert_settled,
     daily_rollup,
     invoke,
     make_caller,
     make_tool,
     sub_state,
+    tool_version,
     usage_logs,
 )
 from tests.tools.upstream_server import Upstream
@@ -152,18 +152,14 @@ async def test_settles_of_many_accounts_share_one_statement_and_each_account_is_
     24 accounts cross 80 % in the same two statements)."""
     tool = await make_tool(engine, "http://127.0.0.1:9/unused")
     callers = [await make_caller(engine, "pro", tokens_used=39_990) for _ in range(24)]  # 80 %: 40,000
-    async with engine.connect() as conn:
-        found = await conn.execute(text("SELECT updated_at FROM tools WHERE id = :t"), {"t": tool})
-        version = found.scalar()
+    version = await tool_version(engine, tool)
     store = MeteringStore(engine)
     admissions = []
     for caller in callers:
         credential = Credential(user_id=caller.user_id, session_id=caller.account.session_id)
-        request = AdmitRequest(
-            tool_id=tool, credential=credential, idempotency_key=None, now=utcnow(), reserve=20,
-            request_id=None, tool_version=version, go=True, log_id=uuid.uuid4(),
-        )  # fmt: skip
-        admission = (await store.admit_batch([request]))[0].admission
+        admission = (await store.admit_batch([admit_request(tool, version, credential, reserve=20)]))[
+            0
+        ].admission
         assert admission is not None
         admissions.append(admission)
 
