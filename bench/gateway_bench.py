@@ -417,6 +417,37 @@ _UNPARTITION = [
 ]
 
 
+def _other_accounts_sql(n: int) -> list[str]:
+    """`n` other accounts — users with a session, an API key and a subscription, and their calls of
+    this period (4 of 5 tokens each, charged, so the exact-count check still adds up) — then fresh
+    statistics: the database of a hub in service, which the measured callers share with everyone
+    else."""
+    return [
+        f"""INSERT INTO users (id, name, email, password_hash, role, is_active, created_at, updated_at)
+            SELECT gen_random_uuid(), 'Other', 'other-' || g || '@example.com', 'x', 'user', true,
+                   now(), now()
+            FROM generate_series(1, {n}) AS g""",
+        """INSERT INTO subscriptions (id, user_id, plan_code, status, tokens_used, tokens_reserved, inflight,
+                                      current_period_start, current_period_end, cancel_at_period_end,
+                                      created_at, updated_at)
+            SELECT gen_random_uuid(), id, 'pro', 'active', 20, 0, 0, now() - interval '1 day',
+                   now() + interval '29 days', false, now(), now()
+            FROM users WHERE name = 'Other'""",
+        "INSERT INTO auth_sessions (id, user_id, created_at) SELECT gen_random_uuid(), id, now() FROM users"
+        " WHERE name = 'Other'",
+        """INSERT INTO api_keys (id, user_id, name, key_prefix, key_hash, is_active, created_at)
+            SELECT gen_random_uuid(), id, 'k', 'jfui_other', sha256(CAST(id AS text)::bytea), true, now()
+            FROM users WHERE name = 'Other'""",
+        """INSERT INTO usage_logs (id, user_id, tool_id, subscription_id, plan_code, status, started_at,
+                                   "timestamp", tokens_used, tokens_reserved, token_source)
+            SELECT gen_random_uuid(), s.user_id, t.id, s.id, 'pro', 'success', now() - interval '1 hour',
+                   now() - interval '1 hour', 5, 0, 'reported'
+            FROM subscriptions AS s JOIN users AS u ON u.id = s.user_id AND u.name = 'Other'
+            CROSS JOIN (SELECT id FROM tools LIMIT 1) AS t CROSS JOIN generate_series(1, 4)""",
+        "ANALYZE",
+    ]
+
+
 async def _unpartition(db_url: str) -> None:
     for sql in _UNPARTITION:
         await _db_sql(db_url, sql)
@@ -482,6 +513,13 @@ def main() -> int:
         "table, for the cost of partitioning (issue 18) in one run",
     )
     parser.add_argument(
+        "--other-accounts",
+        type=int,
+        default=0,
+        help="seed this many other accounts (with sessions, keys and calls) before measuring: the "
+        "statements must cost the same among many accounts as among a few",
+    )
+    parser.add_argument(
         "--extra-one-caller-c", type=int, default=0, help="also run one caller at this concurrency (e.g. 256)"
     )
     parser.add_argument(
@@ -527,6 +565,7 @@ def main() -> int:
         "loadavg_at_start": os.getloadavg(),
         "synchronous_commit": "off" if args.async_commit else "on",
         "usage_logs": "plain table" if args.unpartitioned else "partitioned",
+        "other_accounts": args.other_accounts,
     }
     hub: subprocess.Popen[bytes] | None = None
     seeded: dict[str, Any] | None = None
@@ -549,6 +588,8 @@ def main() -> int:
                 asyncio.run(_configure_limits(db_url, args.limits, seeded["tool_id"]))
                 if args.unpartitioned:
                     asyncio.run(_unpartition(db_url))
+                for sql in _other_accounts_sql(args.other_accounts) if args.other_accounts else []:
+                    asyncio.run(_db_sql(db_url, sql))
             url = f"http://127.0.0.1:{port}/api/v1/tools/{seeded['tool_id']}/invoke"
             every = [
                 {"Content-Type": "application/json", "Authorization": f"Bearer {t}"} for t in seeded["tokens"]

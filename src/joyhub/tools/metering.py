@@ -48,6 +48,7 @@ import asyncpg
 from sqlalchemy import text
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.sql.elements import TextClause
 
 from joyhub.auth.credentials import API_KEY_TOUCH_INTERVAL, Credential, credential_users
 from joyhub.core.clock import iso_utc
@@ -316,8 +317,8 @@ _ADMIT = text(
         JOIN organizations AS o ON o.id = m.org_id AND o.deleted_at IS NULL
     ), account AS (
         SELECT s.* FROM subscriptions AS s
-        WHERE (s.user_id IN (SELECT who.user_id FROM who WHERE who.org_id IS NULL)
-               OR s.org_id IN (SELECT member.org_id FROM member))
+        WHERE (s.user_id = ANY(ARRAY(SELECT who.user_id FROM who WHERE who.org_id IS NULL))
+               OR s.org_id = ANY(ARRAY(SELECT member.org_id FROM member)))
           AND (SELECT count(*) FROM lk_key) >= 0
         ORDER BY s.id
         FOR NO KEY UPDATE OF s
@@ -853,9 +854,10 @@ def _admit_result(row: Record, req: AdmitRequest, now: datetime) -> AdmitResult:
     return AdmitResult(read, admission)
 
 
-def _settle_params(reqs: list[SettleRequest]) -> dict[str, Any]:
-    """The batch as the statement's arrays (one element per call), settled at the latest `now`."""
-    return {
+def settle_statement(reqs: list[SettleRequest]) -> tuple[TextClause, dict[str, Any]]:
+    """The settle statement for a batch and its parameters: the batch as the statement's arrays
+    (one element per call), settled at the latest `now`."""
+    return _SETTLE, {
         "now": max(r.now for r in reqs),
         "log_ids": [r.admission.log_id for r in reqs],
         "started_ats": [r.admission.started_at for r in reqs],
@@ -935,6 +937,33 @@ def transient(exc: BaseException) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def admit_statement(reqs: list[AdmitRequest]) -> tuple[TextClause, dict[str, Any]]:
+    """The admission statement for a batch (one tool and version, `batch_key`; one account per API
+    key, `_one_account_per_key`) and its bound parameters."""
+    first = reqs[0]
+    now = max(r.now for r in reqs)
+    callers: dict[Credential, int] = {}  # the batch's credentials, numbered from 1 (`grp`)
+    for r in reqs:
+        callers.setdefault(r.credential, len(callers) + 1)
+    return _ADMIT, {
+        "cred_session_ids": [c.session_id for c in callers],
+        "cred_user_ids": [c.user_id for c in callers],
+        "cred_key_digests": [c.api_key_digest for c in callers],
+        "cred_org_ids": [c.org_id for c in callers],
+        "callers": [callers[r.credential] for r in reqs],
+        "now": now,
+        "tool_id": first.tool_id,
+        "tool_version": first.tool_version,
+        "idempotency_key": first.idempotency_key if len(reqs) == 1 else None,
+        "touch_before": now - API_KEY_TOUCH_INTERVAL,
+        "log_ids": [r.log_id for r in reqs],
+        "reserves": [r.reserve for r in reqs],
+        "request_ids": [r.request_id for r in reqs],
+        "gos": [r.go for r in reqs],
+        "started_ats": [r.now for r in reqs],
+    }
+
+
 class MeteringConnection:
     """One pooled connection's worth of admission statements: the admission itself and, with an
     Idempotency-Key, the key's claim — in one transaction when the caller opens one."""
@@ -959,29 +988,8 @@ class MeteringConnection:
         return results
 
     async def _admit_statement(self, reqs: list[AdmitRequest]) -> list[AdmitResult]:
-        first = reqs[0]
+        rows = await self._session.fetch(*admit_statement(reqs))
         now = max(r.now for r in reqs)
-        callers: dict[Credential, int] = {}  # the batch's credentials, numbered from 1 (`grp`)
-        for r in reqs:
-            callers.setdefault(r.credential, len(callers) + 1)
-        params = {
-            "cred_session_ids": [c.session_id for c in callers],
-            "cred_user_ids": [c.user_id for c in callers],
-            "cred_key_digests": [c.api_key_digest for c in callers],
-            "cred_org_ids": [c.org_id for c in callers],
-            "callers": [callers[r.credential] for r in reqs],
-            "now": now,
-            "tool_id": first.tool_id,
-            "tool_version": first.tool_version,
-            "idempotency_key": first.idempotency_key if len(reqs) == 1 else None,
-            "touch_before": now - API_KEY_TOUCH_INTERVAL,
-            "log_ids": [r.log_id for r in reqs],
-            "reserves": [r.reserve for r in reqs],
-            "request_ids": [r.request_id for r in reqs],
-            "gos": [r.go for r in reqs],
-            "started_ats": [r.now for r in reqs],
-        }
-        rows = await self._session.fetch(_ADMIT, params)
         return [_admit_result(row, req, now) for row, req in zip(rows, reqs, strict=True)]
 
     async def claim_key(
@@ -1095,7 +1103,7 @@ class MeteringStore:
         needs no BEGIN/COMMIT round trips). The calls it settled, by usage log id."""
         async with connect_retried(self.engine) as conn:  # `_settle_batch` retries a dead connection
             try:
-                rows = await DriverSession(await driver_of(conn)).fetch(_SETTLE, _settle_params(reqs))
+                rows = await DriverSession(await driver_of(conn)).fetch(*settle_statement(reqs))
             except Exception as exc:
                 if connection_lost(exc):
                     await conn.invalidate()  # asyncpg raised it, not SQLAlchemy: the pool must know

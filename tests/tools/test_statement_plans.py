@@ -1,0 +1,185 @@
+"""The metering statements read only the rows of the calls they decide, however many accounts exist.
+
+An admission or a settle must cost the same with ten accounts or a million: each table it touches
+is reached through an index, by the batch's own keys. A statement shaped so that PostgreSQL cannot
+do that (an `IN (SELECT …)` under an `OR` once scanned every subscription to lock one) passes
+every functional test on a small database and falls over in production, so this test runs the
+statements under `EXPLAIN ANALYZE` among thousands of other accounts — inside a transaction it
+rolls back — and checks, node by node, how many rows each scan looked at. Counts, not timings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.elements import TextClause
+
+from joyhub.auth.credentials import Credential
+from joyhub.core.clock import utcnow
+from joyhub.core.security import token_digest
+from joyhub.tools.driver import DriverSession, compiled, driver_of
+from joyhub.tools.metering import (
+    Admission,
+    AdmitRequest,
+    MeteringConnection,
+    SettleRequest,
+    admit_statement,
+    settle_statement,
+)
+from tests.orgs.helpers import make_org
+from tests.subscriptions.helpers import make_api_key
+from tests.tools.helpers import admit_request, make_caller, make_tool, tool_version
+
+pytestmark = pytest.mark.integration
+
+OTHERS = 3000  # accounts that are none of the batch's business
+MOST_ROWS_PER_SCAN = 20  # rows one scan of a hot table may look at, per loop
+
+# the tables that grow with the number of users, keys, organizations and calls
+GROWING = {
+    "users",
+    "auth_sessions",
+    "api_keys",
+    "subscriptions",
+    "organizations",
+    "organization_members",
+    "usage_logs",
+    "idempotency_keys",
+    "usage_daily",
+    "usage_user_daily",
+    "usage_user_weekly",
+    "usage_hourly",
+    "usage_org_daily",
+    "quota_alerts",
+}
+
+# Thousands of other accounts — personal ones with sessions and API keys, organizations with
+# members and their own subscriptions, and their calls — then fresh statistics, so that the
+# planner sees a database of that size. All inside the test's transaction.
+_OTHERS_SQL = [
+    f"""INSERT INTO users (id, name, email, password_hash, role, is_active, created_at, updated_at)
+        SELECT gen_random_uuid(), 'Other', 'other-' || g || '-' || gen_random_uuid() || '@example.com',
+               'x', 'user', true, now(), now()
+        FROM generate_series(1, {OTHERS}) AS g""",  # noqa: S608 (a constant of this file)
+    """CREATE TEMP TABLE others ON COMMIT DROP AS
+        SELECT id, row_number() OVER (ORDER BY id) AS n FROM users WHERE name = 'Other'""",
+    """INSERT INTO subscriptions (id, user_id, plan_code, status, tokens_used, tokens_reserved, inflight,
+                                  current_period_start, current_period_end, cancel_at_period_end,
+                                  created_at, updated_at)
+        SELECT gen_random_uuid(), id, 'pro', 'active', 0, 0, 0, now(), now() + interval '30 days', false,
+               now(), now()
+        FROM others""",
+    "INSERT INTO auth_sessions (id, user_id, created_at) SELECT gen_random_uuid(), id, now() FROM others",
+    """INSERT INTO api_keys (id, user_id, name, key_prefix, key_hash, is_active, created_at)
+        SELECT gen_random_uuid(), id, 'k', 'jfui_other', sha256(CAST(id AS text)::bytea), true, now()
+        FROM others""",
+    """INSERT INTO organizations (id, name, created_by, created_at, updated_at)
+        SELECT gen_random_uuid(), 'Other org', id, now(), now() FROM others WHERE n % 10 = 0""",
+    """INSERT INTO organization_members (org_id, user_id, role, token_limit, tokens_used, tokens_reserved,
+                                         joined_at)
+        SELECT o.id, u.id, 'member', NULL, 0, 0, now()
+        FROM organizations AS o JOIN others AS c ON c.id = o.created_by
+        JOIN others AS u ON u.n BETWEEN c.n - 9 AND c.n""",
+    """INSERT INTO subscriptions (id, org_id, plan_code, status, tokens_used, tokens_reserved, inflight,
+                                  current_period_start, current_period_end, cancel_at_period_end,
+                                  created_at, updated_at)
+        SELECT gen_random_uuid(), id, 'pro', 'active', 0, 0, 0, now(), now() + interval '30 days', false,
+               now(), now()
+        FROM organizations WHERE name = 'Other org'""",
+    """INSERT INTO usage_logs (id, user_id, tool_id, subscription_id, plan_code, status, started_at,
+                               "timestamp", tokens_used, tokens_reserved, token_source)
+        SELECT gen_random_uuid(), s.user_id, t.id, s.id, 'pro', 'success', now(), now(), 5, 0, 'reported'
+        FROM subscriptions AS s JOIN others AS o ON o.id = s.user_id
+        CROSS JOIN (SELECT id FROM tools LIMIT 1) AS t""",
+    """ANALYZE users, auth_sessions, api_keys, subscriptions, organizations, organization_members,
+               usage_logs""",
+    # where a table *can* be reached by an index, take it even when a scan of a few hundred rows
+    # would be cheaper: what is left is what no index could serve, the shape this test is after
+    "SET LOCAL enable_seqscan = off",
+]
+
+
+def _scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _scans(child)
+
+
+def _wide_scans(explained: Any) -> list[str]:
+    """The scans of growing tables that looked at more than a few rows per loop."""
+    document = json.loads(explained) if isinstance(explained, str) else explained
+    wide = []
+    for node in _scans(document[0]["Plan"]):
+        relation = node.get("Relation Name")
+        if relation not in GROWING:
+            continue
+        seen = node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
+        seen += node.get("Rows Removed by Index Recheck", 0)
+        if seen > MOST_ROWS_PER_SCAN:
+            wide.append(f"{node['Node Type']} on {relation}: {seen} rows per loop")
+    return wide
+
+
+async def test_admission_and_settle_read_only_their_own_rows_among_thousands(engine: AsyncEngine) -> None:
+    tool = await make_tool(engine, "http://127.0.0.1:9/unused")
+    version = await tool_version(engine, tool)
+    plain = await make_caller(engine, "pro")
+    keyed = await make_caller(engine, "pro")
+    key = await make_api_key(engine, keyed.user_id)
+    org = await make_org(engine, admins=1, members=1, token_limit=1000)
+    member = org.of("member")
+    batch = [
+        admit_request(tool, version, Credential(user_id=plain.user_id, session_id=plain.account.session_id),
+                      reserve=10),
+        admit_request(tool, version, Credential(api_key_digest=token_digest(key)), reserve=10),
+        admit_request(tool, version, Credential(user_id=member.user_id, session_id=member.session_id,
+                                                org_id=org.id), reserve=10),
+    ]  # fmt: skip
+    async with engine.connect() as conn:
+        driver = await driver_of(conn)
+        transaction = driver.transaction()
+        await transaction.start()
+        try:  # rolled back whatever happens: nothing of this test stays
+            for sql in _OTHERS_SQL:
+                await driver.execute(sql)
+            # the admission, explained while it runs (it admits the batch in this transaction)
+            assert await _wide_scans_of(driver, *admit_statement(batch)) == []
+            # the settle, explained on calls admitted the same way
+            results = await MeteringConnection(DriverSession(driver)).admit_many([_again(r) for r in batch])
+            settles = [_settle(r.admission) for r in results if r.admission is not None]
+            assert len(settles) == len(batch)
+            assert await _wide_scans_of(driver, *settle_statement(settles)) == []
+        finally:
+            await transaction.rollback()
+
+
+async def _wide_scans_of(driver: Any, statement: TextClause, params: dict[str, Any]) -> list[str]:
+    sql, names = compiled(statement)
+    return _wide_scans(
+        await driver.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *(params[n] for n in names))
+    )
+
+
+def _again(req: AdmitRequest) -> AdmitRequest:
+    """The same call, as a new one (its own usage log)."""
+    return admit_request(req.tool_id, req.tool_version or utcnow(), req.credential, reserve=req.reserve)
+
+
+def _settle(admission: Admission) -> SettleRequest:
+    return SettleRequest(
+        admission=admission, status="success", tokens=5, token_source="reported", duration_ms=3,
+        error_code=None, now=utcnow(), response_status=200, response_body=b"{}",
+    )  # fmt: skip
+
+
+def test_the_check_sees_a_scan_of_every_row() -> None:
+    """The check itself: a plan that scanned every subscription to lock one is reported."""
+    plan = [{"Plan": {"Node Type": "LockRows", "Plans": [
+        {"Node Type": "Index Scan", "Relation Name": "subscriptions", "Actual Rows": 1,
+         "Rows Removed by Filter": OTHERS},
+        {"Node Type": "Seq Scan", "Relation Name": "plans", "Actual Rows": 3, "Rows Removed by Filter": 0},
+    ]}}]  # fmt: skip
+    assert _wide_scans(plan) == [f"Index Scan on subscriptions: {OTHERS + 1} rows per loop"]
