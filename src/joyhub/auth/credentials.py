@@ -67,24 +67,37 @@ class Credential:
 # and `org_id`: the organization the call bills — an organization key's own, else the one asked
 # for with `X-Org-ID` (membership is the admission's to check: asking is not billing). Statements
 # embed it as a subquery or CTE body.
-def credential_users(session_id: str, user_id: str, key_digest: str, org_id: str, now: str = ":now") -> str:
+def credential_users(
+    session_id: str,
+    user_id: str,
+    key_digest: str,
+    org_id: str,
+    now: str = ":now",
+    *,
+    sessions: bool = True,
+    keys: bool = True,
+) -> str:
     """The rule with the credential's parts taken from these SQL expressions: bound parameters
     (`CREDENTIAL_USERS`), or the columns of a batch of credentials (the gateway's admission
-    statement checks the credentials of many callers at once, `tools/metering.py`)."""
-    return f"""
+    statement checks the credentials of many callers at once, `tools/metering.py`). A batch with
+    no access token (`sessions=False`) or no API key (`keys=False`) leaves that half out: it could
+    only find nothing, and every part of a statement costs PostgreSQL its start-up."""
+    session_rule = f"""
     SELECT u.id AS user_id, CAST(NULL AS uuid) AS api_key_id,
            CAST(NULL AS timestamptz) AS key_last_used_at, CAST({org_id} AS uuid) AS org_id
     FROM auth_sessions AS a JOIN users AS u ON u.id = a.user_id
-    WHERE a.id = {session_id} AND u.id = {user_id} AND a.revoked_at IS NULL AND u.is_active
-    UNION ALL
-    SELECT u.id, k.id, k.last_used_at, COALESCE(k.org_id, CAST({org_id} AS uuid))
+    WHERE a.id = {session_id} AND u.id = {user_id} AND a.revoked_at IS NULL AND u.is_active"""  # noqa: S608 (SQL of ours)
+    key_rule = f"""
+    SELECT u.id AS user_id, k.id AS api_key_id, k.last_used_at AS key_last_used_at,
+           COALESCE(k.org_id, CAST({org_id} AS uuid)) AS org_id
     FROM api_keys AS k JOIN users AS u ON u.id = k.user_id
     WHERE k.key_hash = {key_digest} AND k.is_active
       AND (k.expires_at IS NULL OR k.expires_at > {now}) AND u.is_active
       AND (k.org_id IS NULL OR EXISTS (
             SELECT 1 FROM organization_members AS km JOIN organizations AS ko ON ko.id = km.org_id
-            WHERE km.org_id = k.org_id AND km.user_id = k.user_id AND ko.deleted_at IS NULL))
-"""  # noqa: S608 (SQL expressions of ours, never a value)
+            WHERE km.org_id = k.org_id AND km.user_id = k.user_id AND ko.deleted_at IS NULL))"""  # noqa: S608
+    rules = [rule for rule, wanted in ((session_rule, sessions), (key_rule, keys)) if wanted]
+    return "\n    UNION ALL".join(rules) + "\n"
 
 
 CREDENTIAL_USERS = credential_users(":cred_session_id", ":cred_user_id", ":cred_key_digest", ":cred_org_id")

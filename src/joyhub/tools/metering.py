@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import asyncpg
@@ -287,8 +288,7 @@ class Settlement:
 #   the caller's `usage_daily`, an organization call's in the organization's `usage_org_daily`
 #   (by member and tool), every call's in the platform's;
 # - `log` writes each admitted call's pending usage log.
-_ADMIT = text(
-    """
+_ADMIT_TEMPLATE = """
     WITH req AS (
         SELECT r.n, r.g, r.log_id, r.reserve, r.request_id, r.go, r.started_at
         FROM unnest(CAST(:log_ids AS uuid[]), CAST(:callers AS integer[]), CAST(:reserves AS bigint[]),
@@ -302,19 +302,9 @@ _ADMIT = text(
              WITH ORDINALITY AS c(session_id, user_id, key_digest, org_id, g)
     ), who AS (
         SELECT grp.g, w.user_id, w.api_key_id, w.org_id
-        FROM grp CROSS JOIN LATERAL ("""  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
-    + credential_users("grp.session_id", "grp.user_id", "grp.key_digest", "grp.org_id")
-    + """) AS w
-    ), lk_key AS (
-        SELECT k.id, k.requests_per_minute AS rpm, k.rate_tat
-        FROM api_keys AS k
-        WHERE k.id IN (SELECT who.api_key_id FROM who) AND k.requests_per_minute IS NOT NULL
-        ORDER BY k.id
-        FOR NO KEY UPDATE OF k
-    ), member AS (
-        SELECT who.g, m.org_id, m.user_id
-        FROM who JOIN organization_members AS m ON m.user_id = who.user_id AND m.org_id = who.org_id
-        JOIN organizations AS o ON o.id = m.org_id AND o.deleted_at IS NULL
+        FROM grp CROSS JOIN LATERAL ({who}) AS w
+    ), lk_key AS ({lk_key}
+    ), member AS ({member}
     ), account AS (
         SELECT s.* FROM subscriptions AS s
         WHERE (s.user_id = ANY(ARRAY(SELECT who.user_id FROM who WHERE who.org_id IS NULL))
@@ -322,29 +312,14 @@ _ADMIT = text(
           AND (SELECT count(*) FROM lk_key) >= 0
         ORDER BY s.id
         FOR NO KEY UPDATE OF s
-    ), lk_member AS (
-        SELECT m.org_id, m.user_id, m.token_limit, m.tokens_used, m.tokens_reserved, m.period_end
-        FROM organization_members AS m
-        WHERE (m.org_id, m.user_id) IN (SELECT member.org_id, member.user_id FROM member)
-          AND (SELECT count(*) FROM account) >= 0
-        ORDER BY m.org_id, m.user_id
-        FOR NO KEY UPDATE OF m
+    ), lk_member AS ({lk_member}
     ), lk_tool AS (
         SELECT t.id, t.requests_per_minute AS rpm, t.rate_tat
         FROM tools AS t
         WHERE t.id = :tool_id AND t.requests_per_minute IS NOT NULL AND t.deleted_at IS NULL AND t.is_active
           AND (SELECT count(*) FROM lk_member) >= 0
         FOR NO KEY UPDATE OF t
-    ), touch AS (
-        UPDATE api_keys AS k SET last_used_at = :now
-        WHERE k.id IN (
-            SELECT tk.id FROM api_keys AS tk
-            WHERE tk.id IN (SELECT who.api_key_id FROM who)
-              AND (tk.last_used_at IS NULL OR tk.last_used_at < :touch_before)
-              AND tk.requests_per_minute IS NULL
-            ORDER BY tk.id
-            FOR NO KEY UPDATE OF tk SKIP LOCKED)
-    ), tool AS (
+    ){touch}, tool AS (
         SELECT t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
                t.auth_header_name, t.auth_header_value, t.updated_at AS tool_updated_at, t.streaming,
                t.protocol, t.upstream_model, t.name AS tool_name,
@@ -366,8 +341,7 @@ _ADMIT = text(
                s.current_period_end, s.expires_at, s.inflight, s.rate_tat AS plan_tat,
                p.token_limit, p.rank AS plan_rank, p.requests_per_minute AS plan_rpm, p.max_concurrent,
                lk_key.rpm AS key_rpm, lk_key.rate_tat AS key_tat,
-               kk.state AS idem_state, kk.request_hash AS idem_hash,
-               kk.response_status AS idem_status, kk.response_body::text AS idem_body
+               {idem_columns}
         FROM grp
         CROSS JOIN tool
         LEFT JOIN who ON who.g = grp.g
@@ -376,9 +350,7 @@ _ADMIT = text(
         LEFT JOIN account AS s
                ON CASE WHEN who.org_id IS NULL THEN s.user_id = who.user_id ELSE s.org_id = member.org_id END
         LEFT JOIN plans AS p ON p.code = s.plan_code
-        LEFT JOIN lk_key ON lk_key.id = who.api_key_id
-        LEFT JOIN idempotency_keys AS kk
-               ON kk.user_id = who.user_id AND kk.key = :idempotency_key AND kk.expires_at > :now
+        LEFT JOIN lk_key ON lk_key.id = who.api_key_id{idem_join}
     ), room AS (
         SELECT ctx.*,
                ctx.user_id IS NOT NULL AND ctx.tool_id IS NOT NULL AND ctx.idem_state IS NULL
@@ -407,31 +379,25 @@ _ADMIT = text(
         FROM req JOIN room ON room.g = req.g
     ), by_key AS (
         SELECT c.*,
-               c.eligible AND (c.key_room IS NULL OR count(*) FILTER (WHERE c.eligible) OVER (
-                   PARTITION BY c.api_key_id ORDER BY c.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
-                   < c.key_room) AS key_ok
+               c.eligible AND (c.key_room IS NULL OR {eligible_ahead_of_key} < c.key_room) AS key_ok
         FROM calls AS c
     ), by_member AS (
         SELECT c.*,
-               c.key_ok AND (c.member_room IS NULL OR COALESCE(sum(c.reserve) FILTER (WHERE c.key_ok) OVER (
-                   PARTITION BY c.org_id, c.user_id ORDER BY c.n
-                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) < c.member_room) AS member_ok
+               c.key_ok AND (c.member_room IS NULL OR {key_ok_tokens_ahead_of_member} < c.member_room)
+                   AS member_ok
         FROM by_key AS c
     ), by_account AS (
         SELECT c.*,
                c.member_ok
-                 AND (c.plan_room IS NULL OR count(*) FILTER (WHERE c.member_ok) OVER w < c.plan_room)
-                 AND (c.max_concurrent IS NULL
-                      OR c.inflight + count(*) FILTER (WHERE c.member_ok) OVER w < c.max_concurrent)
-                 AND COALESCE(sum(c.reserve) FILTER (WHERE c.member_ok) OVER w, 0) < c.token_room
+                 AND (c.plan_room IS NULL OR {member_ok_ahead} < c.plan_room)
+                 AND (c.max_concurrent IS NULL OR c.inflight + {member_ok_ahead} < c.max_concurrent)
+                 AND {member_ok_tokens_ahead} < c.token_room
                    AS account_ok
         FROM by_member AS c
-        WINDOW w AS (PARTITION BY c.sub_id ORDER BY c.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
     ), decided AS (
         SELECT c.*,
-               COALESCE(c.account_ok AND (c.tool_room IS NULL OR count(*) FILTER (WHERE c.account_ok) OVER (
-                   ORDER BY c.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) < c.tool_room), false)
-                   AS admitted
+               COALESCE(c.account_ok AND (c.tool_room IS NULL OR {account_ok_ahead_of_tool} < c.tool_room),
+                        false) AS admitted
         FROM by_account AS c
     ), judged AS (
         -- each call judged against what was admitted ahead of it (per key, member, account, tool)
@@ -442,19 +408,11 @@ _ADMIT = text(
                c.tool_room IS NULL OR c.tool_ahead < c.tool_room AS tool_rate_ok,
                c.max_concurrent IS NULL OR c.inflight + c.ahead < c.max_concurrent AS concurrency_ok
         FROM (
-            SELECT d.*,
-                   count(*) FILTER (WHERE d.admitted) OVER w AS ahead,
-                   COALESCE(sum(d.reserve) FILTER (WHERE d.admitted) OVER w, 0) AS ahead_tokens,
-                   count(*) FILTER (WHERE d.admitted) OVER (
-                       PARTITION BY d.api_key_id ORDER BY d.n
-                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS key_ahead,
-                   COALESCE(sum(d.reserve) FILTER (WHERE d.admitted) OVER (
-                       PARTITION BY d.org_id, d.user_id ORDER BY d.n
-                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS member_ahead_tokens,
-                   count(*) FILTER (WHERE d.admitted) OVER (
-                       ORDER BY d.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS tool_ahead
+            SELECT d.*, {admitted_ahead} AS ahead, {admitted_tokens_ahead} AS ahead_tokens,
+                   {admitted_ahead_of_key} AS key_ahead,
+                   {admitted_tokens_ahead_of_member} AS member_ahead_tokens,
+                   {admitted_ahead_of_tool} AS tool_ahead
             FROM decided AS d
-            WINDOW w AS (PARTITION BY d.sub_id ORDER BY d.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
         ) AS c
     ), adm AS (
         UPDATE subscriptions AS s
@@ -466,21 +424,7 @@ _ADMIT = text(
               FROM decided WHERE admitted GROUP BY sub_id) AS a
         WHERE s.id = a.sub_id
         RETURNING s.id, s.plan_code
-    ), member_adm AS (
-        -- the members' shares of their organizations' reservations, under the locks taken above
-        UPDATE organization_members AS m SET tokens_reserved = m.tokens_reserved + a.reserve
-        FROM (SELECT org_id, user_id, sum(reserve) AS reserve
-              FROM decided WHERE admitted AND org_id IS NOT NULL GROUP BY org_id, user_id) AS a
-        WHERE m.org_id = a.org_id AND m.user_id = a.user_id
-    ), key_rate AS (
-        UPDATE api_keys AS k
-        SET rate_tat = GREATEST(k.rate_tat, :now)
-                       + make_interval(secs => a.calls * 60.0 / k.requests_per_minute),
-            last_used_at = :now
-        FROM (SELECT api_key_id, count(*) AS calls FROM decided WHERE admitted GROUP BY api_key_id) AS a
-        JOIN lk_key ON lk_key.id = a.api_key_id
-        WHERE k.id = a.api_key_id
-    ), tool_rate AS (
+    ){member_adm}{key_rate}, tool_rate AS (
         UPDATE tools AS t
         SET rate_tat = GREATEST(t.rate_tat, :now)
                        + make_interval(secs => a.calls * 60.0 / t.requests_per_minute)
@@ -500,15 +444,7 @@ _ADMIT = text(
         FROM refused WHERE org_id IS NULL
         ON CONFLICT (user_id, day, tool_id, plan_code)
             DO UPDATE SET rate_limited = d.rate_limited + EXCLUDED.rate_limited
-    ), limited_org AS (
-        INSERT INTO usage_org_daily AS od
-            (org_id, day, user_id, tool_id, invocations, successes, errors, timeouts, cancelled, tokens,
-             rate_limited)
-        SELECT org_id, CAST(:now AS timestamptz) AT TIME ZONE 'UTC', user_id, tool_id, 0, 0, 0, 0, 0, 0, calls
-        FROM refused WHERE org_id IS NOT NULL
-        ON CONFLICT (org_id, day, user_id, tool_id)
-            DO UPDATE SET rate_limited = od.rate_limited + EXCLUDED.rate_limited
-    ), limited_platform AS (
+    ){limited_org}, limited_platform AS (
         INSERT INTO usage_platform_daily AS pd
             (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, tokens, rate_limited)
         SELECT CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, shard, 0, 0, 0, 0, 0,
@@ -530,7 +466,170 @@ _ADMIT = text(
     FROM judged AS j JOIN room ON room.g = j.g LEFT JOIN log ON log.id = j.log_id
     ORDER BY j.n
     """
-)
+
+# The parts of `_ADMIT_TEMPLATE` that only some batches need (`AdmitShape`), and what stands in for
+# them when a batch cannot reach them: an empty relation of the same columns, or nothing at all.
+_LOCK_KEYS = """
+        SELECT k.id, k.requests_per_minute AS rpm, k.rate_tat
+        FROM api_keys AS k
+        WHERE k.id IN (SELECT who.api_key_id FROM who) AND k.requests_per_minute IS NOT NULL
+        ORDER BY k.id
+        FOR NO KEY UPDATE OF k"""
+_NO_KEYS = """
+        SELECT CAST(NULL AS uuid) AS id, CAST(NULL AS integer) AS rpm, CAST(NULL AS timestamptz) AS rate_tat
+        WHERE false"""
+_MEMBERS = """
+        SELECT who.g, m.org_id, m.user_id
+        FROM who JOIN organization_members AS m ON m.user_id = who.user_id AND m.org_id = who.org_id
+        JOIN organizations AS o ON o.id = m.org_id AND o.deleted_at IS NULL"""
+_NO_MEMBERS = """
+        SELECT CAST(NULL AS bigint) AS g, CAST(NULL AS uuid) AS org_id, CAST(NULL AS uuid) AS user_id
+        WHERE false"""
+_LOCK_MEMBERS = """
+        SELECT m.org_id, m.user_id, m.token_limit, m.tokens_used, m.tokens_reserved, m.period_end
+        FROM organization_members AS m
+        WHERE (m.org_id, m.user_id) IN (SELECT member.org_id, member.user_id FROM member)
+          AND (SELECT count(*) FROM account) >= 0
+        ORDER BY m.org_id, m.user_id
+        FOR NO KEY UPDATE OF m"""
+# no member to lock, but read after the accounts all the same: the tool's lock waits for this one
+_NO_MEMBERS_LOCKED = """
+        SELECT CAST(NULL AS uuid) AS org_id, CAST(NULL AS uuid) AS user_id,
+               CAST(NULL AS bigint) AS token_limit, CAST(NULL AS bigint) AS tokens_used,
+               CAST(NULL AS bigint) AS tokens_reserved, CAST(NULL AS timestamptz) AS period_end
+        WHERE (SELECT count(*) FROM account) < 0"""
+_TOUCH_KEYS = """, touch AS (
+        UPDATE api_keys AS k SET last_used_at = :now
+        WHERE k.id IN (
+            SELECT tk.id FROM api_keys AS tk
+            WHERE tk.id IN (SELECT who.api_key_id FROM who)
+              AND (tk.last_used_at IS NULL OR tk.last_used_at < :touch_before)
+              AND tk.requests_per_minute IS NULL
+            ORDER BY tk.id
+            FOR NO KEY UPDATE OF tk SKIP LOCKED)
+    )"""
+_IDEM_COLUMNS = """kk.state AS idem_state, kk.request_hash AS idem_hash,
+               kk.response_status AS idem_status, kk.response_body::text AS idem_body"""
+_NO_IDEM_COLUMNS = """CAST(NULL AS varchar) AS idem_state, CAST(NULL AS bytea) AS idem_hash,
+               CAST(NULL AS integer) AS idem_status, CAST(NULL AS text) AS idem_body"""
+_IDEM_JOIN = """
+        LEFT JOIN idempotency_keys AS kk
+               ON kk.user_id = who.user_id AND kk.key = :idempotency_key AND kk.expires_at > :now"""
+_MEMBERS_RESERVE = """, member_adm AS (
+        -- the members' shares of their organizations' reservations, under the locks taken above
+        UPDATE organization_members AS m SET tokens_reserved = m.tokens_reserved + a.reserve
+        FROM (SELECT org_id, user_id, sum(reserve) AS reserve
+              FROM decided WHERE admitted AND org_id IS NOT NULL GROUP BY org_id, user_id) AS a
+        WHERE m.org_id = a.org_id AND m.user_id = a.user_id
+    )"""
+_KEYS_RATE = """, key_rate AS (
+        UPDATE api_keys AS k
+        SET rate_tat = GREATEST(k.rate_tat, :now)
+                       + make_interval(secs => a.calls * 60.0 / k.requests_per_minute),
+            last_used_at = :now
+        FROM (SELECT api_key_id, count(*) AS calls FROM decided WHERE admitted GROUP BY api_key_id) AS a
+        JOIN lk_key ON lk_key.id = a.api_key_id
+        WHERE k.id = a.api_key_id
+    )"""
+_MEMBERS_LIMITED = """, limited_org AS (
+        INSERT INTO usage_org_daily AS od
+            (org_id, day, user_id, tool_id, invocations, successes, errors, timeouts, cancelled, tokens,
+             rate_limited)
+        SELECT org_id, CAST(:now AS timestamptz) AT TIME ZONE 'UTC', user_id, tool_id, 0, 0, 0, 0, 0, 0, calls
+        FROM refused WHERE org_id IS NOT NULL
+        ON CONFLICT (org_id, day, user_id, tool_id)
+            DO UPDATE SET rate_limited = od.rate_limited + EXCLUDED.rate_limited
+    )"""
+
+
+# What is ahead of a call at each level of `by_key` … `judged`: among the calls of the batch before
+# it (in arrival order) in the same partition — key, member, account, or the whole batch for the
+# tool — those that passed the level below, counted or their tokens summed. A batch of one has
+# nothing ahead of it: zero, of the same type.
+def _earlier(aggregate: str, alias: str, partition: str) -> str:
+    by = f"PARTITION BY {partition} " if partition else ""
+    return f"{aggregate} OVER ({by}ORDER BY {alias}.n ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)"
+
+
+def _earlier_tokens(passed: str, alias: str, partition: str) -> str:
+    return f"COALESCE({_earlier(f'sum({alias}.reserve) FILTER (WHERE {passed})', alias, partition)}, 0)"
+
+
+_NO_CALLS, _NO_TOKENS = "CAST(0 AS bigint)", "CAST(0 AS numeric)"
+_AHEAD: dict[str, tuple[str, str]] = {
+    "eligible_ahead_of_key": (_earlier("count(*) FILTER (WHERE c.eligible)", "c", "c.api_key_id"), _NO_CALLS),
+    "key_ok_tokens_ahead_of_member": (_earlier_tokens("c.key_ok", "c", "c.org_id, c.user_id"), _NO_TOKENS),
+    "member_ok_ahead": (_earlier("count(*) FILTER (WHERE c.member_ok)", "c", "c.sub_id"), _NO_CALLS),
+    "member_ok_tokens_ahead": (_earlier_tokens("c.member_ok", "c", "c.sub_id"), _NO_TOKENS),
+    "account_ok_ahead_of_tool": (_earlier("count(*) FILTER (WHERE c.account_ok)", "c", ""), _NO_CALLS),
+    "admitted_ahead": (_earlier("count(*) FILTER (WHERE d.admitted)", "d", "d.sub_id"), _NO_CALLS),
+    "admitted_tokens_ahead": (_earlier_tokens("d.admitted", "d", "d.sub_id"), _NO_TOKENS),
+    "admitted_ahead_of_key": (_earlier("count(*) FILTER (WHERE d.admitted)", "d", "d.api_key_id"), _NO_CALLS),
+    "admitted_tokens_ahead_of_member": (
+        _earlier_tokens("d.admitted", "d", "d.org_id, d.user_id"),
+        _NO_TOKENS,
+    ),
+    "admitted_ahead_of_tool": (_earlier("count(*) FILTER (WHERE d.admitted)", "d", ""), _NO_CALLS),
+}
+
+
+@dataclass(frozen=True)
+class AdmitShape:
+    """What a batch can need of the admission statement.
+
+    PostgreSQL starts every part of a statement on every execution — the parts that read or change
+    no row included — and for the one-call batches of a quiet hub that start is most of the
+    statement's cost. So a batch runs the statement rendered with the parts its calls can reach
+    (`_admit_sql`): the rules stay written once, in the template, and a part left out is one that
+    could only have found nothing."""
+
+    many: bool  # more than one call: line them up (a lone call has nothing ahead of it)
+    sessions: bool  # some call presents an access token
+    keys: bool  # some call presents an API key (its own limit, its organization, its last use)
+    orgs: bool  # some call may bill an organization: it asks with X-Org-ID, or it presents a key
+    idempotent: bool  # the lone call has an Idempotency-Key, whose record is read with the rest
+
+    @staticmethod
+    def of(reqs: list[AdmitRequest]) -> AdmitShape:
+        credentials = [r.credential for r in reqs]
+        keys = any(c.is_api_key for c in credentials)
+        return AdmitShape(
+            many=len(reqs) > 1,
+            sessions=any(not c.is_api_key for c in credentials),
+            keys=keys,
+            orgs=keys or any(c.org_id is not None for c in credentials),
+            idempotent=len(reqs) == 1 and reqs[0].idempotency_key is not None,
+        )
+
+
+@lru_cache(maxsize=64)
+def _admit_sql(shape: AdmitShape) -> TextClause:
+    """The admission statement for batches of this shape."""
+    who = credential_users(
+        "grp.session_id",
+        "grp.user_id",
+        "grp.key_digest",
+        "grp.org_id",
+        sessions=shape.sessions,
+        keys=shape.keys,
+    )
+    ahead = {name: (window if shape.many else zero) for name, (window, zero) in _AHEAD.items()}
+    return text(
+        _ADMIT_TEMPLATE.format(
+            who=who,
+            lk_key=_LOCK_KEYS if shape.keys else _NO_KEYS,
+            member=_MEMBERS if shape.orgs else _NO_MEMBERS,
+            lk_member=_LOCK_MEMBERS if shape.orgs else _NO_MEMBERS_LOCKED,
+            touch=_TOUCH_KEYS if shape.keys else "",
+            idem_columns=_IDEM_COLUMNS if shape.idempotent else _NO_IDEM_COLUMNS,
+            idem_join=_IDEM_JOIN if shape.idempotent else "",
+            member_adm=_MEMBERS_RESERVE if shape.orgs else "",
+            key_rate=_KEYS_RATE if shape.keys else "",
+            limited_org=_MEMBERS_LIMITED if shape.orgs else "",
+            **ahead,
+        )
+    )
+
 
 # A claim of an Idempotency-Key, arbitrated by its unique index (user, key): the loser of a race
 # waits for the winner's transaction and then claims nothing. An expired record not yet swept is
@@ -569,8 +668,7 @@ _LINK_KEY = text("UPDATE idempotency_keys SET usage_log_id = :log_id WHERE id = 
 # the quota thresholds the charge crosses are decided and their events written to the outbox
 # (`webhooks/quota_alerts.py`: exactly one settle crosses each threshold, since settles of one
 # subscription take its row lock one after another).
-_SETTLE = text(
-    """
+_SETTLE_TEMPLATE = """
     WITH req AS (
         SELECT * FROM unnest(
             CAST(:log_ids AS uuid[]), CAST(:statuses AS varchar[]), CAST(:tokens AS bigint[]),
@@ -605,20 +703,7 @@ _SETTLE = text(
         RETURNING s.id, s.user_id, s.tokens_used - charge.tokens AS tokens_before, s.tokens_used,
                   s.current_period_start, s.current_period_end,
                   (SELECT p.token_limit FROM plans AS p WHERE p.code = s.plan_code) AS token_limit, s.org_id
-    ), member_charge AS (
-        -- an organization call's member: charged in the period the organization was charged in,
-        -- after the subscription's row lock (the admission's lock order: account, then member)
-        UPDATE organization_members AS m
-        SET tokens_used = CASE WHEN m.period_end = sub.current_period_end THEN m.tokens_used ELSE 0 END
-                          + mc.tokens,
-            tokens_reserved = GREATEST(m.tokens_reserved - mc.reserved, 0),
-            period_end = sub.current_period_end
-        FROM (SELECT org_id, member_id, subscription_id, sum(tokens) AS tokens,
-                     sum(tokens_reserved) AS reserved
-              FROM l WHERE org_id IS NOT NULL GROUP BY 1, 2, 3) AS mc
-        JOIN sub ON sub.id = mc.subscription_id
-        WHERE m.org_id = mc.org_id AND m.user_id = mc.member_id
-    ), log AS (
+    ){member_charge}, log AS (
         UPDATE usage_logs AS u
         SET status = l.status, tokens_used = l.tokens, duration_ms = l.duration_ms, error_code = l.error_code,
             token_source = l.token_source, input_tokens = l.input_tokens, output_tokens = l.output_tokens,
@@ -631,12 +716,7 @@ _SETTLE = text(
           AND u.started_at >= :started_lo AND u.started_at <= :started_hi
         RETURNING u.id, u.user_id, u.tool_id, u.plan_code, u."timestamp", u.status, u.tokens_used,
                   u.input_tokens, u.output_tokens, u.org_id, u.subscription_id
-    ), idem AS (
-        UPDATE idempotency_keys AS k
-        SET state = 'done', response_status = l.response_status,
-            response_body = CAST(l.response_body AS jsonb), usage_log_id = l.id
-        FROM l WHERE k.id = l.idem_id
-    ), settled AS (
+    ){idem}, settled AS (
         SELECT user_id, org_id, tool_id, COALESCE(plan_code, '') AS plan_code,
                get_byte(uuid_send(user_id), 15) % 16 AS shard, "timestamp" AS ts,
                CAST(status = 'success' AS integer) AS success, CAST(status = 'error' AS integer) AS error,
@@ -644,15 +724,62 @@ _SETTLE = text(
                CAST(status = 'cancelled' AS integer) AS cancelled,
                tokens_used AS tokens, input_tokens, output_tokens
         FROM log
-    ), """  # noqa: S608 (constant SQL pieces joined at import; every value is a bound parameter)
-    + rollups.ROLLUP_CTES
-    + ", "
-    + quota_alerts.QUOTA_ALERT_CTES
-    + """
+    ), {rollups}, {quota_alerts}
     SELECT log.id, sub.tokens_used, sub.current_period_end, sub.token_limit
     FROM log LEFT JOIN sub ON sub.id = log.subscription_id
     """
-)
+# the parts of `_SETTLE_TEMPLATE` only some batches need (`SettleShape`)
+_MEMBERS_CHARGE = """, member_charge AS (
+        -- an organization call's member: charged in the period the organization was charged in,
+        -- after the subscription's row lock (the admission's lock order: account, then member)
+        UPDATE organization_members AS m
+        SET tokens_used = CASE WHEN m.period_end = sub.current_period_end THEN m.tokens_used ELSE 0 END
+                          + mc.tokens,
+            tokens_reserved = GREATEST(m.tokens_reserved - mc.reserved, 0),
+            period_end = sub.current_period_end
+        FROM (SELECT org_id, member_id, subscription_id, sum(tokens) AS tokens,
+                     sum(tokens_reserved) AS reserved
+              FROM l WHERE org_id IS NOT NULL GROUP BY 1, 2, 3) AS mc
+        JOIN sub ON sub.id = mc.subscription_id
+        WHERE m.org_id = mc.org_id AND m.user_id = mc.member_id
+    )"""
+_IDEM_ANSWERS = """, idem AS (
+        UPDATE idempotency_keys AS k
+        SET state = 'done', response_status = l.response_status,
+            response_body = CAST(l.response_body AS jsonb), usage_log_id = l.id
+        FROM l WHERE k.id = l.idem_id
+    )"""
+
+
+@dataclass(frozen=True)
+class SettleShape:
+    """What a batch can need of the settle statement (why it matters: `AdmitShape`)."""
+
+    personal: bool  # some call billed its caller's own account: the personal read models
+    orgs: bool  # some call billed an organization: its member's share, its read model
+    idempotent: bool  # some call has an Idempotency-Key: its answer is stored for replay
+
+    @staticmethod
+    def of(reqs: list[SettleRequest]) -> SettleShape:
+        return SettleShape(
+            personal=any(r.admission.org_id is None for r in reqs),
+            orgs=any(r.admission.org_id is not None for r in reqs),
+            idempotent=any(r.admission.idem_id is not None for r in reqs),
+        )
+
+
+@lru_cache(maxsize=16)
+def _settle_sql(shape: SettleShape) -> TextClause:
+    """The settle statement for batches of this shape."""
+    return text(
+        _SETTLE_TEMPLATE.format(
+            member_charge=_MEMBERS_CHARGE if shape.orgs else "",
+            idem=_IDEM_ANSWERS if shape.idempotent else "",
+            rollups=rollups.rollup_ctes(personal=shape.personal, orgs=shape.orgs),
+            quota_alerts=quota_alerts.QUOTA_ALERT_CTES,
+        )
+    )
+
 
 # How a call that a settle found no longer pending was closed (see `MeteringStore.settle`).
 _OUTCOME = text(
@@ -857,7 +984,7 @@ def _admit_result(row: Record, req: AdmitRequest, now: datetime) -> AdmitResult:
 def settle_statement(reqs: list[SettleRequest]) -> tuple[TextClause, dict[str, Any]]:
     """The settle statement for a batch and its parameters: the batch as the statement's arrays
     (one element per call), settled at the latest `now`."""
-    return _SETTLE, {
+    return _settle_sql(SettleShape.of(reqs)), {
         "now": max(r.now for r in reqs),
         "log_ids": [r.admission.log_id for r in reqs],
         "started_ats": [r.admission.started_at for r in reqs],
@@ -945,7 +1072,7 @@ def admit_statement(reqs: list[AdmitRequest]) -> tuple[TextClause, dict[str, Any
     callers: dict[Credential, int] = {}  # the batch's credentials, numbered from 1 (`grp`)
     for r in reqs:
         callers.setdefault(r.credential, len(callers) + 1)
-    return _ADMIT, {
+    return _admit_sql(AdmitShape.of(reqs)), {
         "cred_session_ids": [c.session_id for c in callers],
         "cred_user_ids": [c.user_id for c in callers],
         "cred_key_digests": [c.api_key_digest for c in callers],

@@ -37,7 +37,8 @@ from joyhub.models.usage import PLATFORM_SHARDS
 # order, so two batches cannot deadlock on them. Put them in a WITH after `settled`: the settle
 # statement derives `settled` from the usage logs it closes, `bump` from parameters. One text for
 # both, so the rollups cannot be counted one way at settle and another in the sweep.
-ROLLUP_CTES = """
+_PERSONAL_ROLLUPS = [
+    """
     daily AS (
         INSERT INTO usage_daily AS d
             (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, cancelled, tokens,
@@ -56,7 +57,10 @@ ROLLUP_CTES = """
             input_tokens = d.input_tokens + EXCLUDED.input_tokens,
             output_tokens = d.output_tokens + EXCLUDED.output_tokens
         RETURNING 1
-    ), user_daily AS (
+    )
+""",
+    """
+    user_daily AS (
         INSERT INTO usage_user_daily AS ud (user_id, day, invocations, tokens)
         SELECT user_id, ts AT TIME ZONE 'UTC', count(*), sum(tokens)
         FROM settled WHERE org_id IS NULL GROUP BY 1, 2 ORDER BY 1, 2
@@ -64,7 +68,10 @@ ROLLUP_CTES = """
             invocations = ud.invocations + EXCLUDED.invocations,
             tokens = ud.tokens + EXCLUDED.tokens
         RETURNING 1
-    ), user_weekly AS (
+    )
+""",
+    """
+    user_weekly AS (
         INSERT INTO usage_user_weekly AS uw (user_id, week, invocations, tokens)
         SELECT user_id, date_trunc('week', ts AT TIME ZONE 'UTC'), count(*), sum(tokens)
         FROM settled WHERE org_id IS NULL GROUP BY 1, 2 ORDER BY 1, 2
@@ -72,21 +79,10 @@ ROLLUP_CTES = """
             invocations = uw.invocations + EXCLUDED.invocations,
             tokens = uw.tokens + EXCLUDED.tokens
         RETURNING 1
-    ), platform AS (
-        INSERT INTO usage_platform_daily AS p
-            (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, cancelled, tokens)
-        SELECT ts AT TIME ZONE 'UTC', tool_id, plan_code, shard, count(*), sum(success), sum(error),
-               sum(timeout), sum(cancelled), sum(tokens)
-        FROM settled GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-        ON CONFLICT (day, tool_id, plan_code, shard) DO UPDATE SET
-            invocations = p.invocations + EXCLUDED.invocations,
-            successes = p.successes + EXCLUDED.successes,
-            errors = p.errors + EXCLUDED.errors,
-            timeouts = p.timeouts + EXCLUDED.timeouts,
-            cancelled = p.cancelled + EXCLUDED.cancelled,
-            tokens = p.tokens + EXCLUDED.tokens
-        RETURNING 1
-    ), hourly AS (
+    )
+""",
+    """
+    hourly AS (
         INSERT INTO usage_hourly AS h (user_id, hour, invocations, tokens)
         SELECT user_id, date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', count(*), sum(tokens)
         FROM settled WHERE org_id IS NULL GROUP BY 1, 2 ORDER BY 1, 2
@@ -94,7 +90,13 @@ ROLLUP_CTES = """
             invocations = h.invocations + EXCLUDED.invocations,
             tokens = h.tokens + EXCLUDED.tokens
         RETURNING 1
-    ), org_daily AS (
+    )
+""",
+]
+
+_ORG_ROLLUPS = [
+    """
+    org_daily AS (
         INSERT INTO usage_org_daily AS od
             (org_id, day, user_id, tool_id, invocations, successes, errors, timeouts, cancelled, tokens,
              input_tokens, output_tokens)
@@ -113,7 +115,39 @@ ROLLUP_CTES = """
             output_tokens = od.output_tokens + EXCLUDED.output_tokens
         RETURNING 1
     )
-"""
+""",
+]
+
+_PLATFORM_ROLLUPS = [
+    """
+    platform AS (
+        INSERT INTO usage_platform_daily AS p
+            (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, cancelled, tokens)
+        SELECT ts AT TIME ZONE 'UTC', tool_id, plan_code, shard, count(*), sum(success), sum(error),
+               sum(timeout), sum(cancelled), sum(tokens)
+        FROM settled GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+        ON CONFLICT (day, tool_id, plan_code, shard) DO UPDATE SET
+            invocations = p.invocations + EXCLUDED.invocations,
+            successes = p.successes + EXCLUDED.successes,
+            errors = p.errors + EXCLUDED.errors,
+            timeouts = p.timeouts + EXCLUDED.timeouts,
+            cancelled = p.cancelled + EXCLUDED.cancelled,
+            tokens = p.tokens + EXCLUDED.tokens
+        RETURNING 1
+    )
+""",
+]
+
+
+def rollup_ctes(*, personal: bool = True, orgs: bool = True) -> str:
+    """The upserts as one list of CTEs. A batch with no personal call (`personal=False`) or no
+    organization call (`orgs=False`) leaves out those read models' upserts: they could change
+    nothing, and every part of a statement costs PostgreSQL its start-up."""
+    ctes = (_PERSONAL_ROLLUPS if personal else []) + (_ORG_ROLLUPS if orgs else []) + _PLATFORM_ROLLUPS
+    return ", ".join(cte.strip("\n") for cte in ctes) + "\n"
+
+
+ROLLUP_CTES = rollup_ctes()
 
 _BUMP = text(
     """
