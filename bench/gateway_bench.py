@@ -540,7 +540,10 @@ def main() -> int:
         res = _run(
             _load(spec["url"], spec["headers"], spec["body"].encode(), spec["c"], spec["s"], spec["n"])
         )
-        print(json.dumps(asdict(res)))
+        # through a buffered writer: with PYTHONUNBUFFERED set, a print of this size to a pipe can
+        # be cut at a 64 KiB boundary (a raw write that writes less than it was given)
+        with open(sys.stdout.fileno(), "wb", closefd=False) as out:
+            out.write(json.dumps(asdict(res)).encode() + b"\n")
         return 0
     tool = args.loadgen
     if tool == "auto":
