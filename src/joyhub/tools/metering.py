@@ -7,7 +7,7 @@ write after it (reservation, charge, release, the sweep) goes through the subscr
 admission recorded on the usage log. Who may bill a subscription is therefore a question of that
 one CTE, not of the ledger.
 
-- **admit** is one conditional statement (`_ADMIT`), one round trip: it checks the caller's
+- **admit** is one conditional statement (`_admit_sql`), one round trip: it checks the caller's
   credential by the one rule (`auth/credentials.py`), reads the tool, the account and its plan,
   the tool's minimum plan and any live idempotency record, and — only when every check passes —
   reserves the call's estimated tokens (`tokens_reserved`, `inflight`) with a conditional update
@@ -15,7 +15,7 @@ one CTE, not of the ledger.
   concurrent calls at the quota edge cannot all pass; the overshoot is bounded by the calls
   already in flight. The row lock of the conditional update makes concurrent admissions of one
   account wait and re-check the fresh row.
-- **settle** is one statement (`_SETTLE`, so one implicit transaction and one round trip): the
+- **settle** is one statement (`_settle_sql`, so one implicit transaction and one round trip): the
   usage log gets its outcome (guarded by `status = 'pending'`, so a call is never settled twice),
   the account is charged and its reservation released, the idempotency record stores the
   response, and the rollups are bumped (`usage/rollups.py`). The log's `timestamp` is the settle
@@ -288,6 +288,7 @@ class Settlement:
 #   the caller's `usage_daily`, an organization call's in the organization's `usage_org_daily`
 #   (by member and tool), every call's in the platform's;
 # - `log` writes each admitted call's pending usage log.
+# The `{…}` parts are filled in for the batch's shape (`AdmitShape`, `_admit_sql` below).
 _ADMIT_TEMPLATE = """
     WITH req AS (
         SELECT r.n, r.g, r.log_id, r.reserve, r.request_id, r.go, r.started_at
@@ -667,7 +668,8 @@ _LINK_KEY = text("UPDATE idempotency_keys SET usage_log_id = :log_id WHERE id = 
 # `idem` stores each answer for replay; `settled` feeds the rollup upserts (`rollups.ROLLUP_CTES`);
 # the quota thresholds the charge crosses are decided and their events written to the outbox
 # (`webhooks/quota_alerts.py`: exactly one settle crosses each threshold, since settles of one
-# subscription take its row lock one after another).
+# subscription take its row lock one after another). The `{…}` parts are filled in for the batch's
+# shape (`SettleShape`, `_settle_sql` below).
 _SETTLE_TEMPLATE = """
     WITH req AS (
         SELECT * FROM unnest(
@@ -929,7 +931,7 @@ def _admission_read(row: Record, now: datetime) -> AdmissionRead:
     )
 
 
-# the per-minute limits, in the contract's order, their columns' prefix in `_ADMIT`'s answer, and
+# the per-minute limits, in the contract's order, their columns' prefix in the admission's answer, and
 # the column counting the calls of the batch admitted ahead under that limit (the plan's: the
 # account's calls)
 _BUCKETS: tuple[tuple[Scope, str, str], ...] = (
@@ -1187,7 +1189,7 @@ class MeteringStore:
         """Settle a call: group-committed with the calls being settled meanwhile (`group_commit.py`).
 
         Settles of *different* accounts are batched too: a settle locks each of its accounts'
-        rows in id order (`_SETTLE`), so one statement charges many accounts as exactly as it
+        rows in id order (`_settle_sql`), so one statement charges many accounts as exactly as it
         charges one, and with one commit. Calls of many separate callers then cost PostgreSQL one
         statement start and one WAL flush per batch, not per call. `SETTLE_LINES` lines (by
         subscription) keep two statements under way at once, so a batch waiting on one hot
