@@ -4,13 +4,15 @@ An admission or a settle must cost the same with ten accounts or a million: each
 is reached through an index, by the batch's own keys. A statement shaped so that PostgreSQL cannot
 do that (an `IN (SELECT …)` under an `OR` once scanned every subscription to lock one) passes
 every functional test on a small database and falls over in production, so this test runs the
-statements under `EXPLAIN ANALYZE` among thousands of other accounts — inside a transaction it
-rolls back — and checks, node by node, how many rows each scan looked at. Counts, not timings."""
+admission, the settle and the sweep's close under `EXPLAIN ANALYZE` among thousands of other
+accounts — inside a transaction it rolls back — and checks, node by node, how many rows each scan
+looked at. Counts, not timings."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -27,8 +29,10 @@ from joyhub.tools.metering import (
     MeteringConnection,
     SettleRequest,
     admit_statement,
+    close_stale_statement,
     settle_statement,
 )
+from tests.conftest import test_settings as hub_settings
 from tests.orgs.helpers import make_org
 from tests.subscriptions.helpers import make_api_key
 from tests.tools.helpers import admit_request, make_caller, make_tool, tool_version
@@ -152,6 +156,11 @@ async def test_admission_and_settle_read_only_their_own_rows_among_thousands(eng
             settles = [_settle(r.admission) for r in results if r.admission is not None]
             assert len(settles) == len(batch)
             assert await _wide_scans_of(driver, *settle_statement(settles)) == []
+            # the sweep, closing the first batch's calls (still pending) a day later
+            closed = await _wide_scans_of(
+                driver, *close_stale_statement(hub_settings(), utcnow() + timedelta(days=1))
+            )
+            assert closed == []
         finally:
             await transaction.rollback()
 

@@ -983,6 +983,18 @@ def _admit_result(row: Record, req: AdmitRequest, now: datetime) -> AdmitResult:
     return AdmitResult(read, admission)
 
 
+def close_stale_statement(settings: Settings, now: datetime) -> tuple[TextClause, dict[str, Any]]:
+    """The sweep's statement closing abandoned calls (`MeteringStore.close_stale`) and its parameters."""
+    return _CLOSE_STALE, {
+        "now": now,
+        "cutoff": now - timedelta(seconds=settings.stale_invocation_seconds),
+        "slack": STALE_SLACK_SECONDS,
+        "stream_max": settings.tool_stream_max_seconds,
+        "abandoned": ABANDONED,
+        "settle_window": SETTLE_WINDOW,
+    }
+
+
 def settle_statement(reqs: list[SettleRequest]) -> tuple[TextClause, dict[str, Any]]:
     """The settle statement for a batch and its parameters: the batch as the statement's arrays
     (one element per call), settled at the latest `now`."""
@@ -1268,20 +1280,7 @@ class MeteringStore:
     @staticmethod
     async def close_stale(session: AsyncSession, settings: Settings, now: datetime) -> int:
         """Close invocations whose worker died before settling them (guarantee 2)."""
-        cutoff = now - timedelta(seconds=settings.stale_invocation_seconds)
-        rows = (
-            await session.execute(
-                _CLOSE_STALE,
-                {
-                    "now": now,
-                    "cutoff": cutoff,
-                    "slack": STALE_SLACK_SECONDS,
-                    "stream_max": settings.tool_stream_max_seconds,
-                    "abandoned": ABANDONED,
-                    "settle_window": SETTLE_WINDOW,
-                },
-            )
-        ).all()
+        rows = (await session.execute(*close_stale_statement(settings, now))).all()
 
         # the stable order rollups asks for (tool, plan, shard), so two sweepers bumping shared
         # platform rows do not deadlock; any residual conflict is a retry at the next pass
