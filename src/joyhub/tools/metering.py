@@ -1129,8 +1129,9 @@ class MeteringConnection:
         return results
 
     async def _admit_statement(self, reqs: list[AdmitRequest]) -> list[AdmitResult]:
-        rows = await self._session.fetch(*admit_statement(reqs))
-        now = max(r.now for r in reqs)
+        statement, params = admit_statement(reqs)
+        rows = await self._session.fetch(statement, params)
+        now: datetime = params["now"]  # the batch's: the latest of its calls' (`admit_statement`)
         return [_admit_result(row, req, now) for row, req in zip(rows, reqs, strict=True)]
 
     async def claim_key(
