@@ -24,6 +24,7 @@ from joyhub.core.errors import install_error_handlers
 from joyhub.core.logging import install_record_factory
 from joyhub.core.middleware import RequestPipelineMiddleware
 from joyhub.core.openapi import operation_id
+from joyhub.core.route_order import match_first
 from joyhub.core.security import set_bcrypt_max_pending
 
 log = logging.getLogger("joyhub")
@@ -124,6 +125,8 @@ def create_app(settings: Settings | None = None, **state: Any) -> FastAPI:
         from joyhub.demo import router as demo_router
 
         app.include_router(demo_router, prefix="/demo", include_in_schema=False)
+    # the metered calls' routers are matched before the rest; the document keeps this order
+    match_first(app, (f"{API_PREFIX}/tools", OPENAI_PREFIX))
 
     install_error_handlers(app, dialects=[(OPENAI_PREFIX, openai_error_response)])
     app.add_middleware(
