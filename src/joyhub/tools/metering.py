@@ -54,7 +54,7 @@ from sqlalchemy.sql.elements import TextClause
 from joyhub.auth.credentials import API_KEY_TOUCH_INTERVAL, Credential, credential_users
 from joyhub.core.clock import iso_utc
 from joyhub.core.config import Settings
-from joyhub.core.db import connect_retried
+from joyhub.core.db import Releases, checkout
 from joyhub.core.errors import is_db_unavailable, sqlstates
 from joyhub.tools.driver import DriverSession, Record, driver_of
 from joyhub.tools.group_commit import GroupCommit
@@ -1167,6 +1167,8 @@ class MeteringStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # the connections of finished statements, given back to the pool off the answer's path
+        self.releases = Releases()
         # the settles that arrive while one is being written go together in the next statement,
         # whichever accounts they charge (`settle`)
         self._settles: GroupCommit[int, SettleRequest, Settlement] = GroupCommit("settle", self._settle_batch)
@@ -1176,14 +1178,26 @@ class MeteringStore:
         """A pooled connection for the admission. Without `ping` a connection used within the
         last second comes without the pre-ping round trip (`db.connect_retried`): the caller must
         then be ready to admit again when it turns out dead (`admit.AdmissionRun._recover`)."""
-        async with self.engine.connect() if ping else connect_retried(self.engine) as conn:
-            try:
-                yield MeteringConnection(DriverSession(await driver_of(conn)))
-            except Exception as exc:
-                if connection_lost(exc):
-                    # asyncpg raised it, not SQLAlchemy: tell the pool this connection is done
-                    await conn.invalidate()
-                raise
+        async with self._pooled(ping=ping) as session:
+            yield MeteringConnection(session)
+
+    @asynccontextmanager
+    async def _pooled(self, *, ping: bool) -> AsyncIterator[DriverSession]:
+        """A pooled connection's `DriverSession`, given back after the caller's block (at once when
+        the block failed; otherwise a moment later, `Releases`)."""
+        # the connections of the statements before: given back while this one runs (or while it
+        # waits for a connection, if the pool is out of them)
+        self.releases.flush()
+        conn = await checkout(self.engine, retried=not ping)
+        try:
+            yield DriverSession(await driver_of(conn))
+        except BaseException as exc:
+            if isinstance(exc, Exception) and connection_lost(exc):
+                # asyncpg raised it, not SQLAlchemy: tell the pool this connection is done
+                await conn.invalidate()
+            await conn.close()
+            raise
+        self.releases.close_soon(conn)
 
     async def admit_batch(self, reqs: list[AdmitRequest]) -> list[AdmitResult]:
         """A batch of calls without Idempotency-Keys, on a connection taken without the pre-ping
@@ -1243,13 +1257,8 @@ class MeteringStore:
         """Write the outcomes, charge, release, store the idempotent answers, bump the rollups: one
         statement, outside any explicit transaction (a single statement is atomic on its own and
         needs no BEGIN/COMMIT round trips). The calls it settled, by usage log id."""
-        async with connect_retried(self.engine) as conn:  # `_settle_batch` retries a dead connection
-            try:
-                rows = await DriverSession(await driver_of(conn)).fetch(*settle_statement(reqs))
-            except Exception as exc:
-                if connection_lost(exc):
-                    await conn.invalidate()  # asyncpg raised it, not SQLAlchemy: the pool must know
-                raise
+        async with self._pooled(ping=False) as session:  # `_settle_batch` retries a dead connection
+            rows = await session.fetch(*settle_statement(reqs))
         return {row["id"]: Settlement(True, _quota_of(row)) for row in rows}
 
     async def _settled_before(self, req: SettleRequest, *, retried: bool) -> Settlement:

@@ -1,0 +1,96 @@
+"""The metering statements' connections go back to the pool when the hub next waits, and never
+stay out for long (`core/db.Releases`): before the next statement runs, a moment after the last
+one when nothing follows, and all at once at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from joyhub.core.db import IDLE_RELEASE_SECONDS, Releases, make_engine
+from tests.conftest import test_settings as hub_settings
+from tests.tools.helpers import assert_settled, invoke, make_caller, make_tool
+from tests.tools.upstream_server import Upstream
+
+pytestmark = pytest.mark.integration
+
+
+async def _turns(n: int = 3) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_held_until_flushed_then_given_back_while_the_caller_waits(database_url: str) -> None:
+    engine = make_engine(database_url, hub_settings(), pool_size=2, max_overflow=0)
+    releases = Releases(idle_seconds=60)  # no timer in the way: only `flush` gives back
+    try:
+        conn = await engine.connect()
+        releases.close_soon(conn)
+        await _turns()
+        assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+        releases.flush()
+        assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]  # not before the caller waits
+        await _turns()
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert conn.closed
+    finally:
+        await engine.dispose()
+
+
+async def test_a_held_connection_goes_back_by_itself_when_nothing_follows(database_url: str) -> None:
+    engine = make_engine(database_url, hub_settings(), pool_size=2, max_overflow=0)
+    releases = Releases(idle_seconds=0.02)
+    try:
+        first, second = await engine.connect(), await engine.connect()
+        releases.close_soon(first)
+        releases.close_soon(second)
+        async with asyncio.timeout(2):
+            while engine.pool.checkedout():  # type: ignore[attr-defined]
+                await asyncio.sleep(0.005)
+        assert first.closed and second.closed
+    finally:
+        await engine.dispose()
+
+
+async def test_wait_gives_back_every_held_connection_at_once(database_url: str) -> None:
+    engine = make_engine(database_url, hub_settings(), pool_size=3, max_overflow=0)
+    releases = Releases(idle_seconds=60)
+    try:
+        for _ in range(3):
+            releases.close_soon(await engine.connect())
+        await releases.wait()
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_checkout_waiting_for_a_held_connection_gets_it(database_url: str) -> None:
+    """A pool of one, held by a finished statement: the next statement's flush gives it back while
+    that statement waits for a connection (no timeout, no idle timer needed)."""
+    engine = make_engine(database_url, hub_settings(), pool_size=1, max_overflow=0, pool_timeout=5)
+    releases = Releases(idle_seconds=60)
+    try:
+        releases.close_soon(await engine.connect())
+        releases.flush()
+        async with asyncio.timeout(2), engine.connect() as conn:
+            assert not conn.closed
+    finally:
+        await engine.dispose()
+
+
+async def test_after_an_invocation_the_pool_is_whole_again_without_another_request(
+    make_client: object, engine: AsyncEngine, upstream: Upstream
+) -> None:
+    client: httpx.AsyncClient = await make_client(own_engine=True)  # type: ignore[operator]
+    pool = client.app.state.engine.pool  # type: ignore[attr-defined]
+    tool = await make_tool(engine, upstream.url("/fast?tokens=42"))
+    caller = await make_caller(engine, "pro")
+    for _ in range(3):
+        assert (await invoke(client, caller, tool)).status_code == 200
+    async with asyncio.timeout(IDLE_RELEASE_SECONDS + 2):
+        while pool.checkedout():
+            await asyncio.sleep(0.002)
+    await assert_settled(engine, caller)
