@@ -8,11 +8,15 @@ import asyncio
 
 import httpx
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from joyhub.auth.credentials import Credential
+from joyhub.core.clock import utcnow
 from joyhub.core.db import IDLE_RELEASE_SECONDS, Releases, make_engine
+from joyhub.tools.metering import Admission, MeteringStore, SettleRequest
 from tests.conftest import test_settings as hub_settings
-from tests.tools.helpers import assert_settled, invoke, make_caller, make_tool
+from tests.tools.helpers import admit_request, assert_settled, invoke, make_caller, make_tool, tool_version
 from tests.tools.upstream_server import Upstream
 
 pytestmark = pytest.mark.integration
@@ -94,3 +98,35 @@ async def test_after_an_invocation_the_pool_is_whole_again_without_another_reque
         while pool.checkedout():
             await asyncio.sleep(0.002)
     await assert_settled(engine, caller)
+
+
+async def test_the_next_statement_uses_the_connection_the_last_one_finished_with(engine: AsyncEngine) -> None:
+    """An admission and the settle right after it: one checkout from the pool, not two."""
+    tool = await make_tool(engine, "http://127.0.0.1:9/unused")
+    version = await tool_version(engine, tool)
+    caller = await make_caller(engine, "pro")
+    store = MeteringStore(engine)
+    checkouts: list[object] = []
+
+    def count(dbapi_connection: object, record: object, proxy: object) -> None:
+        checkouts.append(dbapi_connection)
+
+    event.listen(engine.sync_engine.pool, "checkout", count)
+    try:
+        credential = Credential(user_id=caller.user_id, session_id=caller.account.session_id)
+        [admitted] = await store.admit_batch([admit_request(tool, version, credential, reserve=10)])
+        assert admitted.admission is not None
+        settled = await store.settle_many([settle_request(admitted.admission)])
+        assert list(settled) == [admitted.admission.log_id]
+        assert len(checkouts) == 1
+    finally:
+        event.remove(engine.sync_engine.pool, "checkout", count)
+        await store.releases.wait()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def settle_request(admission: Admission) -> SettleRequest:
+    return SettleRequest(
+        admission=admission, status="success", tokens=5, token_source="reported", duration_ms=3,
+        error_code=None, now=utcnow(), response_status=200, response_body=b"{}",
+    )  # fmt: skip

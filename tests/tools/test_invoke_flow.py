@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from joyhub.core.clock import utcnow
+from joyhub.core.db import IDLE_RELEASE_SECONDS
 from tests.tools.helpers import (
     assert_settled,
     assert_untouched,
@@ -251,7 +252,12 @@ async def test_no_pooled_connection_is_held_during_the_upstream_call(
     call = asyncio.create_task(invoke(client, caller, tool))
     while upstream.count("/slow?delay=0.5") == 0:
         await asyncio.sleep(0.01)
-    assert pool.checkedout() == 0  # the upstream is being called; no connection or transaction held
+    # the upstream is being called; no connection or transaction held — past the moment for which
+    # a finished statement's connection waits to be used again (`db.Releases`), whatever the call
+    async with asyncio.timeout(IDLE_RELEASE_SECONDS + 0.2):
+        while pool.checkedout():
+            await asyncio.sleep(0.001)
+    assert not call.done()  # still waiting for its upstream
     assert (await sub_state(engine, caller.user_id)).inflight == 1  # but the admission is committed
     assert (await call).status_code == 200
     await assert_settled(engine, caller)

@@ -156,8 +156,6 @@ class Call:
         hooks = _Hooks(breakers, self.tool_key, self.permit.trial)
         internal = False
         target = target_for(self.admission.tool, self.permit, self.operation)
-        # the admission's connection goes back while the upstream answers, never held during it
-        self.gateway.store.releases.flush()
         try:
             if self.admission.tool.streaming and self.admission.tool.protocol != protocols.OPENAI:
                 opened = await self.gateway.upstream.open_stream(target, self.body, self.request_id, hooks)
@@ -192,8 +190,6 @@ class Call:
         started = time.perf_counter()
         hooks = _Hooks(self.gateway.breakers, self.tool_key, self.permit.trial)
         target = target_for(self.admission.tool, self.permit, self.operation)
-        # the admission's connection goes back while the upstream answers, never held during it
-        self.gateway.store.releases.flush()
         try:
             result = await self.gateway.upstream.open_stream(target, self.body, self.request_id, hooks)
         except Exception:

@@ -1167,7 +1167,7 @@ class MeteringStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        # the connections of finished statements, given back to the pool off the answer's path
+        # the connections of finished statements: the next statement's, or back to the pool soon
         self.releases = Releases()
         # the settles that arrive while one is being written go together in the next statement,
         # whichever accounts they charge (`settle`)
@@ -1183,12 +1183,15 @@ class MeteringStore:
 
     @asynccontextmanager
     async def _pooled(self, *, ping: bool) -> AsyncIterator[DriverSession]:
-        """A pooled connection's `DriverSession`, given back after the caller's block (at once when
-        the block failed; otherwise a moment later, `Releases`)."""
-        # the connections of the statements before: given back while this one runs (or while it
-        # waits for a connection, if the pool is out of them)
+        """A connection's `DriverSession` for the caller's block: closed at once when the block
+        fails, otherwise held for the next statement (`Releases`)."""
+        # a connection a statement just finished with (no ping: in use a moment ago, and the
+        # caller retries on a dead one like on any connection taken without it), else the pool's;
+        # the others held go back while this statement runs (or while it waits for a connection)
+        conn = None if ping else self.releases.take()
         self.releases.flush()
-        conn = await checkout(self.engine, retried=not ping)
+        if conn is None:
+            conn = await checkout(self.engine, retried=not ping)
         try:
             yield DriverSession(await driver_of(conn))
         except BaseException as exc:
