@@ -56,14 +56,16 @@ class GroupCommit(Generic[K, T, R]):
         line = self._lines.get(key)
         if line is not None:  # a write of this key is under way: go with the next one
             line.waiting.append((item, future))
-            return await asyncio.shield(future)
+            return await future
         line = self._lines[key] = _Line()
         line.waiting.append((item, future))
         # the writer is a task of its own: it outlives this caller's wait if needed, and drains
         # the line for the callers who joined meanwhile
         writer = asyncio.create_task(self._drain(key, line))
         writer.add_done_callback(_retrieve)
-        return await asyncio.shield(future)
+        # the future is this caller's alone: a caller cancelled while it waits cancels only its
+        # wait (no shield needed, one event-loop turn saved) — its item is written all the same
+        return await future
 
     async def _drain(self, key: K, line: _Line[T, R]) -> None:
         try:
