@@ -1,7 +1,7 @@
 """Steps 1 to 3 of an invocation (the whole flow: `gateway.py`): the checks made before the
 admission statement, the statement and its re-runs, the refusals in the contract's order, and the
-Idempotency-Key's claim. `AdmissionRun.run` ends with the call admitted (and the connection back
-in the pool), an idempotent replay, or a refusal raised.
+Idempotency-Key's claim. `AdmissionRun.run` ends with the call admitted (and its connection free
+for the next statement, `db.Releases`), an idempotent replay, or a refusal raised.
 """
 
 from __future__ import annotations
@@ -153,8 +153,8 @@ class AdmissionRun:
                     await self.gateway.store.undo_admissions([self.fence], self.now)
             raise
         finally:
-            # the admission is durable (or refused), and the connection back in the pool: the
-            # slot goes back before the upstream call
+            # the admission is durable (or refused), and its connection free for the next
+            # statement (`db.Releases`): the slot goes back before the upstream call
             if self.admission_slot is not None:
                 self.admission_slot.release()
         return admitted
