@@ -85,6 +85,27 @@ async def test_a_checkout_waiting_for_a_held_connection_gets_it(database_url: st
         await engine.dispose()
 
 
+async def test_a_held_connection_the_server_closed_is_not_used_again(database_url: str) -> None:
+    engine = make_engine(database_url, hub_settings(), pool_size=2, max_overflow=0)
+    releases = Releases(idle_seconds=60)
+    try:
+        held = await engine.connect()
+        pid = (await held.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+        await held.commit()
+        releases.close_soon(held)
+        async with engine.connect() as other:
+            await other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        driver = held.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+        async with asyncio.timeout(5):
+            while not driver.is_closed():  # asyncpg sees the server hang up
+                await asyncio.sleep(0.01)
+        assert releases.take() is None
+        await releases.wait()
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
+
+
 async def test_after_an_invocation_the_pool_is_whole_again_without_another_request(
     make_client: object, engine: AsyncEngine, upstream: Upstream
 ) -> None:

@@ -226,8 +226,14 @@ class Releases:
         found = None
         while self._held and found is None:
             conn = self._held.pop()
-            if not conn.closed and not conn.invalidated:
-                found = conn
+            sync = conn.sync_connection
+            if sync is None or sync.closed or sync.invalidated:
+                continue
+            driver = sync.connection.driver_connection
+            if driver is None or driver.is_closed():  # the server closed it meanwhile
+                self._close(conn)  # the pool discards it
+                continue
+            found = conn
         if not self._held and self._timer is not None:  # the next one held gets its whole moment
             self._timer.cancel()
             self._timer = None
@@ -244,11 +250,13 @@ class Releases:
             self._timer.cancel()
             self._timer = None
         held, self._held = self._held, []
-        loop = asyncio.get_running_loop()
         for conn in held:
-            task = loop.create_task(conn.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closed)
+            self._close(conn)
+
+    def _close(self, conn: AsyncConnection) -> None:
+        task = asyncio.get_running_loop().create_task(conn.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closed)
 
     def _closed(self, task: asyncio.Task[None]) -> None:
         self._closing.discard(task)
