@@ -28,17 +28,23 @@ os.environ.setdefault("JWT_SECRET_KEY", "route-bench-" + "x" * 32)
 os.environ.setdefault("DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
 os.environ.setdefault("ENVIRONMENT", "development")
 
-from joyhub import main as hub_main  # noqa: E402  (the environment first)
-from joyhub.core import security  # noqa: E402
-from joyhub.core.config import get_settings  # noqa: E402
-from joyhub.openai_compat.catalog import ModelRef  # noqa: E402
-from joyhub.tools.outcomes import Completed  # noqa: E402
+from joyhub import main as hub_main
+from joyhub.core import security
+from joyhub.core.config import get_settings
+from joyhub.openai_compat.catalog import ModelRef
+from joyhub.tools.outcomes import Completed
 
-ANSWER = b'{"data":{"invocation_id":"00000000-0000-0000-0000-000000000000","output":{"text":"ok"}},"error":null}'
+ANSWER = (
+    b'{"data":{"invocation_id":"00000000-0000-0000-0000-000000000000","output":{"text":"ok"}},"error":null}'
+)
 
 # name: (method, path, body); /health stands for every route that is not matched first
 TARGETS = {
-    "invoke": ("POST", f"/api/v1/tools/{uuid.uuid4()}/invoke", b'{"input": {"prompt": "hello benchmark world"}}'),
+    "invoke": (
+        "POST",
+        f"/api/v1/tools/{uuid.uuid4()}/invoke",
+        b'{"input": {"prompt": "hello benchmark world"}}',
+    ),
     "chat": (
         "POST",
         "/api/v1/openai/chat/completions",
@@ -164,7 +170,9 @@ async def run(requests: int, rounds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=5000, help="requests per round and app")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
