@@ -1,10 +1,12 @@
-"""The metering statements' connections go back to the pool when the hub next waits, and never
-stay out for long (`core/db.Releases`): before the next statement runs, a moment after the last
-one when nothing follows, and all at once at shutdown."""
+"""A finished statement's connection is used again by the next statement, or goes back to the
+pool when the hub next waits, and never stays out for long (`core/db.Releases`): while the next
+statement runs, a moment after the last one when nothing follows, and all at once at shutdown."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -22,88 +24,96 @@ from tests.tools.upstream_server import Upstream
 pytestmark = pytest.mark.integration
 
 
+SmallEngine = Callable[..., AsyncEngine]
+
+
+@pytest.fixture
+async def small_engine(database_url: str) -> AsyncIterator[SmallEngine]:
+    """`small_engine(pool_size=…)`: an engine of its own with a small pool, disposed at the end."""
+    made: list[AsyncEngine] = []
+
+    def make(pool_size: int, **pool: Any) -> AsyncEngine:
+        made.append(make_engine(database_url, hub_settings(), pool_size=pool_size, max_overflow=0, **pool))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        await engine.dispose()
+
+
+def _out(engine: AsyncEngine) -> int:
+    """Connections of `engine`'s pool checked out now."""
+    checked_out: int = engine.pool.checkedout()  # type: ignore[attr-defined]
+    return checked_out
+
+
 async def _turns(n: int = 3) -> None:
     for _ in range(n):
         await asyncio.sleep(0)
 
 
-async def test_held_until_flushed_then_given_back_while_the_caller_waits(database_url: str) -> None:
-    engine = make_engine(database_url, hub_settings(), pool_size=2, max_overflow=0)
+async def test_held_until_flushed_then_given_back_while_the_caller_waits(small_engine: SmallEngine) -> None:
+    engine = small_engine(2)
     releases = Releases(idle_seconds=60)  # no timer in the way: only `flush` gives back
-    try:
-        conn = await engine.connect()
-        releases.close_soon(conn)
-        await _turns()
-        assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
-        releases.flush()
-        assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]  # not before the caller waits
-        await _turns()
-        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-        assert conn.closed
-    finally:
-        await engine.dispose()
+    conn = await engine.connect()
+    releases.close_soon(conn)
+    await _turns()
+    assert _out(engine) == 1
+    releases.flush()
+    assert _out(engine) == 1  # not before the caller waits
+    await _turns()
+    assert _out(engine) == 0
+    assert conn.closed
 
 
-async def test_a_held_connection_goes_back_by_itself_when_nothing_follows(database_url: str) -> None:
-    engine = make_engine(database_url, hub_settings(), pool_size=2, max_overflow=0)
+async def test_a_held_connection_goes_back_by_itself_when_nothing_follows(small_engine: SmallEngine) -> None:
+    engine = small_engine(2)
     releases = Releases(idle_seconds=0.02)
-    try:
-        first, second = await engine.connect(), await engine.connect()
-        releases.close_soon(first)
-        releases.close_soon(second)
-        async with asyncio.timeout(2):
-            while engine.pool.checkedout():  # type: ignore[attr-defined]
-                await asyncio.sleep(0.005)
-        assert first.closed and second.closed
-    finally:
-        await engine.dispose()
+    first, second = await engine.connect(), await engine.connect()
+    releases.close_soon(first)
+    releases.close_soon(second)
+    async with asyncio.timeout(2):
+        while _out(engine):
+            await asyncio.sleep(0.005)
+    assert first.closed and second.closed
 
 
-async def test_wait_gives_back_every_held_connection_at_once(database_url: str) -> None:
-    engine = make_engine(database_url, hub_settings(), pool_size=3, max_overflow=0)
+async def test_wait_gives_back_every_held_connection_at_once(small_engine: SmallEngine) -> None:
+    engine = small_engine(3)
     releases = Releases(idle_seconds=60)
-    try:
-        for _ in range(3):
-            releases.close_soon(await engine.connect())
-        await releases.wait()
-        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    finally:
-        await engine.dispose()
+    for _ in range(3):
+        releases.close_soon(await engine.connect())
+    await releases.wait()
+    assert _out(engine) == 0
 
 
-async def test_a_checkout_waiting_for_a_held_connection_gets_it(database_url: str) -> None:
+async def test_a_checkout_waiting_for_a_held_connection_gets_it(small_engine: SmallEngine) -> None:
     """A pool of one, held by a finished statement: the next statement's flush gives it back while
     that statement waits for a connection (no timeout, no idle timer needed)."""
-    engine = make_engine(database_url, hub_settings(), pool_size=1, max_overflow=0, pool_timeout=5)
+    engine = small_engine(1, pool_timeout=5)
     releases = Releases(idle_seconds=60)
-    try:
-        releases.close_soon(await engine.connect())
-        releases.flush()
-        async with asyncio.timeout(2), engine.connect() as conn:
-            assert not conn.closed
-    finally:
-        await engine.dispose()
+    releases.close_soon(await engine.connect())
+    releases.flush()
+    async with asyncio.timeout(2), engine.connect() as conn:
+        assert not conn.closed
 
 
-async def test_a_held_connection_the_server_closed_is_not_used_again(database_url: str) -> None:
-    engine = make_engine(database_url, hub_settings(), pool_size=2, max_overflow=0)
+async def test_a_held_connection_the_server_closed_is_not_used_again(small_engine: SmallEngine) -> None:
+    engine = small_engine(2)
     releases = Releases(idle_seconds=60)
-    try:
-        held = await engine.connect()
-        pid = (await held.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
-        await held.commit()
-        releases.close_soon(held)
-        async with engine.connect() as other:
-            await other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
-        driver = held.sync_connection.connection.driver_connection  # type: ignore[union-attr]
-        async with asyncio.timeout(5):
-            while not driver.is_closed():  # asyncpg sees the server hang up
-                await asyncio.sleep(0.01)
-        assert releases.take() is None
-        await releases.wait()
-        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    finally:
-        await engine.dispose()
+    held = await engine.connect()
+    pid = (await held.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+    await held.commit()
+    releases.close_soon(held)
+    async with engine.connect() as other:
+        await other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+    driver = held.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+    async with asyncio.timeout(5):
+        while not driver.is_closed():  # asyncpg sees the server hang up
+            await asyncio.sleep(0.01)
+    assert releases.take() is None
+    await releases.wait()
+    assert _out(engine) == 0
 
 
 async def test_after_an_invocation_the_pool_is_whole_again_without_another_request(
@@ -143,7 +153,7 @@ async def test_the_next_statement_uses_the_connection_the_last_one_finished_with
     finally:
         event.remove(engine.sync_engine.pool, "checkout", count)
         await store.releases.wait()
-    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert _out(engine) == 0
 
 
 def settle_request(admission: Admission) -> SettleRequest:
