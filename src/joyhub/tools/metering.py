@@ -286,7 +286,9 @@ class Settlement:
 # - `limited` / `limited_org` / `limited_platform` count the calls refused by a rate or
 #   concurrency limit in the day's rollups (a counter, not a row per refusal): a personal call's in
 #   the caller's `usage_daily`, an organization call's in the organization's `usage_org_daily`
-#   (by member and tool), every call's in the platform's;
+#   (by member and tool), every call's in the platform's — each in key order, as the settle's
+#   rollups (`usage/rollups.py`): the platform's rows are shared by every account, and two
+#   statements upserting them in different orders deadlock (seen under a storm of refusals);
 # - `log` writes each admitted call's pending usage log.
 # The `{…}` parts are filled in for the batch's shape (`AdmitShape`, `_admit_sql` below).
 _ADMIT_TEMPLATE = """
@@ -442,7 +444,7 @@ _ADMIT_TEMPLATE = """
         INSERT INTO usage_daily AS d
             (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, tokens, rate_limited)
         SELECT user_id, CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, 0, 0, 0, 0, 0, calls
-        FROM refused WHERE org_id IS NULL
+        FROM refused WHERE org_id IS NULL ORDER BY 1, 2, 3, 4
         ON CONFLICT (user_id, day, tool_id, plan_code)
             DO UPDATE SET rate_limited = d.rate_limited + EXCLUDED.rate_limited
     ){limited_org}, limited_platform AS (
@@ -450,7 +452,7 @@ _ADMIT_TEMPLATE = """
             (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, tokens, rate_limited)
         SELECT CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, shard, 0, 0, 0, 0, 0,
                sum(calls)
-        FROM refused GROUP BY 1, 2, 3, 4
+        FROM refused GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
         ON CONFLICT (day, tool_id, plan_code, shard)
             DO UPDATE SET rate_limited = pd.rate_limited + EXCLUDED.rate_limited
     ), log AS (
@@ -537,7 +539,7 @@ _MEMBERS_LIMITED = """, limited_org AS (
             (org_id, day, user_id, tool_id, invocations, successes, errors, timeouts, cancelled, tokens,
              rate_limited)
         SELECT org_id, CAST(:now AS timestamptz) AT TIME ZONE 'UTC', user_id, tool_id, 0, 0, 0, 0, 0, 0, calls
-        FROM refused WHERE org_id IS NOT NULL
+        FROM refused WHERE org_id IS NOT NULL ORDER BY 1, 2, 3, 4
         ON CONFLICT (org_id, day, user_id, tool_id)
             DO UPDATE SET rate_limited = od.rate_limited + EXCLUDED.rate_limited
     )"""
