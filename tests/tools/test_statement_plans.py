@@ -11,7 +11,8 @@ looked at. Counts, not timings."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -127,7 +128,9 @@ def _wide_scans(explained: Any) -> list[str]:
     return wide
 
 
-async def test_admission_and_settle_read_only_their_own_rows_among_thousands(engine: AsyncEngine) -> None:
+async def _mixed_batch(engine: AsyncEngine) -> list[AdmitRequest]:
+    """Three calls to one tool: a personal one with an access token, one with an API key, and an
+    organization member's billing the organization."""
     tool = await make_tool(engine, "http://127.0.0.1:9/unused")
     version = await tool_version(engine, tool)
     plain = await make_caller(engine, "pro")
@@ -135,34 +138,50 @@ async def test_admission_and_settle_read_only_their_own_rows_among_thousands(eng
     key = await make_api_key(engine, keyed.user_id)
     org = await make_org(engine, admins=1, members=1, token_limit=1000)
     member = org.of("member")
-    batch = [
+    return [
         admit_request(tool, version, Credential(user_id=plain.user_id, session_id=plain.account.session_id),
                       reserve=10),
         admit_request(tool, version, Credential(api_key_digest=token_digest(key)), reserve=10),
         admit_request(tool, version, Credential(user_id=member.user_id, session_id=member.session_id,
                                                 org_id=org.id), reserve=10),
     ]  # fmt: skip
+
+
+@asynccontextmanager
+async def _rolled_back(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """An asyncpg connection in a transaction rolled back whatever happens: nothing stays."""
     async with engine.connect() as conn:
         driver = await driver_of(conn)
         transaction = driver.transaction()
         await transaction.start()
-        try:  # rolled back whatever happens: nothing of this test stays
-            for sql in _OTHERS_SQL:
-                await driver.execute(sql)
-            # the admission, explained while it runs (it admits the batch in this transaction)
-            assert await _wide_scans_of(driver, *admit_statement(batch)) == []
-            # the settle, explained on calls admitted the same way
-            results = await MeteringConnection(DriverSession(driver)).admit_many([_again(r) for r in batch])
-            settles = [_settle(r.admission) for r in results if r.admission is not None]
-            assert len(settles) == len(batch)
-            assert await _wide_scans_of(driver, *settle_statement(settles)) == []
-            # the sweep, closing the first batch's calls (still pending) a day later
-            closed = await _wide_scans_of(
-                driver, *close_stale_statement(hub_settings(), utcnow() + timedelta(days=1))
-            )
-            assert closed == []
+        try:
+            yield driver
         finally:
             await transaction.rollback()
+
+
+async def _settles_of(driver: Any, batch: list[AdmitRequest]) -> list[SettleRequest]:
+    """The batch's calls admitted (as new calls) in the transaction, to be settled."""
+    results = await MeteringConnection(DriverSession(driver)).admit_many([_again(r) for r in batch])
+    settles = [_settle(r.admission) for r in results if r.admission is not None]
+    assert len(settles) == len(batch)
+    return settles
+
+
+async def test_admission_and_settle_read_only_their_own_rows_among_thousands(engine: AsyncEngine) -> None:
+    batch = await _mixed_batch(engine)
+    async with _rolled_back(engine) as driver:
+        for sql in _OTHERS_SQL:
+            await driver.execute(sql)
+        # the admission, explained while it runs (it admits the batch in this transaction)
+        assert await _wide_scans_of(driver, *admit_statement(batch)) == []
+        # the settle, explained on calls admitted the same way
+        assert await _wide_scans_of(driver, *settle_statement(await _settles_of(driver, batch))) == []
+        # the sweep, closing the first batch's calls (still pending) a day later
+        closed = await _wide_scans_of(
+            driver, *close_stale_statement(hub_settings(), utcnow() + timedelta(days=1))
+        )
+        assert closed == []
 
 
 async def _wide_scans_of(driver: Any, statement: TextClause, params: dict[str, Any]) -> list[str]:
@@ -229,29 +248,13 @@ async def test_rollup_upserts_write_their_rows_in_key_order(engine: AsyncEngine)
     """In the admission (the refused calls' counters) and in the settle, personal and
     organization calls alike. Found missing for the admission's counters: under a storm of
     refusals from two workers, their statements deadlocked on the platform's rows once a second."""
-    tool = await make_tool(engine, "http://127.0.0.1:9/unused")
-    version = await tool_version(engine, tool)
-    plain = await make_caller(engine, "pro")
-    org = await make_org(engine, admins=1, members=1, token_limit=1000)
-    member = org.of("member")
-    batch = [
-        admit_request(tool, version, Credential(user_id=plain.user_id, session_id=plain.account.session_id),
-                      reserve=10),
-        admit_request(tool, version, Credential(user_id=member.user_id, session_id=member.session_id,
-                                                org_id=org.id), reserve=10),
-    ]  # fmt: skip
-    async with engine.connect() as conn:
-        driver = await driver_of(conn)
-        transaction = driver.transaction()
-        await transaction.start()
-        try:  # rolled back: the admissions below only give the settle something to settle
-            assert _unordered_upserts(await _explained(driver, *admit_statement(batch))) == []
-            results = await MeteringConnection(DriverSession(driver)).admit_many(batch)
-            settles = [_settle(r.admission) for r in results if r.admission is not None]
-            assert len(settles) == len(batch)
-            assert _unordered_upserts(await _explained(driver, *settle_statement(settles))) == []
-        finally:
-            await transaction.rollback()
+    batch = await _mixed_batch(engine)
+    async with _rolled_back(engine) as driver:  # the admissions only give the settle calls to settle
+        assert _unordered_upserts(await _explained(driver, *admit_statement(batch))) == []
+        assert (
+            _unordered_upserts(await _explained(driver, *settle_statement(await _settles_of(driver, batch))))
+            == []
+        )
 
 
 async def _explained(driver: Any, statement: TextClause, params: dict[str, Any]) -> Any:
