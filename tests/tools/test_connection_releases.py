@@ -56,7 +56,7 @@ async def test_held_until_flushed_then_given_back_while_the_caller_waits(small_e
     engine = small_engine(2)
     releases = Releases(idle_seconds=60)  # no timer in the way: only `flush` gives back
     conn = await engine.connect()
-    releases.close_soon(conn)
+    releases.hold(conn)
     await _turns()
     assert _out(engine) == 1
     releases.flush()
@@ -70,8 +70,8 @@ async def test_a_held_connection_goes_back_by_itself_when_nothing_follows(small_
     engine = small_engine(2)
     releases = Releases(idle_seconds=0.02)
     first, second = await engine.connect(), await engine.connect()
-    releases.close_soon(first)
-    releases.close_soon(second)
+    releases.hold(first)
+    releases.hold(second)
     async with asyncio.timeout(2):
         while _out(engine):
             await asyncio.sleep(0.005)
@@ -82,7 +82,7 @@ async def test_wait_gives_back_every_held_connection_at_once(small_engine: Small
     engine = small_engine(3)
     releases = Releases(idle_seconds=60)
     for _ in range(3):
-        releases.close_soon(await engine.connect())
+        releases.hold(await engine.connect())
     await releases.wait()
     assert _out(engine) == 0
 
@@ -92,7 +92,7 @@ async def test_a_checkout_waiting_for_a_held_connection_gets_it(small_engine: Sm
     that statement waits for a connection (no timeout, no idle timer needed)."""
     engine = small_engine(1, pool_timeout=5)
     releases = Releases(idle_seconds=60)
-    releases.close_soon(await engine.connect())
+    releases.hold(await engine.connect())
     releases.flush()
     async with asyncio.timeout(2), engine.connect() as conn:
         assert not conn.closed
@@ -104,7 +104,7 @@ async def test_a_held_connection_the_server_closed_is_not_used_again(small_engin
     held = await engine.connect()
     pid = (await held.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
     await held.commit()
-    releases.close_soon(held)
+    releases.hold(held)
     async with engine.connect() as other:
         await other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
     driver = held.sync_connection.connection.driver_connection  # type: ignore[union-attr]

@@ -215,8 +215,8 @@ class Releases:
         self._timer: asyncio.TimerHandle | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
-    def close_soon(self, conn: AsyncConnection) -> None:
-        """Hold `conn` (its statement is done) for the next statement, or until `flush`."""
+    def hold(self, conn: AsyncConnection) -> None:
+        """Keep `conn` (its statement is done) for the next statement, or until `flush`."""
         self._held.append(conn)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._idle_seconds, self._close_held)

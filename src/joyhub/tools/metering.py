@@ -1202,7 +1202,7 @@ class MeteringStore:
                 await conn.invalidate()
             await conn.close()
             raise
-        self.releases.close_soon(conn)
+        self.releases.hold(conn)
 
     async def admit_batch(self, reqs: list[AdmitRequest]) -> list[AdmitResult]:
         """A batch of calls without Idempotency-Keys, on a connection taken without the pre-ping
