@@ -260,8 +260,9 @@ class Releases:
 
     def _closed(self, task: asyncio.Task[None]) -> None:
         self._closing.discard(task)
-        if not task.cancelled() and task.exception() is not None:  # the pool has discarded it
-            log.warning("giving a connection back failed", extra={"error": type(task.exception()).__name__})
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:  # the pool has discarded the connection
+            log.warning("giving a connection back failed", extra={"error": type(failure).__name__})
 
     async def wait(self) -> None:
         """Give back every connection held, now."""
