@@ -52,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.sql.elements import TextClause
 
 from joyhub.auth.credentials import API_KEY_TOUCH_INTERVAL, Credential, credential_users
+from joyhub.core.batch_sql import COUNT, MAX, SUM, Total, after, in_key_order, per_key
 from joyhub.core.clock import iso_utc
 from joyhub.core.config import Settings
 from joyhub.core.db import Releases, checkout
@@ -312,7 +313,7 @@ _ADMIT_TEMPLATE = """
         SELECT s.* FROM subscriptions AS s
         WHERE (s.user_id = ANY(ARRAY(SELECT who.user_id FROM who WHERE who.org_id IS NULL))
                OR s.org_id = ANY(ARRAY(SELECT member.org_id FROM member)))
-          AND (SELECT count(*) FROM lk_key) >= 0
+          AND {after_keys}
         ORDER BY s.id
         FOR NO KEY UPDATE OF s
     ), lk_member AS ({lk_member}
@@ -320,7 +321,7 @@ _ADMIT_TEMPLATE = """
         SELECT t.id, t.requests_per_minute AS rpm, t.rate_tat
         FROM tools AS t
         WHERE t.id = :tool_id AND t.requests_per_minute IS NOT NULL AND t.deleted_at IS NULL AND t.is_active
-          AND (SELECT count(*) FROM lk_member) >= 0
+          AND {after_members}
         FOR NO KEY UPDATE OF t
     ){touch}, tool AS (
         SELECT t.id AS tool_id, t.api_endpoint, t.timeout_seconds, t.max_attempts,
@@ -423,36 +424,28 @@ _ADMIT_TEMPLATE = """
             rate_tat = CASE WHEN a.plan_rpm IS NULL THEN s.rate_tat
                             ELSE GREATEST(s.rate_tat, :now)
                                  + make_interval(secs => a.calls * 60.0 / a.plan_rpm) END
-        FROM (SELECT sub_id, max(plan_rpm) AS plan_rpm, count(*) AS calls, sum(reserve) AS reserve
-              FROM decided WHERE admitted GROUP BY sub_id) AS a
+        FROM ({admitted_per_account}) AS a
         WHERE s.id = a.sub_id
         RETURNING s.id, s.plan_code
     ){member_adm}{key_rate}, tool_rate AS (
         UPDATE tools AS t
         SET rate_tat = GREATEST(t.rate_tat, :now)
                        + make_interval(secs => a.calls * 60.0 / t.requests_per_minute)
-        FROM (SELECT count(*) AS calls FROM decided WHERE admitted) AS a, lk_tool
+        FROM ({admitted_calls}) AS a, lk_tool
         WHERE t.id = lk_tool.id AND a.calls > 0
-    ), refused AS (
-        SELECT j.user_id, j.org_id, CAST(:tool_id AS uuid) AS tool_id, j.plan_code,
-               get_byte(uuid_send(j.user_id), 15) % 16 AS shard, count(*) AS calls
-        FROM judged AS j
-        WHERE j.passes_gate
-          AND NOT (j.plan_rate_ok AND j.key_rate_ok AND j.tool_rate_ok AND j.concurrency_ok)
-        GROUP BY 1, 2, 3, 4, 5
+    ), refused AS ({refused}
     ), limited AS (
         INSERT INTO usage_daily AS d
             (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, tokens, rate_limited)
         SELECT user_id, CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, 0, 0, 0, 0, 0, calls
-        FROM refused WHERE org_id IS NULL ORDER BY 1, 2, 3, 4
+        FROM refused WHERE org_id IS NULL{in_key_order}
         ON CONFLICT (user_id, day, tool_id, plan_code)
             DO UPDATE SET rate_limited = d.rate_limited + EXCLUDED.rate_limited
     ){limited_org}, limited_platform AS (
         INSERT INTO usage_platform_daily AS pd
             (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, tokens, rate_limited)
-        SELECT CAST(:now AS timestamptz) AT TIME ZONE 'UTC', tool_id, plan_code, shard, 0, 0, 0, 0, 0,
-               sum(calls)
-        FROM refused GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+        SELECT day, tool_id, plan_code, shard, 0, 0, 0, 0, 0, calls
+        FROM ({refused_per_platform_row}) AS r(day, tool_id, plan_code, shard, calls)
         ON CONFLICT (day, tool_id, plan_code, shard)
             DO UPDATE SET rate_limited = pd.rate_limited + EXCLUDED.rate_limited
     ), log AS (
@@ -488,19 +481,19 @@ _MEMBERS = """
 _NO_MEMBERS = """
         SELECT CAST(NULL AS bigint) AS g, CAST(NULL AS uuid) AS org_id, CAST(NULL AS uuid) AS user_id
         WHERE false"""
-_LOCK_MEMBERS = """
+_LOCK_MEMBERS = f"""
         SELECT m.org_id, m.user_id, m.token_limit, m.tokens_used, m.tokens_reserved, m.period_end
         FROM organization_members AS m
         WHERE (m.org_id, m.user_id) IN (SELECT member.org_id, member.user_id FROM member)
-          AND (SELECT count(*) FROM account) >= 0
+          AND {after("account")}
         ORDER BY m.org_id, m.user_id
-        FOR NO KEY UPDATE OF m"""
+        FOR NO KEY UPDATE OF m"""  # noqa: S608 (constant SQL of ours)
 # no member to lock, but read after the accounts all the same: the tool's lock waits for this one
-_NO_MEMBERS_LOCKED = """
+_NO_MEMBERS_LOCKED = f"""
         SELECT CAST(NULL AS uuid) AS org_id, CAST(NULL AS uuid) AS user_id,
                CAST(NULL AS bigint) AS token_limit, CAST(NULL AS bigint) AS tokens_used,
                CAST(NULL AS bigint) AS tokens_reserved, CAST(NULL AS timestamptz) AS period_end
-        WHERE (SELECT count(*) FROM account) < 0"""
+        WHERE NOT ({after("account")})"""
 _TOUCH_KEYS = """, touch AS (
         UPDATE api_keys AS k SET last_used_at = :now
         WHERE k.id IN (
@@ -539,7 +532,7 @@ _MEMBERS_LIMITED = """, limited_org AS (
             (org_id, day, user_id, tool_id, invocations, successes, errors, timeouts, cancelled, tokens,
              rate_limited)
         SELECT org_id, CAST(:now AS timestamptz) AT TIME ZONE 'UTC', user_id, tool_id, 0, 0, 0, 0, 0, 0, calls
-        FROM refused WHERE org_id IS NOT NULL ORDER BY 1, 2, 3, 4
+        FROM refused WHERE org_id IS NOT NULL{in_key_order}
         ON CONFLICT (org_id, day, user_id, tool_id)
             DO UPDATE SET rate_limited = od.rate_limited + EXCLUDED.rate_limited
     )"""
@@ -617,18 +610,56 @@ def _admit_sql(shape: AdmitShape) -> TextClause:
         keys=shape.keys,
     )
     ahead = {name: (window if shape.many else zero) for name, (window, zero) in _AHEAD.items()}
+    order = in_key_order(4, many=shape.many)
     return text(
         _ADMIT_TEMPLATE.format(
             who=who,
             lk_key=_LOCK_KEYS if shape.keys else _NO_KEYS,
             member=_MEMBERS if shape.orgs else _NO_MEMBERS,
             lk_member=_LOCK_MEMBERS if shape.orgs else _NO_MEMBERS_LOCKED,
+            after_keys=after("lk_key"),
+            after_members=after("lk_member"),
             touch=_TOUCH_KEYS if shape.keys else "",
             idem_columns=_IDEM_COLUMNS if shape.idempotent else _NO_IDEM_COLUMNS,
             idem_join=_IDEM_JOIN if shape.idempotent else "",
             member_adm=_MEMBERS_RESERVE if shape.orgs else "",
             key_rate=_KEYS_RATE if shape.keys else "",
-            limited_org=_MEMBERS_LIMITED if shape.orgs else "",
+            limited_org=_MEMBERS_LIMITED.format(in_key_order=order) if shape.orgs else "",
+            in_key_order=order,
+            admitted_per_account=per_key(
+                ["sub_id"],
+                [
+                    Total("plan_rpm", MAX, "plan_rpm"),
+                    Total("1", COUNT, "calls"),
+                    Total("reserve", SUM, "reserve"),
+                ],
+                "decided",
+                many=shape.many,
+                where="admitted",
+            ),
+            admitted_calls=per_key(
+                [], [Total("1", COUNT, "calls")], "decided", many=shape.many, where="admitted"
+            ),
+            refused=per_key(
+                [
+                    "j.user_id",
+                    "j.org_id",
+                    "CAST(:tool_id AS uuid) AS tool_id",
+                    "j.plan_code",
+                    "get_byte(uuid_send(j.user_id), 15) % 16 AS shard",
+                ],
+                [Total("1", COUNT, "calls")],
+                "judged AS j",
+                many=shape.many,
+                where="j.passes_gate"
+                " AND NOT (j.plan_rate_ok AND j.key_rate_ok AND j.tool_rate_ok AND j.concurrency_ok)",
+            ),
+            refused_per_platform_row=per_key(
+                ["CAST(:now AS timestamptz) AT TIME ZONE 'UTC'", "tool_id", "plan_code", "shard"],
+                [Total("calls")],
+                "refused",
+                many=shape.many,
+            ),
             **ahead,
         )
     )
@@ -686,23 +717,14 @@ _SETTLE_TEMPLATE = """
         SELECT u.id, u.subscription_id, u.tokens_reserved, u.org_id, u.user_id AS member_id, req.*
         FROM usage_logs AS u JOIN req ON u.id = req.log_id AND u.started_at = req.started_at
         WHERE u.status = 'pending' AND u.started_at >= :started_lo AND u.started_at <= :started_hi
-        ORDER BY u.id
-        FOR UPDATE OF u
-    ), charge AS (
-        SELECT subscription_id, sum(tokens) AS tokens, sum(tokens_reserved) AS reserved, count(*) AS calls
-        FROM l GROUP BY subscription_id
-    ), lk_sub AS (
-        -- a batch may charge several accounts: their rows are locked in one order (by id) in every
-        -- settle, so two batches sharing accounts cannot deadlock
-        SELECT s.id FROM subscriptions AS s JOIN charge ON s.id = charge.subscription_id
-        ORDER BY s.id
-        FOR NO KEY UPDATE OF s
-    ), sub AS (
+        {in_id_order}FOR UPDATE OF u
+    ), charge AS ({charge}
+    ){lock_accounts}, sub AS (
         UPDATE subscriptions AS s
         SET tokens_used = s.tokens_used + charge.tokens,
             tokens_reserved = GREATEST(s.tokens_reserved - charge.reserved, 0),
             inflight = GREATEST(s.inflight - charge.calls, 0)
-        FROM charge JOIN lk_sub ON lk_sub.id = charge.subscription_id
+        FROM charge{locked_accounts}
         WHERE s.id = charge.subscription_id
         RETURNING s.id, s.user_id, s.tokens_used - charge.tokens AS tokens_before, s.tokens_used,
                   s.current_period_start, s.current_period_end,
@@ -741,11 +763,16 @@ _MEMBERS_CHARGE = """, member_charge AS (
                           + mc.tokens,
             tokens_reserved = GREATEST(m.tokens_reserved - mc.reserved, 0),
             period_end = sub.current_period_end
-        FROM (SELECT org_id, member_id, subscription_id, sum(tokens) AS tokens,
-                     sum(tokens_reserved) AS reserved
-              FROM l WHERE org_id IS NOT NULL GROUP BY 1, 2, 3) AS mc
+        FROM ({per_member}) AS mc
         JOIN sub ON sub.id = mc.subscription_id
         WHERE m.org_id = mc.org_id AND m.user_id = mc.member_id
+    )"""
+# a batch may charge several accounts: their rows are locked in one order (by id) in every settle,
+# so two batches sharing accounts cannot deadlock (a lone call's account is locked by its update)
+_LOCK_ACCOUNTS = """, lk_sub AS (
+        SELECT s.id FROM subscriptions AS s JOIN charge ON s.id = charge.subscription_id
+        ORDER BY s.id
+        FOR NO KEY UPDATE OF s
     )"""
 _IDEM_ANSWERS = """, idem AS (
         UPDATE idempotency_keys AS k
@@ -762,6 +789,7 @@ class SettleShape:
     personal: bool  # some call billed its caller's own account: the personal read models
     orgs: bool  # some call billed an organization: its member's share, its read model
     idempotent: bool  # some call has an Idempotency-Key: its answer is stored for replay
+    many: bool = True  # more than one call: add up and lock in order (`batch_sql.per_key`)
 
     @staticmethod
     def of(reqs: list[SettleRequest]) -> SettleShape:
@@ -769,17 +797,39 @@ class SettleShape:
             personal=any(r.admission.org_id is None for r in reqs),
             orgs=any(r.admission.org_id is not None for r in reqs),
             idempotent=any(r.admission.idem_id is not None for r in reqs),
+            many=len(reqs) > 1,
         )
 
 
 @lru_cache(maxsize=16)
 def _settle_sql(shape: SettleShape) -> TextClause:
     """The settle statement for batches of this shape."""
+    many = shape.many
+    per_member = per_key(
+        ["org_id", "member_id", "subscription_id"],
+        [Total("tokens", SUM, "tokens"), Total("tokens_reserved", SUM, "reserved")],
+        "l",
+        many=many,
+        where="org_id IS NOT NULL",
+    )
     return text(
         _SETTLE_TEMPLATE.format(
-            member_charge=_MEMBERS_CHARGE if shape.orgs else "",
+            in_id_order=in_key_order(1, many=many),
+            charge=per_key(
+                ["subscription_id"],
+                [
+                    Total("tokens", SUM, "tokens"),
+                    Total("tokens_reserved", SUM, "reserved"),
+                    Total("1", COUNT, "calls"),
+                ],
+                "l",
+                many=many,
+            ),
+            lock_accounts=_LOCK_ACCOUNTS if many else "",
+            locked_accounts=" JOIN lk_sub ON lk_sub.id = charge.subscription_id" if many else "",
+            member_charge=_MEMBERS_CHARGE.format(per_member=per_member) if shape.orgs else "",
             idem=_IDEM_ANSWERS if shape.idempotent else "",
-            rollups=rollups.rollup_ctes(personal=shape.personal, orgs=shape.orgs),
+            rollups=rollups.rollup_ctes(personal=shape.personal, orgs=shape.orgs, many=many),
             quota_alerts=quota_alerts.QUOTA_ALERT_CTES,
         )
     )

@@ -20,11 +20,13 @@ plan, shard) so two such transactions cannot deadlock on shared platform rows.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from joyhub.core.batch_sql import COUNT, SUM, Total, per_key
 from joyhub.models.usage import PLATFORM_SHARDS
 
 # The rollup upserts as CTEs that count every row of a CTE named `settled` — columns user_id,
@@ -34,117 +36,106 @@ from joyhub.models.usage import PLATFORM_SHARDS
 # `usage_org_daily` counts organization calls by member, the platform's counts every call. Each
 # upsert first adds up the rows that fall on the same rollup row (a batch of calls settled
 # together, `metering.py`), so one statement never updates a row twice, and takes its rows in key
-# order, so two batches cannot deadlock on them. Put them in a WITH after `settled`: the settle
-# statement derives `settled` from the usage logs it closes, `bump` from parameters. One text for
-# both, so the rollups cannot be counted one way at settle and another in the sweep.
+# order, so two batches cannot deadlock on them (`batch_sql.per_key`; a lone call's row is
+# written as it is). Put them in a WITH after `settled`: the settle statement derives `settled`
+# from the usage logs it closes, `bump` from parameters. One text for both, so the rollups cannot
+# be counted one way at settle and another in the sweep.
+
+
+@dataclass(frozen=True)
+class _Rollup:
+    """One read model's upsert: its rows' keys (column, expression over `settled`) and the
+    counters each call adds to (column, what one call adds)."""
+
+    cte: str
+    table: str
+    keys: tuple[tuple[str, str], ...]
+    counters: tuple[tuple[str, str], ...]
+    where: str = ""
+
+    def upsert(self, *, many: bool) -> str:
+        alias = self.cte[0]
+        columns = ", ".join(column for column, _ in self.keys + self.counters)
+        select = per_key(
+            [expr for _, expr in self.keys],
+            [Total(expr, COUNT if expr == "1" else SUM) for _, expr in self.counters],
+            "settled",
+            many=many,
+            where=self.where,
+        )
+        conflict = ", ".join(column for column, _ in self.keys)
+        bumps = ", ".join(f"{column} = {alias}.{column} + EXCLUDED.{column}" for column, _ in self.counters)
+        return (
+            f"{self.cte} AS (INSERT INTO {self.table} AS {alias} ({columns}) {select}"
+            f" ON CONFLICT ({conflict}) DO UPDATE SET {bumps} RETURNING 1)"
+        )
+
+
+_DAY = ("day", "ts AT TIME ZONE 'UTC'")
+_STATUSES = (
+    ("invocations", "1"),
+    ("successes", "success"),
+    ("errors", "error"),
+    ("timeouts", "timeout"),
+    ("cancelled", "cancelled"),
+    ("tokens", "tokens"),
+)
+_SPLIT = (("input_tokens", "COALESCE(input_tokens, 0)"), ("output_tokens", "COALESCE(output_tokens, 0)"))
+_CALLS = (("invocations", "1"), ("tokens", "tokens"))
+_PERSONAL = "org_id IS NULL"
+
 _PERSONAL_ROLLUPS = [
-    """
-    daily AS (
-        INSERT INTO usage_daily AS d
-            (user_id, day, tool_id, plan_code, invocations, successes, errors, timeouts, cancelled, tokens,
-             input_tokens, output_tokens)
-        SELECT user_id, ts AT TIME ZONE 'UTC', tool_id, plan_code, count(*), sum(success), sum(error),
-               sum(timeout), sum(cancelled), sum(tokens), COALESCE(sum(input_tokens), 0),
-               COALESCE(sum(output_tokens), 0)
-        FROM settled WHERE org_id IS NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-        ON CONFLICT (user_id, day, tool_id, plan_code) DO UPDATE SET
-            invocations = d.invocations + EXCLUDED.invocations,
-            successes = d.successes + EXCLUDED.successes,
-            errors = d.errors + EXCLUDED.errors,
-            timeouts = d.timeouts + EXCLUDED.timeouts,
-            cancelled = d.cancelled + EXCLUDED.cancelled,
-            tokens = d.tokens + EXCLUDED.tokens,
-            input_tokens = d.input_tokens + EXCLUDED.input_tokens,
-            output_tokens = d.output_tokens + EXCLUDED.output_tokens
-        RETURNING 1
-    )
-""",
-    """
-    user_daily AS (
-        INSERT INTO usage_user_daily AS ud (user_id, day, invocations, tokens)
-        SELECT user_id, ts AT TIME ZONE 'UTC', count(*), sum(tokens)
-        FROM settled WHERE org_id IS NULL GROUP BY 1, 2 ORDER BY 1, 2
-        ON CONFLICT (user_id, day) DO UPDATE SET
-            invocations = ud.invocations + EXCLUDED.invocations,
-            tokens = ud.tokens + EXCLUDED.tokens
-        RETURNING 1
-    )
-""",
-    """
-    user_weekly AS (
-        INSERT INTO usage_user_weekly AS uw (user_id, week, invocations, tokens)
-        SELECT user_id, date_trunc('week', ts AT TIME ZONE 'UTC'), count(*), sum(tokens)
-        FROM settled WHERE org_id IS NULL GROUP BY 1, 2 ORDER BY 1, 2
-        ON CONFLICT (user_id, week) DO UPDATE SET
-            invocations = uw.invocations + EXCLUDED.invocations,
-            tokens = uw.tokens + EXCLUDED.tokens
-        RETURNING 1
-    )
-""",
-    """
-    hourly AS (
-        INSERT INTO usage_hourly AS h (user_id, hour, invocations, tokens)
-        SELECT user_id, date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', count(*), sum(tokens)
-        FROM settled WHERE org_id IS NULL GROUP BY 1, 2 ORDER BY 1, 2
-        ON CONFLICT (user_id, hour) DO UPDATE SET
-            invocations = h.invocations + EXCLUDED.invocations,
-            tokens = h.tokens + EXCLUDED.tokens
-        RETURNING 1
-    )
-""",
+    _Rollup(
+        "daily",
+        "usage_daily",
+        (("user_id", "user_id"), _DAY, ("tool_id", "tool_id"), ("plan_code", "plan_code")),
+        _STATUSES + _SPLIT,
+        _PERSONAL,
+    ),
+    _Rollup("user_daily", "usage_user_daily", (("user_id", "user_id"), _DAY), _CALLS, _PERSONAL),
+    _Rollup(
+        "user_weekly",
+        "usage_user_weekly",
+        (("user_id", "user_id"), ("week", "date_trunc('week', ts AT TIME ZONE 'UTC')")),
+        _CALLS,
+        _PERSONAL,
+    ),
+    _Rollup(
+        "hourly",
+        "usage_hourly",
+        (("user_id", "user_id"), ("hour", "date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'")),
+        _CALLS,
+        _PERSONAL,
+    ),
 ]
 
 _ORG_ROLLUPS = [
-    """
-    org_daily AS (
-        INSERT INTO usage_org_daily AS od
-            (org_id, day, user_id, tool_id, invocations, successes, errors, timeouts, cancelled, tokens,
-             input_tokens, output_tokens)
-        SELECT org_id, ts AT TIME ZONE 'UTC', user_id, tool_id, count(*), sum(success), sum(error),
-               sum(timeout), sum(cancelled), sum(tokens), COALESCE(sum(input_tokens), 0),
-               COALESCE(sum(output_tokens), 0)
-        FROM settled WHERE org_id IS NOT NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-        ON CONFLICT (org_id, day, user_id, tool_id) DO UPDATE SET
-            invocations = od.invocations + EXCLUDED.invocations,
-            successes = od.successes + EXCLUDED.successes,
-            errors = od.errors + EXCLUDED.errors,
-            timeouts = od.timeouts + EXCLUDED.timeouts,
-            cancelled = od.cancelled + EXCLUDED.cancelled,
-            tokens = od.tokens + EXCLUDED.tokens,
-            input_tokens = od.input_tokens + EXCLUDED.input_tokens,
-            output_tokens = od.output_tokens + EXCLUDED.output_tokens
-        RETURNING 1
-    )
-""",
+    _Rollup(
+        "org_daily",
+        "usage_org_daily",
+        (("org_id", "org_id"), _DAY, ("user_id", "user_id"), ("tool_id", "tool_id")),
+        _STATUSES + _SPLIT,
+        "org_id IS NOT NULL",
+    ),
 ]
 
 _PLATFORM_ROLLUPS = [
-    """
-    platform AS (
-        INSERT INTO usage_platform_daily AS p
-            (day, tool_id, plan_code, shard, invocations, successes, errors, timeouts, cancelled, tokens)
-        SELECT ts AT TIME ZONE 'UTC', tool_id, plan_code, shard, count(*), sum(success), sum(error),
-               sum(timeout), sum(cancelled), sum(tokens)
-        FROM settled GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-        ON CONFLICT (day, tool_id, plan_code, shard) DO UPDATE SET
-            invocations = p.invocations + EXCLUDED.invocations,
-            successes = p.successes + EXCLUDED.successes,
-            errors = p.errors + EXCLUDED.errors,
-            timeouts = p.timeouts + EXCLUDED.timeouts,
-            cancelled = p.cancelled + EXCLUDED.cancelled,
-            tokens = p.tokens + EXCLUDED.tokens
-        RETURNING 1
-    )
-""",
+    _Rollup(
+        "platform",
+        "usage_platform_daily",
+        (_DAY, ("tool_id", "tool_id"), ("plan_code", "plan_code"), ("shard", "shard")),
+        _STATUSES,
+    ),
 ]
 
 
-def rollup_ctes(*, personal: bool = True, orgs: bool = True) -> str:
+def rollup_ctes(*, personal: bool = True, orgs: bool = True, many: bool = True) -> str:
     """The upserts as one list of CTEs. A batch with no personal call (`personal=False`) or no
     organization call (`orgs=False`) leaves out those read models' upserts: they could change
-    nothing, and every part of a statement costs PostgreSQL its start-up."""
+    nothing, and every part of a statement costs PostgreSQL its start-up. A lone call's
+    (`many=False`) has nothing to add up or to order."""
     ctes = (_PERSONAL_ROLLUPS if personal else []) + (_ORG_ROLLUPS if orgs else []) + _PLATFORM_ROLLUPS
-    return ", ".join(cte.strip("\n") for cte in ctes) + "\n"
+    return ",\n    ".join(cte.upsert(many=many) for cte in ctes) + "\n"
 
 
 ROLLUP_CTES = rollup_ctes()
