@@ -579,7 +579,7 @@ class AdmitShape:
     (`_admit_sql`): the rules stay written once, in the template, and a part left out is one that
     could only have found nothing."""
 
-    many: bool  # more than one call: line them up (a lone call has nothing ahead of it)
+    many: bool  # more than one call: line them up, add up per key, in key order (`batch_sql.per_key`)
     sessions: bool  # some call presents an access token
     keys: bool  # some call presents an API key (its own limit, its organization, its last use)
     orgs: bool  # some call may bill an organization: it asks with X-Org-ID, or it presents a key
@@ -789,7 +789,7 @@ class SettleShape:
     personal: bool  # some call billed its caller's own account: the personal read models
     orgs: bool  # some call billed an organization: its member's share, its read model
     idempotent: bool  # some call has an Idempotency-Key: its answer is stored for replay
-    many: bool = True  # more than one call: add up and lock in order (`batch_sql.per_key`)
+    many: bool  # more than one call: add up per key and lock in order (`batch_sql.per_key`)
 
     @staticmethod
     def of(reqs: list[SettleRequest]) -> SettleShape:
