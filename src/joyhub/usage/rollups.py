@@ -54,7 +54,8 @@ class _Rollup:
     where: str = ""
 
     def upsert(self, *, many: bool) -> str:
-        alias = self.cte[0]
+        """The CTE: the batch's rows added up per key (`many`) or the lone call's row, inserted,
+        or added to the row already there (`r`)."""
         columns = ", ".join(column for column, _ in self.keys + self.counters)
         select = per_key(
             [expr for _, expr in self.keys],
@@ -64,9 +65,9 @@ class _Rollup:
             where=self.where,
         )
         conflict = ", ".join(column for column, _ in self.keys)
-        bumps = ", ".join(f"{column} = {alias}.{column} + EXCLUDED.{column}" for column, _ in self.counters)
+        bumps = ", ".join(f"{column} = r.{column} + EXCLUDED.{column}" for column, _ in self.counters)
         return (
-            f"{self.cte} AS (INSERT INTO {self.table} AS {alias} ({columns}) {select}"
+            f"{self.cte} AS (INSERT INTO {self.table} AS r ({columns}) {select}"
             f" ON CONFLICT ({conflict}) DO UPDATE SET {bumps} RETURNING 1)"
         )
 
