@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,9 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from joyhub.auth.credentials import Credential
 from joyhub.core.clock import utcnow
 from joyhub.core.db import make_sessionmaker
+from joyhub.core.security import token_digest
 from joyhub.models import Tool
-from joyhub.tools.metering import AdmitRequest
+from joyhub.tools.driver import driver_of
+from joyhub.tools.metering import Admission, AdmitRequest, SettleRequest
 from tests.factories import Account, make_account, make_subscription
+from tests.orgs.helpers import make_org
+from tests.subscriptions.helpers import make_api_key
 
 API = "/api/v1"
 
@@ -178,3 +184,59 @@ async def assert_settled(engine: AsyncEngine, caller: Caller, baseline: int = 0)
     invocations, tokens = await daily_rollup(engine, caller.user_id)
     assert invocations == len(logs)
     assert tokens == state.tokens_used - baseline
+
+
+@dataclass
+class MixedCallers:
+    """Three callers of one tool, one of each kind the admission tells apart: a personal caller
+    with an access token, a caller with an API key, an organization member billing the
+    organization; and a call of each (`calls`, in that order)."""
+
+    tool_id: uuid.UUID
+    org_id: uuid.UUID
+    users: list[uuid.UUID]  # the personal caller, the key's user, the member
+    calls: dict[str, AdmitRequest]  # "personal", "api key", "organization"
+
+
+async def mixed_callers(engine: AsyncEngine, **tool_fields: Any) -> MixedCallers:
+    tool = await make_tool(engine, "http://127.0.0.1:9/unused", **tool_fields)
+    version = await tool_version(engine, tool)
+    plain = await make_caller(engine, "pro")
+    keyed = await make_caller(engine, "pro")
+    key = await make_api_key(engine, keyed.user_id)
+    org = await make_org(engine, admins=1, members=1, token_limit=1000)
+    member = org.of("member")
+    personal = Credential(user_id=plain.user_id, session_id=plain.account.session_id)
+    keyed_call = Credential(api_key_digest=token_digest(key))
+    in_org = Credential(user_id=member.user_id, session_id=member.session_id, org_id=org.id)
+    return MixedCallers(
+        tool,
+        org.id,
+        [plain.user_id, keyed.user_id, member.user_id],
+        {
+            "personal": admit_request(tool, version, personal, reserve=10),
+            "api key": admit_request(tool, version, keyed_call, reserve=10),
+            "organization": admit_request(tool, version, in_org, reserve=10),
+        },
+    )
+
+
+@asynccontextmanager
+async def rolled_back(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """An asyncpg connection in a transaction rolled back whatever happens: nothing stays."""
+    async with engine.connect() as conn:
+        driver = await driver_of(conn)
+        transaction = driver.transaction()
+        await transaction.start()
+        try:
+            yield driver
+        finally:
+            await transaction.rollback()
+
+
+def success_settle(admission: Admission) -> SettleRequest:
+    """The call's outcome: a success of 5 tokens, for `MeteringStore.settle` directly."""
+    return SettleRequest(
+        admission=admission, status="success", tokens=5, token_source="reported", duration_ms=3,
+        error_code=None, now=utcnow(), response_status=200, response_body=b"{}",
+    )  # fmt: skip

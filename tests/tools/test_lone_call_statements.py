@@ -7,24 +7,24 @@ the usage log, every rollup, quota alerts and their events — and answered is c
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from joyhub.auth.credentials import Credential
-from joyhub.core.security import token_digest
 from joyhub.tools import metering
 from joyhub.tools.driver import DriverSession, compiled
 from joyhub.tools.metering import AdmitRequest, AdmitShape, MeteringConnection, SettleShape, settle_statement
-from tests.orgs.helpers import make_org
-from tests.subscriptions.helpers import make_api_key
-from tests.tools.helpers import admit_request, make_caller, make_tool, tool_version
-from tests.tools.test_statement_plans import _rolled_back, _settle
+from tests.tools.helpers import (
+    MixedCallers,
+    admit_request,
+    mixed_callers,
+    rolled_back,
+    run_sql,
+    success_settle,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -53,80 +53,50 @@ _TABLES = {
 }
 
 
-@dataclasses.dataclass
-class Scene:
-    """Three callers of one tool — a personal caller with an access token, one with an API key of
-    its own limit, an organization member billing the organization — with limits on the plan, the
-    key and the tool that a call never reaches."""
-
-    tool_id: uuid.UUID
-    org_id: uuid.UUID
-    users: list[uuid.UUID]
-    calls: dict[str, AdmitRequest]
-
-    def again(self, who: str) -> AdmitRequest:
-        """The caller's call, as a new one."""
-        req = self.calls[who]
-        return admit_request(req.tool_id, req.tool_version or req.now, req.credential, reserve=req.reserve)
-
-    async def written(self, driver: Any) -> dict[str, list[Any]]:
-        args = (self.users, self.tool_id, self.org_id)
-        return {
-            table: [row[0] for row in await driver.fetch(_WRITTEN.format(table=table, where=where), *args)]
-            for table, where in _TABLES.items()
-        }
-
-
 @pytest.fixture
-async def scene(engine: AsyncEngine) -> Scene:
-    tool = await make_tool(engine, "http://127.0.0.1:9/unused", requests_per_minute=100_000)
-    version = await tool_version(engine, tool)
-    plain = await make_caller(engine, "pro")
-    keyed = await make_caller(engine, "pro")
-    key = await make_api_key(engine, keyed.user_id)
-    org = await make_org(engine, admins=1, members=1, token_limit=1000)
-    member = org.of("member")
-    async with engine.begin() as conn:
-        await conn.execute(text("UPDATE api_keys SET requests_per_minute = 100000 WHERE user_id = :u"),
-                           {"u": keyed.user_id})  # fmt: skip
-    return Scene(
-        tool,
-        org.id,
-        [plain.user_id, keyed.user_id, member.user_id],
-        {
-            "personal": admit_request(
-                tool,
-                version,
-                Credential(user_id=plain.user_id, session_id=plain.account.session_id),
-                reserve=10,
-            ),
-            "api key": admit_request(tool, version, Credential(api_key_digest=token_digest(key)), reserve=10),
-            "organization": admit_request(
-                tool,
-                version,
-                Credential(user_id=member.user_id, session_id=member.session_id, org_id=org.id),
-                reserve=10,
-            ),
-        },
+async def scene(engine: AsyncEngine) -> MixedCallers:
+    """The three kinds of caller, with limits on the plan, the key and the tool that a call
+    never reaches."""
+    callers = await mixed_callers(engine, requests_per_minute=100_000)
+    await run_sql(
+        engine, "UPDATE api_keys SET requests_per_minute = 100000 WHERE user_id = :u", u=callers.users[1]
     )
+    return callers
+
+
+async def _written(scene: MixedCallers, driver: Any) -> dict[str, list[Any]]:
+    """Every row of `_TABLES` the scene's calls may have written."""
+    args = (scene.users, scene.tool_id, scene.org_id)
+    return {
+        table: [row[0] for row in await driver.fetch(_WRITTEN.format(table=table, where=where), *args)]
+        for table, where in _TABLES.items()
+    }
+
+
+def _again(req: AdmitRequest) -> AdmitRequest:
+    """The same call, as a new one."""
+    return admit_request(req.tool_id, req.tool_version or req.now, req.credential, reserve=req.reserve)
 
 
 Setup = Callable[[Any], Awaitable[Any]]
 
 
 async def _both_ways(
-    engine: AsyncEngine, scene: Scene, statement: Callable[[bool], tuple[Any, dict[str, Any]]], setup: Setup
+    engine: AsyncEngine,
+    scene: MixedCallers,
+    statement: Callable[[bool], tuple[Any, dict[str, Any]]],
+    setup: Setup,
 ) -> list[tuple[list[dict[str, Any]], dict[str, list[Any]]]]:
     """The statement rendered for a lone call and for a batch, each run on the same rows after
     `setup`: what each answered and what each wrote."""
     outcomes = []
     for many in (False, True):
-        async with _rolled_back(engine) as driver:
+        async with rolled_back(engine) as driver:
             await setup(driver)
             sql, names = compiled(statement(many)[0])
             params = statement(many)[1]
             answered = [dict(row) for row in await driver.fetch(sql, *(params[n] for n in names))]
-            outcomes.append((answered, await scene.written(driver)))
+            outcomes.append((answered, await _written(scene, driver)))
     return outcomes
 
 
@@ -139,7 +109,9 @@ def _admission(req: AdmitRequest) -> Callable[[bool], tuple[Any, dict[str, Any]]
 
 
 @pytest.mark.parametrize("who", ["personal", "api key", "organization"])
-async def test_a_lone_admission_admits_alike_either_way(engine: AsyncEngine, scene: Scene, who: str) -> None:
+async def test_a_lone_admission_admits_alike_either_way(
+    engine: AsyncEngine, scene: MixedCallers, who: str
+) -> None:
     async def nothing(driver: Any) -> None:
         return None
 
@@ -153,7 +125,7 @@ async def test_a_lone_admission_admits_alike_either_way(engine: AsyncEngine, sce
 
 @pytest.mark.parametrize("who", ["personal", "api key", "organization"])
 async def test_a_lone_refusal_is_counted_alike_either_way(
-    engine: AsyncEngine, scene: Scene, who: str
+    engine: AsyncEngine, scene: MixedCallers, who: str
 ) -> None:
     """The tool's rate limit spent for the next hour: the call is refused and counted in the
     rollups' refusals (the personal or the organization's, and the platform's)."""
@@ -173,11 +145,11 @@ async def test_a_lone_refusal_is_counted_alike_either_way(
 
 @pytest.mark.parametrize("who", ["personal", "api key", "organization"])
 async def test_a_lone_settle_charges_and_counts_alike_either_way(
-    engine: AsyncEngine, scene: Scene, who: str
+    engine: AsyncEngine, scene: MixedCallers, who: str
 ) -> None:
     """Admitted in the transaction, then settled — with the account so near its limit that the
     charge crosses a quota threshold (an alert and its event are written too)."""
-    req = scene.again(who)
+    req = _again(scene.calls[who])
     settles = []
 
     async def admitted_near_the_limit(driver: Any) -> None:
@@ -189,7 +161,9 @@ async def test_a_lone_settle_charges_and_counts_alike_either_way(
         )
         [result] = await MeteringConnection(DriverSession(driver)).admit_many([req])
         assert result.admission is not None
-        settles[:] = [dataclasses.replace(_settle(result.admission), now=req.now + timedelta(milliseconds=5))]
+        settles[:] = [
+            dataclasses.replace(success_settle(result.admission), now=req.now + timedelta(milliseconds=5))
+        ]
 
     def rendered(many: bool) -> tuple[Any, dict[str, Any]]:
         _, params = settle_statement(settles)

@@ -11,8 +11,7 @@ looked at. Counts, not timings."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -20,12 +19,9 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import TextClause
 
-from joyhub.auth.credentials import Credential
 from joyhub.core.clock import utcnow
-from joyhub.core.security import token_digest
-from joyhub.tools.driver import DriverSession, compiled, driver_of
+from joyhub.tools.driver import DriverSession, compiled
 from joyhub.tools.metering import (
-    Admission,
     AdmitRequest,
     MeteringConnection,
     SettleRequest,
@@ -34,9 +30,7 @@ from joyhub.tools.metering import (
     settle_statement,
 )
 from tests.conftest import test_settings as hub_settings
-from tests.orgs.helpers import make_org
-from tests.subscriptions.helpers import make_api_key
-from tests.tools.helpers import admit_request, make_caller, make_tool, tool_version
+from tests.tools.helpers import admit_request, mixed_callers, rolled_back, success_settle
 
 pytestmark = pytest.mark.integration
 
@@ -131,46 +125,20 @@ def _wide_scans(explained: Any) -> list[str]:
 async def _mixed_batch(engine: AsyncEngine) -> list[AdmitRequest]:
     """Three calls to one tool: a personal one with an access token, one with an API key, and an
     organization member's billing the organization."""
-    tool = await make_tool(engine, "http://127.0.0.1:9/unused")
-    version = await tool_version(engine, tool)
-    plain = await make_caller(engine, "pro")
-    keyed = await make_caller(engine, "pro")
-    key = await make_api_key(engine, keyed.user_id)
-    org = await make_org(engine, admins=1, members=1, token_limit=1000)
-    member = org.of("member")
-    return [
-        admit_request(tool, version, Credential(user_id=plain.user_id, session_id=plain.account.session_id),
-                      reserve=10),
-        admit_request(tool, version, Credential(api_key_digest=token_digest(key)), reserve=10),
-        admit_request(tool, version, Credential(user_id=member.user_id, session_id=member.session_id,
-                                                org_id=org.id), reserve=10),
-    ]  # fmt: skip
-
-
-@asynccontextmanager
-async def _rolled_back(engine: AsyncEngine) -> AsyncIterator[Any]:
-    """An asyncpg connection in a transaction rolled back whatever happens: nothing stays."""
-    async with engine.connect() as conn:
-        driver = await driver_of(conn)
-        transaction = driver.transaction()
-        await transaction.start()
-        try:
-            yield driver
-        finally:
-            await transaction.rollback()
+    return list((await mixed_callers(engine)).calls.values())
 
 
 async def _settles_of(driver: Any, batch: list[AdmitRequest]) -> list[SettleRequest]:
     """The batch's calls admitted (as new calls) in the transaction, to be settled."""
     results = await MeteringConnection(DriverSession(driver)).admit_many([_again(r) for r in batch])
-    settles = [_settle(r.admission) for r in results if r.admission is not None]
+    settles = [success_settle(r.admission) for r in results if r.admission is not None]
     assert len(settles) == len(batch)
     return settles
 
 
 async def test_admission_and_settle_read_only_their_own_rows_among_thousands(engine: AsyncEngine) -> None:
     batch = await _mixed_batch(engine)
-    async with _rolled_back(engine) as driver:
+    async with rolled_back(engine) as driver:
         for sql in _OTHERS_SQL:
             await driver.execute(sql)
         # the admission, explained while it runs (it admits the batch in this transaction)
@@ -194,13 +162,6 @@ async def _wide_scans_of(driver: Any, statement: TextClause, params: dict[str, A
 def _again(req: AdmitRequest) -> AdmitRequest:
     """The same call, as a new one (its own usage log)."""
     return admit_request(req.tool_id, req.tool_version or utcnow(), req.credential, reserve=req.reserve)
-
-
-def _settle(admission: Admission) -> SettleRequest:
-    return SettleRequest(
-        admission=admission, status="success", tokens=5, token_source="reported", duration_ms=3,
-        error_code=None, now=utcnow(), response_status=200, response_body=b"{}",
-    )  # fmt: skip
 
 
 def test_the_check_sees_a_scan_of_every_row() -> None:
@@ -249,7 +210,7 @@ async def test_rollup_upserts_write_their_rows_in_key_order(engine: AsyncEngine)
     organization calls alike. Found missing for the admission's counters: under a storm of
     refusals from two workers, their statements deadlocked on the platform's rows once a second."""
     batch = await _mixed_batch(engine)
-    async with _rolled_back(engine) as driver:  # the admissions only give the settle calls to settle
+    async with rolled_back(engine) as driver:  # the admissions only give the settle calls to settle
         assert _unordered_upserts(await _explained(driver, *admit_statement(batch))) == []
         assert (
             _unordered_upserts(await _explained(driver, *settle_statement(await _settles_of(driver, batch))))
