@@ -26,7 +26,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from joyhub.core.batch_sql import COUNT, SUM, Total, per_key
+from joyhub.core.batch_sql import COUNT, Total, per_key
 from joyhub.models.usage import PLATFORM_SHARDS
 
 # The rollup upserts as CTEs that count every row of a CTE named `settled` — columns user_id,
@@ -45,12 +45,12 @@ from joyhub.models.usage import PLATFORM_SHARDS
 @dataclass(frozen=True)
 class _Rollup:
     """One read model's upsert: its rows' keys (column, expression over `settled`) and the
-    counters each call adds to (column, what one call adds)."""
+    counters each call adds to (column, how the calls add up: one call's share and COUNT or SUM)."""
 
     cte: str
     table: str
     keys: tuple[tuple[str, str], ...]
-    counters: tuple[tuple[str, str], ...]
+    counters: tuple[tuple[str, Total], ...]
     where: str = ""
 
     def upsert(self, *, many: bool) -> str:
@@ -59,7 +59,7 @@ class _Rollup:
         columns = ", ".join(column for column, _ in self.keys + self.counters)
         select = per_key(
             [expr for _, expr in self.keys],
-            [Total(expr, COUNT if expr == "1" else SUM) for _, expr in self.counters],
+            [total for _, total in self.counters],
             "settled",
             many=many,
             where=self.where,
@@ -73,16 +73,19 @@ class _Rollup:
 
 
 _DAY = ("day", "ts AT TIME ZONE 'UTC'")
+_CALLS = (("invocations", Total("1", COUNT)), ("tokens", Total("tokens")))
 _STATUSES = (
-    ("invocations", "1"),
-    ("successes", "success"),
-    ("errors", "error"),
-    ("timeouts", "timeout"),
-    ("cancelled", "cancelled"),
-    ("tokens", "tokens"),
+    _CALLS[0],
+    ("successes", Total("success")),
+    ("errors", Total("error")),
+    ("timeouts", Total("timeout")),
+    ("cancelled", Total("cancelled")),
+    _CALLS[1],
 )
-_SPLIT = (("input_tokens", "COALESCE(input_tokens, 0)"), ("output_tokens", "COALESCE(output_tokens, 0)"))
-_CALLS = (("invocations", "1"), ("tokens", "tokens"))
+_SPLIT = (
+    ("input_tokens", Total("COALESCE(input_tokens, 0)")),
+    ("output_tokens", Total("COALESCE(output_tokens, 0)")),
+)
 _PERSONAL = "org_id IS NULL"
 
 _PERSONAL_ROLLUPS = [
